@@ -1,0 +1,316 @@
+"""Curvature-vector products and dataset-level damped curvature operators.
+
+Products on closures (any pytree of parameters):
+
+* :func:`hvp` ``(f, params, v) -> H v`` with ``H = d^2 f / dtheta^2``, forward-over-reverse
+  (one ``jax.jvp`` of ``jax.grad``: about 2-3 gradients of cost).
+* :func:`gnhvp` ``(net, loss, params, v) -> J^T H_z J v`` with ``J = d net / dtheta`` and
+  ``H_z = d^2 loss / dz^2``: one ``jax.linearize`` of the network (forward + JVP), the
+  output-space Hessian product, and the transpose of the linearised network (one VJP).
+
+Dataset-level operator (:func:`operator`), for the objective of :class:`influx.Objective`::
+
+    A v = C v + (l2 + damping) v,       C = 1/N sum_i C_i,
+
+    C_i = J_i^T H_z,i J_i               (kind="gnh", Gauss-Newton; PSD for convex losses)
+    C_i = d^2 loss_i / dtheta^2          (kind="hessian")
+
+accumulated over chunks of ``chunk_size`` examples inside one compiled ``lax.scan``, so
+memory is bounded by the chunk; a final partial chunk is handled exactly. Operators are
+pytrees (params, data and damping are leaves), so they pass through ``jax.jit`` and their
+products ``vmap`` over batches of vectors.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from influx import losses as _losses
+from influx.objective import Objective, check_data, check_like, num_examples
+
+__all__ = [
+    "hvp",
+    "gnhvp",
+    "Operator",
+    "operator",
+    "dense",
+    "chunked_sum",
+    "per_example_grads",
+    "per_example_grads_flat",
+]
+
+KINDS = ("gnh", "hessian")
+
+
+def _tree_axpy(a, x, y):
+    return jax.tree_util.tree_map(lambda xi, yi: a * xi + yi, x, y)
+
+
+# ------------------------------------------------------------------ closure products
+def hvp(f: Callable, params, v):
+    """Hessian-vector product ``(d^2 f / dtheta^2) v`` of a scalar ``f(params)``.
+
+    Forward-over-reverse: ``jvp(grad f, (params,), (v,))``. ``v`` must match ``params``
+    in structure and shapes (``ValueError``/``TypeError`` otherwise); the result has the
+    parameters' dtypes.
+    """
+    v = check_like(params, v, name="v")
+    return jax.jvp(jax.grad(f), (params,), (v,))[1]
+
+
+def gnhvp(net: Callable, loss: Callable, params, v):
+    """Gauss-Newton-vector product ``J^T (d^2 loss / dz^2) J v``.
+
+    Args:
+      net: ``params -> z`` (any array-valued network closure).
+      loss: ``z -> scalar`` (the loss of those outputs, targets closed over).
+      params: parameter pytree; ``v``: vector shaped like ``params``.
+
+    Cost: one forward pass with its JVP (``jax.linearize``), one output-space HVP, one
+    transpose of the linear map (VJP). The loss is differentiated twice only in output
+    space; use :func:`operator` with an :mod:`influx.losses` loss for closed forms.
+    """
+    v = check_like(params, v, name="v")
+    z, jvp_fn = jax.linearize(net, params)
+    jv = jvp_fn(v)
+    hjv = jax.jvp(jax.grad(loss), (z,), (jv,))[1]
+    (out,) = jax.linear_transpose(jvp_fn, params)(hjv)
+    return out
+
+
+# ------------------------------------------------------------------ chunking
+def chunked_sum(fn: Callable, data, *, chunk_size: int):
+    """``sum_k fn(chunk_k)`` over consecutive chunks of ``data``'s leading axis.
+
+    Full chunks run inside one ``lax.scan`` (memory bounded by ``chunk_size``); a final
+    partial chunk of ``N mod chunk_size`` examples is evaluated separately, so any ``N``
+    is handled exactly. ``fn`` must return a pytree of arrays with static shapes.
+    """
+    n = num_examples(data)
+    c = min(int(chunk_size), n)
+    n_full, rem = divmod(n, c)
+    head = jax.tree_util.tree_map(lambda a: a[: n_full * c].reshape((n_full, c) + a.shape[1:]), data)
+    if n_full == 1:
+        acc = fn(jax.tree_util.tree_map(lambda a: a[0], head))
+    else:
+        out_shape = jax.eval_shape(fn, jax.tree_util.tree_map(lambda a: a[0], head))
+        acc0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+        def body(acc, chunk):
+            return jax.tree_util.tree_map(jnp.add, acc, fn(chunk)), None
+
+        acc, _ = jax.lax.scan(body, acc0, head)
+    if rem:
+        tail = jax.tree_util.tree_map(lambda a: a[n_full * c :], data)
+        acc = jax.tree_util.tree_map(jnp.add, acc, fn(tail))
+    return acc
+
+
+def _check_chunk_size(chunk_size):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
+        raise TypeError(f"chunk_size must be an int, got {chunk_size!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)
+
+
+def _check_damping(damping):
+    if isinstance(damping, jax.core.Tracer):
+        return damping
+    d = np.asarray(damping)
+    if d.shape != ():
+        raise ValueError(f"damping must be a scalar, got shape {d.shape}")
+    if not np.isfinite(d) or d < 0:
+        raise ValueError(f"damping must be finite and >= 0, got {float(d)}")
+    return damping
+
+
+# ------------------------------------------------------------------ the operator
+@jax.tree_util.register_pytree_node_class
+class Operator:
+    """Damped curvature operator ``v -> (C + (l2 + damping) I) v`` on a dataset.
+
+    Build it with :func:`operator`. Leaves: ``params``, ``data``, ``damping``; static:
+    ``obj``, ``kind``, ``chunk_size``. Calling it on a vector shaped like ``params``
+    returns the product; ``jax.vmap(op)`` applies it to a batch of vectors (the
+    forward pass is shared, only the tangents are batched).
+
+    Tags (lineax-style, queried by solvers): ``symmetric`` is always true;
+    ``positive_semidefinite`` holds for ``kind="gnh"`` with a convex output-space loss
+    (all :mod:`influx.losses`); ``positive_definite`` additionally needs a positive shift.
+    """
+
+    def __init__(self, obj: Objective, params, data, damping, *, kind: str, chunk_size: int):
+        self.obj = obj
+        self.params = params
+        self.data = data
+        self.damping = damping
+        self.kind = kind
+        self.chunk_size = chunk_size
+
+    # pytree protocol
+    def tree_flatten(self):
+        return (self.params, self.data, self.damping), (self.obj, self.kind, self.chunk_size)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj, kind, chunk_size = aux
+        params, data, damping = children
+        return cls(obj, params, data, damping, kind=kind, chunk_size=chunk_size)
+
+    # tags and sizes
+    symmetric = True
+
+    @property
+    def positive_semidefinite(self) -> bool:
+        return self.kind == "gnh"
+
+    @property
+    def num_examples(self) -> int:
+        return num_examples(self.data)
+
+    @property
+    def shift(self):
+        """``l2 + damping``: the multiple of the identity added to ``C``."""
+        return self.obj.l2 + self.damping
+
+    @property
+    def dim(self) -> int:
+        return sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(self.params))
+
+    # products
+    def curvature(self, v):
+        """``C v`` (mean over the data, no weight decay, no damping)."""
+        return _curvature_product(self, check_like(self.params, v, name="v"))
+
+    def __call__(self, v):
+        """``(C + (l2 + damping) I) v``."""
+        v = check_like(self.params, v, name="v")
+        return _tree_axpy(self.shift, v, _curvature_product(self, v))
+
+    def matmat(self, vs):
+        """Products with a batch of vectors (every leaf has a leading batch axis)."""
+        vs = check_like(self.params, vs, name="vs", batched=True)
+        return jax.vmap(self.__call__)(vs)
+
+    # variants
+    def replace(self, **changes) -> Operator:
+        """A copy with some of ``params``, ``data``, ``damping``, ``kind``, ``chunk_size`` changed."""
+        kw = dict(params=self.params, data=self.data, damping=self.damping, kind=self.kind,
+                  chunk_size=self.chunk_size)
+        kw.update(changes)
+        return Operator(self.obj, kw["params"], kw["data"], kw["damping"], kind=kw["kind"],
+                        chunk_size=kw["chunk_size"])
+
+    def __repr__(self) -> str:
+        return (f"Operator(kind={self.kind!r}, n={self.num_examples}, dim={self.dim}, "
+                f"l2={self.obj.l2}, chunk_size={self.chunk_size})")
+
+
+@jax.jit
+def _curvature_product(op: Operator, v):
+    """``C v``, compiled once per operator structure (inlined under an outer ``jit``)."""
+    chunk_fn = _chunk_product(op.obj, op.kind, op.params, v)
+    total = chunked_sum(chunk_fn, op.data, chunk_size=op.chunk_size)
+    n = op.num_examples
+    return jax.tree_util.tree_map(lambda t: t / n, total)
+
+
+def _chunk_product(obj: Objective, kind: str, params, v):
+    """Returns ``chunk -> sum_{i in chunk} C_i v``."""
+    if kind == "gnh":
+        out_hvp = _losses.output_hvp(obj.loss_fn)
+
+        def fn(chunk):
+            x, y = chunk
+            z, jvp_fn = jax.linearize(lambda p: obj.apply_fn(p, x), params)
+            hu = out_hvp(z, y, jvp_fn(v))
+            (g,) = jax.linear_transpose(jvp_fn, params)(hu)
+            return g
+
+    else:
+
+        def fn(chunk):
+            f = lambda p: jnp.sum(obj.per_example_loss(p, chunk))
+            return jax.jvp(jax.grad(f), (params,), (v,))[1]
+
+    return fn
+
+
+def operator(obj: Objective, params, data, *, kind: str = "gnh", damping=0.0,
+             chunk_size: int = 256) -> Operator:
+    """The damped curvature operator ``v -> (C + (obj.l2 + damping) I) v`` on ``data``.
+
+    Args:
+      obj: the :class:`~influx.Objective`.
+      params: parameters at which the curvature is taken (usually the trained ``theta_s``).
+      data: ``(x, y)`` with a leading example axis.
+      kind: ``"gnh"`` (Gauss-Newton, ``J^T H_z J``) or ``"hessian"`` (exact Hessian).
+      damping: ``lambda >= 0`` added to the diagonal on top of ``obj.l2``.
+      chunk_size: examples per scan step (bounds memory); any ``N`` works.
+
+    Cost of one product: about one forward + one JVP + one VJP over the data for
+    ``"gnh"``; one forward-over-reverse pass (~2-3 gradients) for ``"hessian"``.
+
+    Raises:
+      ValueError/TypeError: unknown ``kind``, ``chunk_size < 1``, negative or non-finite
+      ``damping``, or data that does not fit the model (see :func:`influx.objective.check_data`).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    chunk_size = _check_chunk_size(chunk_size)
+    damping = _check_damping(damping)
+    check_data(obj, params, data)
+    return Operator(obj, params, data, jnp.asarray(damping), kind=kind, chunk_size=chunk_size)
+
+
+def dense(op: Operator, params=None, *, batch_size: int = 128):
+    """Materialises ``op`` as a ``(P, P)`` matrix in ``ravel_pytree(params)`` order.
+
+    Costs ``P`` operator products (``batch_size`` of them vmapped at a time) and ``P^2``
+    memory: for small models only. ``params`` defaults to ``op.params``.
+    """
+    if params is not None:
+        op = op.replace(params=params)
+    return _dense(op, batch_size=batch_size)
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def _dense(op: Operator, *, batch_size: int):
+    flat, unravel = ravel_pytree(op.params)
+    p = flat.shape[0]
+
+    def column(e):
+        return ravel_pytree(op(unravel(e)))[0]
+
+    eye = jnp.eye(p, dtype=flat.dtype)
+    return jax.lax.map(column, eye, batch_size=min(batch_size, p)).T
+
+
+# ------------------------------------------------------------------ per-example gradients
+def per_example_grads(obj: Objective, params, data, *, chunk_size: int = 256):
+    """Gradients ``grad_theta loss_fn(apply_fn(theta, x_i), y_i)`` for every example.
+
+    Returns a pytree like ``params`` with a leading axis of length ``N`` (no weight decay).
+    Computed with ``vmap(grad)`` over chunks of ``chunk_size`` (``lax.map``), so peak
+    memory is ``N x P`` for the result plus one chunk of activations.
+    """
+    chunk_size = _check_chunk_size(chunk_size)
+
+    def one(example):
+        single = jax.tree_util.tree_map(lambda a: a[None], example)
+        return jax.grad(lambda p: jnp.sum(obj.per_example_loss(p, single)))(params)
+
+    return jax.lax.map(one, data, batch_size=min(chunk_size, num_examples(data)))
+
+
+def per_example_grads_flat(obj: Objective, params, data, *, chunk_size: int = 256):
+    """Per-example gradients as an ``(N, P)`` matrix in ``ravel_pytree(params)`` order."""
+    g = per_example_grads(obj, params, data, chunk_size=chunk_size)
+    return jax.vmap(lambda t: ravel_pytree(t)[0])(g)

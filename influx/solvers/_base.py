@@ -1,0 +1,128 @@
+"""The solver interface shared by every iHVP solver.
+
+A solver approximately solves ``A x = b`` for a damped curvature operator ``A``
+(:class:`influx.curvature.Operator`, or any symmetric linear callable on pytrees that
+has ``params``, ``shift`` and ``positive_semidefinite`` attributes) and a right-hand side
+``b`` shaped like the parameters. It is a value made by a factory with keyword-only
+options::
+
+    solver = influx.solvers.cg(tol=1e-8, max_steps=1000)
+    sol = solver(op, b)              # Solution(x, residual_norm, iterations, converged, status)
+
+Solving is split in two pure stages so that work that depends only on the operator
+(a factorisation, a Krylov basis, a scale estimate) is done once for any number of
+right-hand sides::
+
+    state = solver.prepare(op)                              # once
+    sols = jax.vmap(lambda b: solver.apply(state, op, b))(B)  # many, matvecs batched
+
+``solver(op, b)`` is ``solver.apply(solver.prepare(op), op, b)``. Both stages are
+``jit``-compatible; nothing raises inside compiled code: failures come back in
+``Solution.status`` (lineax style) and the caller decides (see :func:`check_solution`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+__all__ = ["Solution", "Solver", "Status", "status_message", "check_solution"]
+
+
+class Status:
+    """Integer status codes carried by :class:`Solution` (arrays, so they vmap)."""
+
+    CONVERGED = 0
+    MAX_STEPS = 1  # ran out of iterations before reaching the tolerance
+    NEGATIVE_CURVATURE = 2  # p^T A p <= 0 met: A is not positive definite
+    DIVERGED = 3  # iterates grew without bound (e.g. LiSSA scale too small)
+    NOT_POSITIVE_DEFINITE = 4  # factorisation failed (direct)
+    NONFINITE = 5  # NaN/inf in the input or the result
+
+
+_MESSAGES = {
+    Status.CONVERGED: "converged",
+    Status.MAX_STEPS: "reached max_steps before the tolerance (raise max_steps or damping)",
+    Status.NEGATIVE_CURVATURE: (
+        "met negative curvature (p^T A p <= 0): the operator is not positive definite; "
+        "use kind='gnh' or add damping"
+    ),
+    Status.DIVERGED: "diverged (iterates grew without bound): increase the scale / damping",
+    Status.NOT_POSITIVE_DEFINITE: (
+        "the matrix is not positive definite (Cholesky failed): add damping or use kind='gnh'"
+    ),
+    Status.NONFINITE: "non-finite values (NaN/inf) in the right-hand side or the solution",
+}
+
+
+def status_message(status) -> str:
+    """Human-readable meaning of a status code."""
+    return _MESSAGES.get(int(status), f"unknown status {int(status)}")
+
+
+class Solution(NamedTuple):
+    """Result of one solve (every field gains a leading axis under ``vmap``).
+
+    Attributes:
+      x: the approximate solution, a pytree like ``b``.
+      residual_norm: ``||A x - b||`` (2-norm over all leaves).
+      iterations: operator products spent on this right-hand side (a solver that
+        shares work across right-hand sides reports its per-solve share plus ``prepare``
+        products in ``stats``).
+      converged: boolean, ``status == Status.CONVERGED``.
+      status: an int code from :class:`Status`.
+      stats: solver-specific diagnostics (dict of arrays), e.g. the scale LiSSA used.
+    """
+
+    x: Any
+    residual_norm: jax.Array
+    iterations: jax.Array
+    converged: jax.Array
+    status: Any = Status.CONVERGED
+    stats: dict = {}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Solver:
+    """An iHVP solver: ``prepare(op) -> state`` then ``apply(state, op, b) -> Solution``.
+
+    ``name`` and ``options`` describe it in reports; instances hash by identity so they
+    can be static arguments of ``jax.jit``.
+    """
+
+    name: str
+    prepare: Callable
+    apply: Callable
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, op, b) -> Solution:
+        return self.apply(self.prepare(op), op, b)
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"influx.solvers.{self.name}({opts})"
+
+
+def check_solution(sol: Solution, *, throw: bool = True, what: str = "solve") -> Solution:
+    """Raises (``throw=True``) or warns when any solve in ``sol`` did not converge.
+
+    Works on a single or a batched :class:`Solution` holding concrete values; the
+    message names the status and the worst residual.
+    """
+    status = np.asarray(sol.status).reshape(-1)
+    bad = status != Status.CONVERGED
+    if not bad.any():
+        return sol
+    worst = float(np.max(np.asarray(sol.residual_norm)))
+    codes = sorted(set(status[bad].tolist()))
+    msg = (f"{what}: {int(bad.sum())} of {status.size} solves did not converge "
+           f"(worst residual {worst:.3g}): " + "; ".join(status_message(c) for c in codes))
+    if throw:
+        raise RuntimeError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return sol
