@@ -51,6 +51,19 @@ def test_sklearn_shapes_and_dtypes(name, n, d, task, k):
         assert ds.output_dim == 1
 
 
+def test_bundled_sets_load_offline(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a bundled loader tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for name in ("iris", "digits", "diabetes"):
+        ds = data.load(name)
+        assert repr(ds).startswith(f"Dataset(name={name!r}")
+
+
 def test_split_seeded_disjoint_and_matches_source():
     raw = sklearn.datasets.load_diabetes()
     a = data.load("diabetes", seed=3, standardize=False, dtype=np.float64)
@@ -105,9 +118,7 @@ def test_mnist_from_shared_data():
     assert ds.train[1].dtype == np.int32 and set(np.unique(ds.train[1])) == set(range(10))
     assert len(np.intersect1d(*ds.index)) == 0
     assert abs(float(ds.train[0].mean())) < 1e-4 and abs(float(ds.train[0].std()) - 1) < 1e-4
-    small = data.load(
-        "mnist", data_dir=DATA_DIR, n_train=64, n_test=32, flatten=False, standardize=False
-    )
+    small = data.load("mnist", data_dir=DATA_DIR, n_train=64, n_test=32, flatten=False, standardize=False)
     assert small.train[0].shape == (64, 28, 28, 1) and small.test[0].shape == (32, 28, 28, 1)
     assert small.train[0].min() == 0.0 and small.train[0].max() == 1.0
 
@@ -164,9 +175,7 @@ def test_idx_roundtrip_and_train_file_split(tmp_path, compress):
     _write_idx(tmp_path / f"t10k-images-idx3-ubyte{sfx}", img, compress)
     _write_idx(tmp_path / f"t10k-labels-idx1-ubyte{sfx}", lab, compress)
     np.testing.assert_array_equal(data.read_idx(tmp_path / f"t10k-images-idx3-ubyte{sfx}"), img)
-    ds = data.load(
-        "mnist", data_dir=tmp_path, n_train=20, n_test=10, standardize=False, dtype=np.float64
-    )
+    ds = data.load("mnist", data_dir=tmp_path, n_train=20, n_test=10, standardize=False, dtype=np.float64)
     tr, te = ds.index
     np.testing.assert_allclose(ds.train[0], img[tr].reshape(20, -1) / 255.0)
     np.testing.assert_array_equal(ds.test[1], lab[te])
@@ -221,9 +230,7 @@ def test_bad_sizes():
         data.load("iris", test_fraction=1.0)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tensorflow_datasets") is not None, reason="tfds is installed"
-)
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is not None, reason="tfds is installed")
 def test_tfds_not_installed_message():
     with pytest.raises(ValueError, match=r"pip install 'influx\[tfds\]'"):
         data.load("tfds:mnist")
