@@ -114,6 +114,14 @@ class Dataset(NamedTuple):
             return y
         return np.asarray(y) * self.y_std + self.y_mean
 
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, task={self.task!r}, num_classes={self.num_classes}, "
+            f"train=(x{tuple(self.train[0].shape)}, y{tuple(self.train[1].shape)}), "
+            f"test=(x{tuple(self.test[0].shape)}, y{tuple(self.test[1].shape)}), "
+            f"dtype={self.train[0].dtype})"
+        )
+
     def unstandardize_x(self, x):
         """Map standardised features back to the (scaled) input units."""
         return np.asarray(x) * self.x_std + self.x_mean
@@ -148,9 +156,7 @@ def _find(d: Path, candidates: tuple[str, ...], what: str) -> Path:
         p = d / c
         if p.is_file():
             return p
-    raise FileNotFoundError(
-        f"{what}: none of {', '.join(candidates)} found in data directory {str(d)!r}"
-    )
+    raise FileNotFoundError(f"{what}: none of {', '.join(candidates)} found in data directory {str(d)!r}")
 
 
 def _find_optional(d: Path, candidates: tuple[str, ...]) -> Path | None:
@@ -207,8 +213,7 @@ def read_idx(path) -> np.ndarray:
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(body) != expected:
         raise ValueError(
-            f"{str(path)!r}: IDX header says shape {shape} ({expected} bytes), "
-            f"file holds {len(body)} bytes"
+            f"{str(path)!r}: IDX header says shape {shape} ({expected} bytes), file holds {len(body)} bytes"
         )
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -282,9 +287,7 @@ def _tfds(spec: str, data_dir, keys: tuple[str, str]):
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise ValueError(
-            f"loading {spec!r} needs tensorflow-datasets: pip install 'influx[tfds]'"
-        ) from e
+        raise ValueError(f"loading {spec!r} needs tensorflow-datasets: pip install 'influx[tfds]'") from e
     root = _tfds_dir(data_dir)
     base = name.split(":")[0].split("/")[0]
     # Refuse to touch the network: tfds retries downloads for minutes when offline.
@@ -416,9 +419,7 @@ def load(
             test_pool = (test_pool[0] / 255.0, test_pool[1])
         pools = (train_pool, test_pool)
     else:
-        raise ValueError(
-            f"unknown data set {name!r}; known: {', '.join(KNOWN)}, or a path to a .txt file"
-        )
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(KNOWN)}, or a path to a .txt file")
 
     if pools is None:
         n = x.shape[0]
@@ -426,8 +427,7 @@ def load(
         ntr = n_train if n_train is not None else n - nte
         if nte < 1 or ntr < 1 or nte + ntr > n:
             raise ValueError(
-                f"n_train={ntr} + n_test={nte} must be >= 1 each and fit the {n} examples "
-                f"of {name!r}"
+                f"n_train={ntr} + n_test={nte} must be >= 1 each and fit the {n} examples of {name!r}"
             )
         perm = rng.permutation(n)
         te, tr = perm[:nte], perm[nte : nte + ntr]
@@ -438,8 +438,7 @@ def load(
         nte = xb.shape[0] if n_test is None else n_test
         if ntr > xa.shape[0] or nte > xb.shape[0]:
             raise ValueError(
-                f"n_train={ntr} / n_test={nte} exceed the {xa.shape[0]} / {xb.shape[0]} "
-                f"examples of {name!r}"
+                f"n_train={ntr} / n_test={nte} exceed the {xa.shape[0]} / {xb.shape[0]} examples of {name!r}"
             )
         tr = rng.permutation(xa.shape[0])[:ntr]
         te = rng.permutation(xb.shape[0])[:nte]

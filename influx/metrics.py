@@ -62,9 +62,7 @@ def _pair(a, b, names=("a", "b")) -> tuple[np.ndarray, np.ndarray]:
     a = _as_float(a, names[0])
     b = _as_float(b, names[1])
     if a.shape != b.shape:
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same shape, got {a.shape} and {b.shape}"
-        )
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {a.shape} and {b.shape}")
     if a.size < 2:
         raise ValueError(f"{names[0]} and {names[1]} need at least 2 entries, got {a.size}")
     return a.ravel(), b.ravel()
@@ -195,24 +193,18 @@ def linear_datamodeling_score(scores, subsets, actual, *, kept: bool = False) ->
     if S.ndim != 2:
         raise ValueError(f"scores must be (n_test, n_train), got shape {S.shape}")
     if M.ndim != 2 or M.shape[1] != S.shape[1]:
-        raise ValueError(
-            f"subsets must be (n_subsets, n_train={S.shape[1]}) masks, got shape {M.shape}"
-        )
+        raise ValueError(f"subsets must be (n_subsets, n_train={S.shape[1]}) masks, got shape {M.shape}")
     if M.dtype != np.bool_:
         if not np.all((M == 0) | (M == 1)):
             raise ValueError("subsets must be boolean (or 0/1) masks")
         M = M.astype(bool)
     if A.shape != (M.shape[0], S.shape[0]):
-        raise ValueError(
-            f"actual must be (n_subsets={M.shape[0]}, n_test={S.shape[0]}), got {A.shape}"
-        )
+        raise ValueError(f"actual must be (n_subsets={M.shape[0]}, n_test={S.shape[0]}), got {A.shape}")
     if M.shape[0] < 2:
         raise ValueError(f"subsets needs at least 2 subsets, got {M.shape[0]}")
     removed = ~M if kept else M
     pred = removed.astype(np.float64) @ S.T  # (n_subsets, n_test)
-    per_test = np.array(
-        [_pearson_flat(rankdata(pred[:, j]), rankdata(A[:, j])) for j in range(S.shape[0])]
-    )
+    per_test = np.array([_pearson_flat(rankdata(pred[:, j]), rankdata(A[:, j])) for j in range(S.shape[0])])
     valid = np.isfinite(per_test)
     score = float(np.mean(per_test[valid])) if valid.any() else float("nan")
     return LDSResult(score=score, per_test=per_test, predicted=pred, n_valid=int(valid.sum()))

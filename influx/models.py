@@ -291,13 +291,9 @@ def train(
     x, y, n = _data_xy(data)
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-            raise ValueError(
-                f"batch_size must be None or an integer in [1, {n}], got {batch_size!r}"
-            )
+            raise ValueError(f"batch_size must be None or an integer in [1, {n}], got {batch_size!r}")
         if not 1 <= batch_size <= n:
-            raise ValueError(
-                f"batch_size must be None or an integer in [1, {n}], got {batch_size!r}"
-            )
+            raise ValueError(f"batch_size must be None or an integer in [1, {n}], got {batch_size!r}")
         batch_size = None if batch_size == n else int(batch_size)
     opt = _DEFAULT_OPT if optimizer is None else optimizer
     p, losses = _train_jit(
@@ -319,9 +315,7 @@ _DEFAULT_OPT = optax.adam(1e-2)
 
 
 def _float_dtype(params):
-    dts = [
-        l.dtype for l in jax.tree_util.tree_leaves(params) if jnp.issubdtype(l.dtype, jnp.floating)
-    ]
+    dts = [l.dtype for l in jax.tree_util.tree_leaves(params) if jnp.issubdtype(l.dtype, jnp.floating)]
     return jnp.result_type(*dts) if dts else jnp.result_type(float)
 
 
@@ -392,9 +386,7 @@ def train_to_convergence(
         raise ValueError(f"l2 must be >= 0, got {l2!r}")
     x, y, _ = _data_xy(data)
     p_dt = {l.dtype for l in jax.tree_util.tree_leaves(params)}
-    x_dt = {
-        l.dtype for l in jax.tree_util.tree_leaves((x, y)) if jnp.issubdtype(l.dtype, jnp.floating)
-    }
+    x_dt = {l.dtype for l in jax.tree_util.tree_leaves((x, y)) if jnp.issubdtype(l.dtype, jnp.floating)}
     if len(p_dt | x_dt) > 1:
         raise ValueError(
             f"params ({sorted(map(str, p_dt))}) and data ({sorted(map(str, x_dt))}) need one "
