@@ -7,10 +7,21 @@ test loss) when training example ``m`` is removed, to first order
 (``m`` was helpful).
 """
 
-from influx import curvature, losses, solvers
+from influx import curvature, flax, gaps, losses, response, scoring, solvers
 from influx.curvature import gnhvp, hvp
+from influx.ihvp import ihvp
+from influx.influence import (  # after the submodules: influx.influence is the function
+    grad_dot,
+    group_influence,
+    influence,
+    measurements,
+    self_influence,
+    tracin,
+)
 from influx.objective import Objective
 
 __version__ = "0.1.0"
 
-__all__ = ["Objective", "curvature", "gnhvp", "hvp", "losses", "solvers"]
+__all__ = ["flax", "grad_dot", "group_influence", "influence", "measurements", "scoring",
+           "self_influence", "tracin", "Objective", "curvature", "gnhvp", "hvp", "ihvp", "losses", "solvers",
+           "gaps", "response"]

@@ -1,6 +1,36 @@
-"""iHVP solvers ``b -> (C + lambda I)^-1 b`` with one interface (see :mod:`._base`)."""
+"""iHVP solvers ``b -> (C + lambda I)^-1 b`` with one interface (see :mod:`._base`).
+
+* :func:`direct`: dense factorisation (small models; the reference).
+* :func:`cg`: conjugate gradients (optionally Jacobi-preconditioned), to a tolerance.
+* :func:`lissa`: stochastic Neumann series on minibatch curvature, automatic scale.
+* :func:`arnoldi`: top eigenpairs by Lanczos once, low-rank inverse for any number of
+  right-hand sides.
+
+Every solver: ``solver(op, b)``, ``solver(op, B, batched=True)``, or
+``state = solver.prepare(op)`` then ``solver.apply(state, op, b)`` /
+``solver.apply_batch(state, op, B)`` / ``jax.vmap(lambda b: solver.apply(state, op, b))(B)``.
+"""
 
 from influx.solvers._base import Solution, Solver, Status, check_solution, status_message
+from influx.solvers.arnoldi import ArnoldiState, arnoldi, lanczos, top_eigenpairs
+from influx.solvers.cg import cg, diagonal_preconditioner, estimate_diagonal
 from influx.solvers.direct import direct
+from influx.solvers.lissa import estimate_top_eigenvalue, lissa
 
-__all__ = ["Solution", "Solver", "Status", "check_solution", "status_message", "direct"]
+__all__ = [
+    "ArnoldiState",
+    "Solution",
+    "Solver",
+    "Status",
+    "arnoldi",
+    "cg",
+    "check_solution",
+    "diagonal_preconditioner",
+    "direct",
+    "estimate_diagonal",
+    "estimate_top_eigenvalue",
+    "lanczos",
+    "lissa",
+    "status_message",
+    "top_eigenpairs",
+]

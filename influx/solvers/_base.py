@@ -24,14 +24,19 @@ right-hand sides::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
-__all__ = ["Solution", "Solver", "Status", "status_message", "check_solution"]
+from influx.objective import check_finite, check_like
+
+__all__ = ["Solution", "Solver", "Status", "status_message", "check_solution", "check_rhs"]
 
 
 class Status:
@@ -43,6 +48,7 @@ class Status:
     DIVERGED = 3  # iterates grew without bound (e.g. LiSSA scale too small)
     NOT_POSITIVE_DEFINITE = 4  # factorisation failed (direct)
     NONFINITE = 5  # NaN/inf in the input or the result
+    RUNNING = -1  # internal: an iterative solver that has not stopped yet
 
 
 _MESSAGES = {
@@ -52,7 +58,10 @@ _MESSAGES = {
         "met negative curvature (p^T A p <= 0): the operator is not positive definite; "
         "use kind='gnh' or add damping"
     ),
-    Status.DIVERGED: "diverged (iterates grew without bound): increase the scale / damping",
+    Status.DIVERGED: (
+        "diverged (iterates grew without bound): increase scale (LiSSA: scale must exceed "
+        "half the largest eigenvalue of every minibatch operator) or use scale=None"
+    ),
     Status.NOT_POSITIVE_DEFINITE: (
         "the matrix is not positive definite (Cholesky failed): add damping or use kind='gnh'"
     ),
@@ -100,8 +109,23 @@ class Solver:
     apply: Callable
     options: dict = dataclasses.field(default_factory=dict)
 
-    def __call__(self, op, b) -> Solution:
-        return self.apply(self.prepare(op), op, b)
+    def __call__(self, op, b, *, batched: bool = False) -> Solution:
+        """Solves ``A x = b``; ``batched=True``: every leaf of ``b`` has a leading batch axis
+        and all right-hand sides are solved together with batched operator products."""
+        b = check_rhs(op, b, batched=batched)  # fail fast, before any compilation
+        state = self.prepare(op)
+        if batched:
+            return self.apply_batch(state, op, b)
+        return self.apply(state, op, b)
+
+    def apply_batch(self, state, op, bs) -> Solution:
+        """``vmap`` of :attr:`apply` over a leading axis of ``bs`` (one compiled call)."""
+        bs = check_rhs(op, bs, batched=True)
+        return self._batched_apply(state, op, bs)
+
+    @functools.cached_property
+    def _batched_apply(self):
+        return jax.jit(jax.vmap(self.apply, in_axes=(None, None, 0)))
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -120,9 +144,55 @@ def check_solution(sol: Solution, *, throw: bool = True, what: str = "solve") ->
         return sol
     worst = float(np.max(np.asarray(sol.residual_norm)))
     codes = sorted(set(status[bad].tolist()))
+    parts = [status_message(c) for c in codes]
+    stats = sol.stats if isinstance(sol.stats, dict) else {}
+    if Status.DIVERGED in codes and "recommended_scale" in stats:
+        rec = np.asarray(stats["recommended_scale"]).reshape(-1)
+        used = np.asarray(stats.get("scale", np.nan)).reshape(-1)
+        div = (status == Status.DIVERGED) if rec.size == status.size else np.ones(rec.size, bool)
+        parts.append(f"increase scale to at least {float(np.max(rec[div])):.4g} "
+                     f"(scale used: {float(np.max(used)):.4g})")
     msg = (f"{what}: {int(bad.sum())} of {status.size} solves did not converge "
-           f"(worst residual {worst:.3g}): " + "; ".join(status_message(c) for c in codes))
+           f"(worst residual {worst:.3g}): " + "; ".join(parts))
     if throw:
         raise RuntimeError(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return sol
+
+
+# ------------------------------------------------------------------ helpers for solvers
+def check_rhs(op, b, *, name: str = "b", batched: bool = False):
+    """Validates a right-hand side against ``op.params`` (structure, shapes, dtype cast).
+
+    Concrete values (outside ``jit``/``vmap``) holding NaN or inf raise ``ValueError``;
+    traced values pass and a solver reports ``Status.NONFINITE`` instead.
+    """
+    b = check_like(op.params, b, name=name, batched=batched)
+    try:
+        check_finite(b, name=name)
+    except ValueError as e:
+        raise ValueError(f"{e}: the right-hand side of the solve must be finite "
+                         "(check the test gradients / measurement)") from None
+    return b
+
+
+def flat_matvec(op, unravel, dtype):
+    """``x -> ravel(op(unravel(x)))`` on flat vectors, in ``dtype``."""
+
+    def mv(x):
+        return ravel_pytree(op(unravel(x)))[0].astype(dtype)
+
+    return mv
+
+
+def flat_curvature(op, unravel, dtype):
+    """``x -> ravel(op.curvature(unravel(x)))`` (undamped ``C``) on flat vectors."""
+
+    def mv(x):
+        return ravel_pytree(op.curvature(unravel(x)))[0].astype(dtype)
+
+    return mv
+
+
+def all_finite(x):
+    return jnp.all(jnp.isfinite(x))

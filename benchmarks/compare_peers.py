@@ -1,0 +1,661 @@
+"""Benchmark: influx against peer libraries (pyDVL, kronfluence), side by side in one run.
+
+Same data, same MLP, the same trained weights (trained once here with jax + optax, exported
+to .npz, loaded into an equivalent torch module; logits and losses must agree to 1e-5 before
+anything is timed), same damping, same test points, same solver settings
+(``benchmarks/peers/problem.py``). The peers run in their own virtual environment
+(``benchmarks/peers_setup.sh``; ``$PEER_VENV``, default ``.peer-venv``) as a JSON-lines
+server subprocess, so the influx and peer runs alternate in one session:
+for each solver family, round r = 1..R: influx (R repeats median), then each peer method.
+
+Accuracy: every score matrix (n_test x n_train, influx convention
+``S = (1/N) g_test^T (H + lambda I)^{-1} g_train``) against the float64 dense reference
+computed in JAX (``benchmarks/peers/jax_side.py``, its own subprocess with x64): Pearson
+correlation and relative Frobenius error. Timed runs are float32 on both sides.
+
+    python benchmarks/compare_peers.py            # digits + MNIST (a few minutes)
+    python benchmarks/compare_peers.py --quick    # digits only, one round
+
+Writes benchmarks/results/peers.json and the '## Peers' section of benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peers import jax_side  # noqa: E402
+from benchmarks.peers.measure import PeakRSS  # noqa: E402
+from benchmarks.peers.problem import (  # noqa: E402
+    PROBLEMS,
+    Problem,
+    forward_numpy,
+    per_example_ce_numpy,
+    score_accuracy,
+    test_indices,
+)
+from benchmarks.peers.report import fmt, replace_section, table  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+# (family, influx solver, peer methods)
+FAMILIES = [
+    ("direct", "direct", ["pydvl_direct"]),
+    ("cg", "cg", ["pydvl_cg", "pydvl_cg_block"]),
+    ("lissa", "lissa", ["pydvl_lissa", "pydvl_lissa_scaled"]),
+    ("arnoldi", "arnoldi", ["pydvl_arnoldi"]),
+    ("ekfac", None, ["kronfluence_ekfac", "kronfluence_kfac", "pydvl_ekfac"]),
+]
+TOL_MATCH = 1e-5
+# seconds one peer call (warm-up + repeats) may take before it is recorded as a timeout
+PEER_TIMEOUT = {"digits": 300.0, "mnist": 120.0}
+
+
+def peer_python() -> Path:
+    venv = Path(os.environ.get("PEER_VENV", ROOT / ".peer-venv"))
+    return venv / "bin" / "python"
+
+
+# ------------------------------------------------------------------ peer server
+class PeerServer:
+    """The torch side as a subprocess speaking JSON lines (see peers/torch_side.py)."""
+
+    def __init__(self, problem: Problem, weights: Path, workdir: Path, *, timeout: float):
+        self.args = [
+            str(peer_python()), str(ROOT / "benchmarks" / "peers" / "torch_side.py"),
+            "--problem", problem.name, "--weights", str(weights), "--workdir", str(workdir),
+        ]
+        self.timeout = timeout
+        self.log = open(workdir / "peer_stderr.log", "a")
+        self._start()
+
+    def _start(self):
+        self.proc = subprocess.Popen(
+            self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+            text=True, bufsize=1,
+        )
+        self.hello = self._read(timeout=300)
+        if not self.hello or not self.hello.get("ready"):
+            raise RuntimeError(f"peer side did not start: {self.hello}")
+
+    def _read(self, timeout: float):
+        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not r:
+            return None
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else {"ok": False, "error": "peer process exited"}
+
+    def ask(self, msg: dict, timeout: float | None = None) -> dict:
+        if self.proc.poll() is not None:
+            self._start()
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        t = timeout or self.timeout
+        reply = self._read(t)
+        if reply is None:  # timed out: kill this server, start a fresh one
+            self.proc.kill()
+            self.proc.wait()
+            self._start()
+            return {"ok": False, "error": f"timeout: no result within {t:.0f} s", "timeout": True,
+                    "timeout_s": t}
+        return reply
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+# ------------------------------------------------------------------ influx side
+def influx_status() -> str | None:
+    """None when influx.influence and influx.solvers.{direct,cg,lissa,arnoldi} import."""
+    try:
+        import influx  # noqa: F401
+        from influx import solvers  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"influx not importable: {type(e).__name__}: {e}"
+    if not hasattr(influx, "influence"):
+        return "influx.influence not available yet"
+    return None
+
+
+def make_influx_solver(name: str, problem: Problem):
+    import jax
+
+    from influx import solvers
+
+    if not hasattr(solvers, name):
+        raise NotImplementedError(f"influx.solvers.{name} not available")
+    if name == "direct":
+        return solvers.direct()
+    if name == "cg":
+        return solvers.cg(tol=problem.cg_tol, max_steps=problem.cg_max_steps)
+    if name == "lissa":
+        return solvers.lissa(
+            scale=None, depth=problem.lissa_depth, samples=1,
+            batch_size=problem.lissa_batch_size, key=jax.random.key(problem.seed),
+        )
+    if name == "arnoldi":
+        return solvers.arnoldi(rank=problem.arnoldi_rank)
+    raise ValueError(name)
+
+
+def _products(info, name: str, problem: Problem, n_train: int):
+    """Curvature products in full-data units, from ``InfluenceInfo.iterations`` (summed over
+    the test vectors; LiSSA's minibatch products count ``batch_size / N``); ``P`` for
+    ``direct`` (dense materialisation)."""
+    if name == "direct":
+        return float(problem.n_params)
+    it = getattr(info, "iterations", None)
+    if it is None:
+        return None
+    total = float(np.sum(np.asarray(it)))
+    if name == "lissa":
+        total *= min(problem.lissa_batch_size, n_train) / n_train
+    return total
+
+
+class InfluxSide:
+    def __init__(self, problem: Problem, weights: dict, data: dict):
+        import jax.numpy as jnp
+
+        import influx
+
+        self.problem = problem
+        self.params = jax_side.weights_to_params(weights, jnp.float32)
+        self.train = (jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"]))
+        ti = test_indices(problem, len(data["x_test"]))
+        self.test = (jnp.asarray(data["x_test"][ti]), jnp.asarray(data["y_test"][ti]))
+        self.obj = influx.Objective(
+            jax_side.apply_fn, influx.losses.softmax_cross_entropy, l2=problem.l2
+        )
+        self.N = len(data["x_train"])
+
+    def run(self, name: str, repeats: int, warmup: bool, time_budget: float) -> dict:
+        import jax
+
+        import influx
+
+        solver = make_influx_solver(name, self.problem)
+        times, warm, peak, scores, info = [], None, 0, None, None
+        for i in range(0 if warmup else 1, repeats + 1):
+            if i >= 2 and sum(times) > time_budget:
+                break
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                scores, info = influx.influence(
+                    self.obj, self.params, self.train, self.test, kind="hessian",
+                    damping=self.problem.damping, solver=solver, return_info=True,
+                )
+                jax.block_until_ready(scores)
+                dt = time.perf_counter() - t0
+            peak = max(peak, mem.increase)
+            if i == 0:
+                warm = dt
+            else:
+                times.append(dt)
+        scores = np.asarray(scores, np.float64)
+        return {
+            "method": f"influx_{name}", "warmup_seconds": warm, "all_seconds": times,
+            "seconds": statistics.median(times), "timed_runs": len(times),
+            "peak_rss_mb": peak / 2**20,
+            "products": _products(info, name, self.problem, self.N), "scores": scores,
+            "converged": None if info.converged is None else bool(np.all(info.converged)),
+            "finite": bool(np.all(np.isfinite(scores))),
+        }
+
+
+def hvp_ratio_jax(repeats: int) -> dict:
+    """grad / HVP / GNHVP timings on MLP 784-256-256-10, batch 1024, float32 (jit)."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        from influx import gnhvp, hvp
+
+        source = "influx.hvp / influx.gnhvp"
+    except ImportError:
+        hvp = gnhvp = None
+        source = "plain jax (influx.hvp not available)"
+    key = jax.random.key(0)
+    ks = jax.random.split(key, 6)
+    sizes = (784, 256, 256, 10)
+    params = [
+        {"b": jnp.zeros((b,)), "w": jax.random.normal(k, (a, b)) / np.sqrt(a)}
+        for k, a, b in zip(ks, sizes[:-1], sizes[1:])
+    ]
+    x = jax.random.normal(ks[4], (1024, 784))
+    y = jax.random.randint(ks[5], (1024,), 0, 10)
+    v = jax.tree_util.tree_map(lambda t: jnp.ones_like(t) * 0.01, params)
+
+    def net(p):
+        return jax_side.apply_fn(p, x)
+
+    def loss_out(z):
+        return jnp.mean(jax_side.ce_per_example(z, y))
+
+    def loss(p):
+        return loss_out(net(p))
+
+    f_grad = jax.jit(jax.grad(loss))
+    if hvp is not None:
+        f_hvp = jax.jit(lambda p, v: hvp(loss, p, v))
+        f_gn = jax.jit(lambda p, v: gnhvp(net, loss_out, p, v))
+    else:
+        f_hvp = jax.jit(lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))[1])
+
+        def _gn(p, v):
+            z, jv = jax.jvp(net, (p,), (v,))
+            hjv = jax.jvp(jax.grad(loss_out), (z,), (jv,))[1]
+            return jax.vjp(net, p)[1](hjv)[0]
+
+        f_gn = jax.jit(_gn)
+    res = {"model": "MLP 784-256-256-10 tanh", "batch": 1024, "dtype": "float32",
+           "source": source}
+    for name, fn, a in (("grad", f_grad, (params,)), ("hvp", f_hvp, (params, v)),
+                        ("gnhvp", f_gn, (params, v))):
+        jax.block_until_ready(fn(*a))
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            ts.append(time.perf_counter() - t0)
+        res[f"{name}_seconds"] = statistics.median(ts)
+    res["hvp_over_grad"] = res["hvp_seconds"] / res["grad_seconds"]
+    res["gnhvp_over_grad"] = res["gnhvp_seconds"] / res["grad_seconds"]
+    return res
+
+
+# ------------------------------------------------------------------ driver
+def check_equivalence(peer: PeerServer, influx_logits: dict, weights, data, ti) -> dict:
+    reply = peer.ask({"cmd": "check"})
+    if not reply.get("ok"):
+        raise RuntimeError(f"peer check failed: {reply.get('error')}")
+    out = {}
+    for split, x, y in (
+        ("train", data["x_train"], data["y_train"]),
+        ("test", data["x_test"][ti], data["y_test"][ti]),
+    ):
+        ref = forward_numpy(weights, x)
+        tl = np.load(reply[f"{split}_logits"])
+        tloss = np.load(reply[f"{split}_losses"])
+        jl = influx_logits[split]
+        jloss = per_example_ce_numpy(jl.astype(np.float64), y)
+        out[split] = {
+            "max_abs_logits_torch_vs_jax": float(np.max(np.abs(tl - jl))),
+            "max_abs_loss_torch_vs_jax": float(np.max(np.abs(tloss - jloss))),
+            "max_abs_logits_torch_vs_float64": float(np.max(np.abs(tl - ref))),
+        }
+        if (out[split]["max_abs_logits_torch_vs_jax"] > TOL_MATCH
+                or out[split]["max_abs_loss_torch_vs_jax"] > TOL_MATCH):
+            raise AssertionError(f"torch and JAX models disagree on {split}: {out[split]}")
+    out["passed"] = True
+    return out
+
+
+def ensure_reference(problem: Problem, workdir: Path, timeout: float) -> dict:
+    path = jax_side.reference_path(workdir, problem)
+    if not path.exists():
+        cmd = [sys.executable, "-m", "benchmarks.peers.jax_side", "--problem", problem.name,
+               "--workdir", str(workdir)]
+        subprocess.run(cmd, cwd=ROOT, check=True, timeout=timeout)
+    z = np.load(path)
+    return {"hessian": z["scores_hessian"], "gnh": z["scores_gnh"],
+            "info": json.loads(str(z["info"]))}
+
+
+def accuracy(entry: dict, ref: dict) -> None:
+    s = entry.pop("scores", None)
+    if s is None and entry.get("scores_path"):
+        s = np.load(entry["scores_path"])
+    if s is None:
+        return
+    entry["vs_hessian"] = score_accuracy(s, ref["hessian"])
+    entry["vs_gnh"] = score_accuracy(s, ref["gnh"])
+
+
+def run_problem(problem: Problem, args, hvp_ratio: dict) -> dict:
+    import jax.numpy as jnp
+
+    workdir = args.workdir / problem.name
+    workdir.mkdir(parents=True, exist_ok=True)
+    out: dict = {"problem": problem.name, "sizes": list(problem.sizes),
+                 "n_params": problem.n_params, "l2": problem.l2, "damping": problem.damping,
+                 "n_test": problem.n_test, "settings": {
+                     "cg_tol": problem.cg_tol, "cg_max_steps": problem.cg_max_steps,
+                     "lissa_depth": problem.lissa_depth,
+                     "lissa_batch_size": problem.lissa_batch_size,
+                     "arnoldi_rank": problem.arnoldi_rank}}
+    t0 = time.perf_counter()
+    weights, data, train_log = jax_side.load_or_train(problem, args.workdir)
+    out["training"] = train_log
+    out["n_train"] = len(data["x_train"])
+    wpath = jax_side.weights_path(args.workdir, problem)
+    ref = ensure_reference(problem, args.workdir, timeout=args.reference_timeout)
+    out["reference"] = ref["info"]
+    out["reference"]["gnh_vs_hessian"] = score_accuracy(ref["gnh"], ref["hessian"])
+    out["setup_seconds"] = time.perf_counter() - t0
+
+    ti = test_indices(problem, len(data["x_test"]))
+    params = jax_side.weights_to_params(weights, jnp.float32)
+    jl = {"train": np.asarray(jax_side.apply_fn(params, jnp.asarray(data["x_train"]))),
+          "test": np.asarray(jax_side.apply_fn(params, jnp.asarray(data["x_test"][ti])))}
+    peer = PeerServer(problem, wpath, workdir, timeout=600)
+    out["peer_versions"] = peer.hello["versions"]
+    try:
+        out["equivalence"] = check_equivalence(peer, jl, weights, data, ti)
+        if hvp_ratio is not None and "torch" not in hvp_ratio:
+            r = peer.ask({"cmd": "hvp_ratio", "repeats": args.hvp_repeats})
+            hvp_ratio["torch"] = r
+        status = influx_status()
+        influx_side = InfluxSide(problem, weights, data) if status is None else None
+        lam_max = ref["info"]["info_hessian"]["eig_max"] + problem.regularization
+        rows = []
+        for family, inf_name, peers in FAMILIES:
+            if args.families and family not in args.families:
+                continue
+            entries: dict[str, dict] = {}
+            for r in range(args.rounds):
+                if inf_name is not None:
+                    key = f"influx_{inf_name}"
+                    _run_influx(entries, key, influx_side, status, inf_name, args, r)
+                for m in peers:
+                    if m in args.skip or (m == "pydvl_direct" and problem.n_params > 5000
+                                          and not args.full):
+                        entries[m] = {"method": m, "skipped": (
+                            f"dense torch.func.hessian over P={problem.n_params} columns: "
+                            "estimated far above the time budget (run with --full)"
+                            if m == "pydvl_direct" else "skipped by --skip")}
+                        continue
+                    prev = entries.get(m, {})
+                    if prev.get("error") or (r > 0 and sum(prev.get("all_seconds", [])) > 60):
+                        continue  # failed, timed out, or too slow to repeat: one round only
+                    opts = {"time_budget": args.time_budget}
+                    if m == "pydvl_lissa_scaled":
+                        opts["scale"] = 1.5 * lam_max
+                    reply = peer.ask({"cmd": "run", "method": m, "repeats": args.repeats,
+                                      "options": opts, "warmup": r == 0},
+                                     timeout=args.peer_timeout or PEER_TIMEOUT[problem.name])
+                    print(f"  [{problem.name}] {m} round {r}: "
+                          f"{reply.get('seconds', reply.get('error'))}", flush=True)
+                    _merge(entries, m, reply)
+            for e in entries.values():
+                if "all_seconds" in e and e["all_seconds"]:
+                    e["seconds"] = statistics.median(e["all_seconds"])
+                accuracy(e, ref)
+            rows.append({"family": family, "entries": entries})
+        out["families"] = rows
+    finally:
+        peer.close()
+    return out
+
+
+def _run_influx(entries, key, side, status, name, args, r):
+    if name == "direct" and side is not None and side.problem.n_params > 5000 and not args.full:
+        entries[key] = {"method": key, "skipped": "dense P x P materialisation skipped for "
+                        f"P={side.problem.n_params} (run with --full)"}
+        return
+    if status is not None:
+        entries[key] = {"method": key, "error": status, "not_available": True}
+        return
+    prev = entries.get(key, {})
+    if prev.get("error") or (r > 0 and sum(prev.get("all_seconds", [])) > 60):
+        return
+    try:
+        res = side.run(name, args.repeats, warmup=r == 0, time_budget=args.time_budget)
+        print(f"  [{side.problem.name}] {key} round {r}: {res['seconds']:.3g} s", flush=True)
+    except NotImplementedError as e:
+        res = {"method": key, "error": str(e), "not_available": True, "ok": False}
+    except Exception as e:  # noqa: BLE001
+        res = {"method": key, "error": f"{type(e).__name__}: {e}", "ok": False,
+               "traceback": traceback.format_exc()[-2000:]}
+        print(f"  [{side.problem.name}] {key} FAILED: {res['error']}", flush=True)
+    _merge(entries, key, res)
+
+
+def _merge(entries: dict, key: str, res: dict) -> None:
+    if not res.get("ok", True) or res.get("error"):
+        entries[key] = {"method": key, **{k: v for k, v in res.items() if k != "ok"}}
+        return
+    if key not in entries:
+        entries[key] = dict(res)
+        return
+    e = entries[key]
+    e["all_seconds"] = e.get("all_seconds", []) + res.get("all_seconds", [])
+    e["peak_rss_mb"] = max(e.get("peak_rss_mb", 0), res.get("peak_rss_mb", 0))
+    for k in ("scores", "scores_path", "products", "finite", "fit_seconds", "score_seconds"):
+        if k in res:
+            e[k] = res[k]
+
+
+# ------------------------------------------------------------------ report
+def _acc(e):
+    a = e.get("vs_hessian")
+    if not a:
+        return "-"
+    return f"{fmt(a['pearson'])} / {fmt(a['rel_error'])}"
+
+
+def _time(e):
+    if e is None:
+        return "-"
+    if e.get("skipped"):
+        return "skipped"
+    if e.get("not_available"):
+        return "n/a"
+    if e.get("error"):
+        return f"> {e['timeout_s']:.0f} (timeout)" if e.get("timeout") else "failed"
+    return fmt(e.get("seconds"))
+
+
+def best_influx(entries_all: list[dict], peer_entry: dict) -> dict | None:
+    """influx's fastest solver at equal or better accuracy (Pearson vs Hessian reference)."""
+    target = (peer_entry.get("vs_hessian") or {}).get("pearson", -1)
+    cands = []
+    for fam in entries_all:
+        for k, e in fam["entries"].items():
+            if k.startswith("influx_") and e.get("seconds") and e.get("vs_hessian"):
+                if e["vs_hessian"]["pearson"] >= target - 1e-12:
+                    cands.append(e)
+    return min(cands, key=lambda e: e["seconds"]) if cands else None
+
+
+def markdown(results: dict) -> str:
+    header = ["problem", "family", "influx", "influx s", "peer", "peer s", "peer/influx",
+              "influx r / rel.err", "peer r / rel.err", "products influx / peer",
+              "peak MB influx / peer", "warm-up s influx / peer"]
+    rows = []
+    for pr in results["problems"]:
+        if "error" in pr:
+            rows.append([pr["problem"], "-", "-", "-", "-", "-", pr["error"][:80]] + ["-"] * 5)
+            continue
+        for fam in pr["families"]:
+            ents = fam["entries"]
+            inf = next((e for k, e in ents.items() if k.startswith("influx_")), None)
+            for k, e in ents.items():
+                if k.startswith("influx_"):
+                    continue
+                i_e = inf if fam["family"] != "ekfac" else best_influx(pr["families"], e)
+                ratio = None
+                if i_e and e.get("seconds") and i_e.get("seconds") and not e.get("error"):
+                    ratio = e["seconds"] / i_e["seconds"]
+                rows.append([
+                    pr["problem"], fam["family"], (i_e or {}).get("method", "-"),
+                    _time(i_e) if i_e else "n/a", k, _time(e), fmt(ratio),
+                    _acc(i_e) if i_e else "-", _acc(e),
+                    f"{fmt((i_e or {}).get('products'))} / {fmt(e.get('products'))}",
+                    f"{fmt((i_e or {}).get('peak_rss_mb'))} / {fmt(e.get('peak_rss_mb'))}",
+                    f"{fmt((i_e or {}).get('warmup_seconds'))} / {fmt(e.get('warmup_seconds'))}",
+                ])
+    parts = [table(header, rows)]
+    ref_rows = []
+    for pr in results["problems"]:
+        if "reference" in pr:
+            ih, ig = pr["reference"]["info_hessian"], pr["reference"]["info_gnh"]
+            ref_rows.append([pr["problem"], f"{'-'.join(map(str, pr['sizes']))}", pr["n_params"],
+                             pr["n_train"], pr["l2"], pr["damping"], ih["eig_min"], ih["eig_max"],
+                             ig["eig_max"], pr["reference"]["seconds"],
+                             pr["reference"]["gnh_vs_hessian"]["pearson"]])
+    if ref_rows:
+        parts.append("Problems and float64 dense references (eigenvalues of the undamped "
+                     "mean-loss Hessian / GNH; lambda = l2 + damping):\n\n" + table(
+                         ["problem", "MLP", "P", "N", "l2", "damping", "H eig min",
+                          "H eig max", "GNH eig max", "reference s", "r(GNH ref, H ref)"],
+                         ref_rows))
+    hv = results.get("hvp_ratio") or {}
+    if hv:
+        hrows = []
+        for side in ("influx", "torch"):
+            h = hv.get(side)
+            if h and "grad_seconds" in h:
+                hrows.append([side if side != "torch" else "torch.func", h["grad_seconds"] * 1e3,
+                              h["hvp_seconds"] * 1e3, h["gnhvp_seconds"] * 1e3,
+                              h["hvp_over_grad"], h["gnhvp_over_grad"]])
+        parts.append("HVP / GNHVP cost relative to one gradient (MLP 784-256-256-10 tanh, "
+                     "batch 1024, float32, median):\n\n" + table(
+                         ["side", "grad ms", "HVP ms", "GNHVP ms", "HVP/grad", "GNHVP/grad"],
+                         hrows))
+    return "\n\n".join(parts)
+
+
+NOTES = """\
+How to read it: `peer/influx` is the ratio of median wall times (>1: influx faster; the
+target of issue 7 is >= 5 at equal or better accuracy). `r / rel.err`: Pearson correlation
+and relative Frobenius error of the (n_test x n_train) score matrix against the float64
+dense **Hessian** reference (peers' EK-FAC/K-FAC approximate the GNH/Fisher; their accuracy
+against the GNH reference is in `results/peers.json`). For the `ekfac` family the influx
+column is influx's fastest solver whose correlation is at least the peer's. Products are
+curvature-vector products in units of one product over the whole training set (a
+minibatch of b examples counts b/N), summed over the right-hand sides; the dense direct
+solves count P. Peak MB is the largest RSS increase over the RSS before the call (sampled
+every 2 ms), first run included. Timed runs are float32 on both sides; the machine is
+shared, so timings carry noise of a few tens of percent.
+
+Conventions and settings: both sides solve `(H + (l2 + damping) I) x = g` with the
+mean-loss Hessian; peers get `regularization = l2 + damping` (their loss has no weight
+decay). pyDVL and kronfluence return `g_test^T (H + lambda I)^-1 g_train`; influx's
+convention is that divided by N (the predicted change of test loss when the training
+example is removed), applied to every peer matrix before comparison. pyDVL's CG
+(`pydvl_cg` one right-hand side at a time, its default; `pydvl_cg_block` its block CG)
+gets the same stopping rule as influx's (`||r|| <= tol ||b||`, through `atol` with
+`rtol = 0`) and the same step cap: pyDVL 0.10.0's default compares the residual with
+`rtol**2` times a norm taken over the batch axis, below float32 round-off, so with its
+default `maxiter = 10 P` it never stops early. `pydvl_lissa` is pyDVL's default (`scale=10`, 1000 steps);
+`pydvl_lissa_scaled` uses `scale = 1.5 lambda_max` taken from the dense reference, an
+advantage the peer would not have. kronfluence uses its default analyzer workflow
+(true Fisher with sampled labels, factors in float32) with
+`damping_factor = l2 + damping`.
+"""
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        import jax
+        import jaxlib
+
+        info["jax"] = jax.__version__
+        info["jaxlib"] = jaxlib.__version__
+        info["device"] = str(jax.devices()[0].device_kind)
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="digits only, one round")
+    ap.add_argument("--problems", default=None, help="comma list (default digits,mnist)")
+    ap.add_argument("--families", default=None, help="comma list of solver families")
+    ap.add_argument("--skip", default="", help="comma list of peer methods to skip")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per round")
+    ap.add_argument("--rounds", type=int, default=None, help="alternation rounds")
+    ap.add_argument("--full", action="store_true", help="also run infeasible dense peers")
+    ap.add_argument("--peer-timeout", type=float, default=None,
+                    help="seconds per peer call (default: per problem, PEER_TIMEOUT)")
+    ap.add_argument("--time-budget", type=float, default=20.0,
+                    help="stop timed repeats of one method once they used this many seconds")
+    ap.add_argument("--reference-timeout", type=float, default=1800.0)
+    ap.add_argument("--hvp-repeats", type=int, default=20)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/influx-peers"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "peers.json")
+    ap.add_argument("--readme", type=Path, default=ROOT / "benchmarks" / "README.md")
+    args = ap.parse_args(argv)
+    probs = args.problems.split(",") if args.problems else (
+        ["digits"] if args.quick else ["digits", "mnist"])
+    args.families = args.families.split(",") if args.families else None
+    args.skip = [s for s in args.skip.split(",") if s]
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    args.rounds = args.rounds or (1 if args.quick else 2)
+    if args.quick:
+        args.hvp_repeats = min(args.hvp_repeats, 5)
+    if not peer_python().exists():
+        raise SystemExit(f"peer venv not found at {peer_python()}: run "
+                         "benchmarks/peers_setup.sh (or set PEER_VENV)")
+    results = {"benchmark": "peers", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "machine": machine(), "loadavg_start": os.getloadavg(), "quick": args.quick,
+               "repeats": args.repeats, "rounds": args.rounds, "problems": []}
+    hvp = {}
+    try:
+        hvp["influx"] = hvp_ratio_jax(args.hvp_repeats)
+    except Exception as e:  # noqa: BLE001
+        hvp["influx"] = {"error": f"{type(e).__name__}: {e}"}
+    t0 = time.perf_counter()
+    for name in probs:
+        print(f"== {name}", flush=True)
+        try:
+            results["problems"].append(run_problem(PROBLEMS[name], args, hvp))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            results["problems"].append({"problem": name, "error": f"{type(e).__name__}: {e}"})
+    results["hvp_ratio"] = hvp
+    results["seconds"] = time.perf_counter() - t0
+    results["loadavg_end"] = os.getloadavg()
+    for pr in results["problems"]:
+        if pr.get("peer_versions"):
+            results["peer_versions"] = pr["peer_versions"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=float))
+    md = markdown(results)
+    print(md)
+    m = results["machine"]
+    body = (f"Run {results['date']} on {m.get('cpu', '?')} ({m.get('cpu_count')} cores, "
+            f"{m.get('memory_gib')} GiB), jax {m.get('jax')} / jaxlib {m.get('jaxlib')} on "
+            f"{m.get('device')}; peers: {results.get('peer_versions')}. "
+            f"`python benchmarks/compare_peers.py{' --quick' if args.quick else ''}`, "
+            f"{results['seconds']:.0f} s.\n\n" + md + "\n\n" + NOTES)
+    replace_section(args.readme, "## Peers", body)
+    return results
+
+
+if __name__ == "__main__":
+    main()

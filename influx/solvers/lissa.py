@@ -1,0 +1,194 @@
+"""LiSSA: the stochastic Neumann-series iHVP (Agarwal et al., 2017; Koh & Liang, 2017).
+
+For ``A = C + s_0 I`` (``s_0 = l2 + damping``) and a scale ``S``, ``A^-1 = (1/S) sum_j
+(I - A/S)^j`` whenever the spectrum of ``A/S`` lies in ``(0, 2)``. LiSSA truncates the
+series at ``depth`` and replaces ``A`` by a fresh minibatch operator ``A_t`` at every
+step (``op.replace(data=minibatch)``, which keeps the shift ``s_0``)::
+
+    h_0 = b,   h_t = b + (I - A_t / S) h_{t-1},   x = mean_{samples} h_depth / S.
+
+Accuracy: in expectation the deterministic error after ``depth`` steps is
+``(I - A/S)^(depth+1) A^-1 b``, so it decays like ``(1 - lambda_min(A)/S)^depth``:
+LiSSA reaches ``A^-1 b`` only as ``depth -> infinity`` (``depth >> S / lambda_min``), and
+the minibatch noise adds a random error that averaging over ``samples`` reduces as
+``1/sqrt(samples)``. It is a stochastic solver: results depend on ``key``.
+
+Stability: the recursion is contractive for every minibatch only when
+``S > lambda_max(A_t) / 2`` for all ``t``. A too-small ``S`` makes ``||h_t||`` grow
+geometrically (the NaN that peer libraries return). Here:
+
+* ``scale=None`` (default) estimates ``lambda_max`` in :meth:`prepare` by Lanczos
+  (``scale_iterations`` products) on the full operator *and* on ``scale_batches`` random
+  minibatch operators (minibatch curvature can exceed the full one), and sets
+  ``S = safety * max(all estimates)`` (``safety = 1.1``). Since the Ritz estimate is a
+  lower bound of ``lambda_max`` that converges fast, and stability only needs
+  ``S > lambda_max(A_t) / 2``, this leaves a margin of ``2 * safety = 2.2`` for unseen
+  minibatches.
+* divergence is detected (``||h_t|| > 2 (t + 1) ||b||``, which a contractive recursion
+  never exceeds, or a non-finite ``h_t``): the recursion stops, ``x`` is built from the
+  last finite iterate, ``Solution.status = DIVERGED`` and ``stats["recommended_scale"]``
+  holds ``safety * S (1 + rho)`` with ``rho = ||h_t|| / ||h_{t-1}||`` at divergence
+  (``rho ~ |1 - lambda_max(A_t)/S|``, so ``S (1 + rho)`` estimates ``lambda_max``);
+  :func:`influx.solvers.check_solution` turns it into "increase scale to at least ...".
+
+Cost per right-hand side: ``samples * depth`` minibatch products (``batch_size / N`` of a
+full product each) plus one full product for the true residual ``||A x - b||``;
+``Solution.iterations`` counts the products of both kinds and ``stats["products"]`` the
+cost in full-product equivalents. All right-hand sides (under ``vmap``) share the same
+minibatch sequence (independent ones per sample), so their products are batched.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from influx.objective import num_examples
+from influx.solvers._base import Solution, Solver, Status, all_finite, check_rhs, flat_matvec
+from influx.solvers.arnoldi import top_eigenpairs
+
+__all__ = ["lissa", "estimate_top_eigenvalue"]
+
+
+def _gather(data, idx):
+    return jax.tree_util.tree_map(lambda a: a[idx], data)
+
+
+def estimate_top_eigenvalue(op, key, *, iterations: int = 20):
+    """Largest eigenvalue of the damped operator ``A`` (Lanczos Ritz value, a lower bound).
+
+    Cost: ``min(iterations, P)`` operator products.
+    """
+    flat, unravel = ravel_pytree(op.params)
+    m = min(iterations, flat.shape[0])
+    v0 = jax.random.normal(key, flat.shape, flat.dtype)
+    w, _ = top_eigenpairs(flat_matvec(op, unravel, flat.dtype), v0, m, 1)
+    return w[0]
+
+
+def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 128, key=None,
+          safety: float = 1.1, scale_iterations: int = 20, scale_batches: int = 4,
+          tol: float | None = None) -> Solver:
+    """Stochastic Neumann-series solver (see module docstring).
+
+    Args:
+      scale: ``S``; ``None`` estimates it automatically in ``prepare`` (recommended).
+      depth: recursion steps per sample.
+      samples: independent recursions averaged.
+      batch_size: examples per minibatch operator (capped at ``N``; ``N`` = exact
+        deterministic Neumann series).
+      key: PRNG key for minibatches and the scale estimate (default ``PRNGKey(0)``).
+      safety: ``S = safety * lambda_max`` estimate when ``scale=None``.
+      scale_iterations, scale_batches: Lanczos steps per estimate and number of minibatch
+        operators probed for the scale.
+      tol: when set, a true relative residual above ``tol`` is reported as ``MAX_STEPS``
+        (``depth`` too small); otherwise a finished, non-diverged run is ``CONVERGED``.
+    """
+    for name, v in (("depth", depth), ("samples", samples), ("batch_size", batch_size),
+                    ("scale_iterations", scale_iterations)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"lissa: {name} must be an int >= 1, got {v!r}")
+    if isinstance(scale_batches, bool) or not isinstance(scale_batches, int) or scale_batches < 0:
+        raise ValueError(f"lissa: scale_batches must be an int >= 0, got {scale_batches!r}")
+    if scale is not None:
+        scale = float(scale)
+        if not scale > 0 or scale == float("inf"):
+            raise ValueError(f"lissa: scale must be finite and > 0 (or None for automatic), got {scale}")
+    if not float(safety) >= 1.0:
+        raise ValueError(f"lissa: safety must be >= 1, got {safety}")
+    safety = float(safety)
+    key = jax.random.PRNGKey(0) if key is None else key
+    k_scale, k_run = jax.random.split(key)
+
+    @jax.jit
+    def prepare(op):
+        flat, _ = ravel_pytree(op.params)
+        dtype = flat.dtype
+        n = num_examples(op.data)
+        bs = min(batch_size, n)
+        if scale is not None:
+            nan = jnp.asarray(jnp.nan, dtype)
+            return {"scale": jnp.asarray(scale, dtype), "lambda_max": nan, "lambda_max_batch": nan}
+        k_full, k_b = jax.random.split(k_scale)
+        lam = estimate_top_eigenvalue(op, k_full, iterations=scale_iterations)
+        lam_b = jnp.asarray(0.0, dtype)
+        if bs < n and scale_batches > 0:
+            keys = jax.random.split(k_b, scale_batches)
+
+            def one(k):
+                k1, k2 = jax.random.split(k)
+                idx = jax.random.choice(k1, n, (bs,), replace=False)
+                sub = op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, bs))
+                return estimate_top_eigenvalue(sub, k2, iterations=scale_iterations)
+
+            lam_b = jnp.max(jax.lax.map(one, keys))
+        s = safety * jnp.maximum(lam, lam_b)
+        return {"scale": s.astype(dtype), "lambda_max": lam, "lambda_max_batch": lam_b}
+
+    @jax.jit
+    def _apply(state, op, b):
+        flat_b, unravel = ravel_pytree(b)
+        dtype = flat_b.dtype
+        n = num_examples(op.data)
+        bs = min(batch_size, n)
+        s = state["scale"].astype(dtype)
+        finite_b = all_finite(flat_b)
+        b0 = jnp.where(finite_b, flat_b, 0.0)
+        b_norm = jnp.linalg.norm(b0)
+
+        def batch_mv(t_key):
+            if bs == n:
+                sub = op
+            else:  # with replacement: O(batch) per step (no O(N) permutation), unbiased
+                idx = jax.random.randint(t_key, (bs,), 0, n)
+                sub = op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, bs))
+            return flat_matvec(sub, unravel, dtype)
+
+        def run(sample_key):
+            def cond(c):
+                _, t, _, _, div = c
+                return (t < depth) & ~div
+
+            def body(c):
+                h, t, nrm, ratio, _ = c
+                mv = batch_mv(jax.random.fold_in(sample_key, t))
+                h_new = b0 + h - mv(h) / s
+                nrm_new = jnp.linalg.norm(h_new)
+                div = ~jnp.isfinite(nrm_new) | (nrm_new > 2.0 * (t + 2) * b_norm)
+                r = nrm_new / jnp.where(nrm > 0, nrm, 1.0)
+                ratio = jnp.where(jnp.isfinite(r), r, ratio)
+                return (jnp.where(div, h, h_new), t + 1, jnp.where(div, nrm, nrm_new), ratio, div)
+
+            init = (b0, jnp.int32(0), b_norm, jnp.asarray(0.0, dtype), ~finite_b)
+            h, t, _, ratio, div = jax.lax.while_loop(cond, body, init)
+            return h, t, ratio, div
+
+        keys = jax.random.split(k_run, samples)
+        hs, ts, ratios, divs = jax.vmap(run)(keys)
+        x = jnp.mean(hs, axis=0) / s
+        res = jnp.linalg.norm(flat_matvec(op, unravel, dtype)(x) - b0)
+        diverged = jnp.any(divs)
+        status = jnp.where(~finite_b, Status.NONFINITE,
+                           jnp.where(diverged, Status.DIVERGED, Status.CONVERGED))
+        if tol is not None:
+            status = jnp.where((status == Status.CONVERGED) & (res > tol * b_norm),
+                               Status.MAX_STEPS, status)
+        res = jnp.where(finite_b, res, jnp.inf)
+        steps = jnp.sum(ts)
+        rho = jnp.max(jnp.where(divs, ratios, 0.0))
+        stats = {
+            "scale": s,
+            "recommended_scale": jnp.where(diverged, safety * s * (1.0 + rho), s),
+            "lambda_max": state["lambda_max"],
+            "products": (steps * bs / n + 1.0).astype(dtype),
+            "depth_reached": jnp.min(ts),
+        }
+        status = status.astype(jnp.int32)
+        return Solution(unravel(x), res, steps + 1, status == Status.CONVERGED, status, stats)
+
+    def apply(state, op, b):
+        return _apply(state, op, check_rhs(op, b))
+
+    opts = {"scale": scale, "depth": depth, "samples": samples, "batch_size": batch_size}
+    return Solver("lissa", prepare, apply, opts)

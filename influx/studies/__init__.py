@@ -1,0 +1,30 @@
+"""The studies: each composes influx's pieces into a question with a result object.
+
+* :mod:`influx.studies.fragility`: influence vs leave-one-out over depth, width and weight
+  decay (Basu, Pope and Feizi 2021).
+* :mod:`influx.studies.gaps`: the five-gap decomposition over width and training time
+  (Bae et al. 2022).
+* :mod:`influx.studies.mislabel`: finding flipped labels by self-influence and baselines.
+
+Each module has ``run(config) -> Result``, a frozen ``Config`` dataclass with defaults
+and a ``quick()`` preset; results have ``to_dict()`` (JSON-ready), ``to_markdown()``
+(also ``str()``) and ``plot(path)``. Studies compute in float64 by default, scoped with
+``jax.enable_x64`` (the caller's global JAX configuration is left alone).
+"""
+
+from influx.studies import fragility, gaps, mislabel
+from influx.studies.fragility import FragilityConfig, FragilityResult
+from influx.studies.gaps import GapsConfig, GapsResult
+from influx.studies.mislabel import MislabelConfig, MislabelResult
+
+__all__ = [
+    "FragilityConfig",
+    "FragilityResult",
+    "GapsConfig",
+    "GapsResult",
+    "MislabelConfig",
+    "MislabelResult",
+    "fragility",
+    "gaps",
+    "mislabel",
+]
