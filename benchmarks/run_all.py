@@ -3,7 +3,8 @@
     python benchmarks/run_all.py           # default sizes (budget: < 30 min on 2 CPU cores)
     python benchmarks/run_all.py --quick   # smoke run
 
-Each existing script of ``SCRIPTS`` runs as its own subprocess (``--quick`` passed through),
+Each existing script of ``SCRIPTS`` runs as its own subprocess, ``python -m benchmarks.<name>``
+from the repository root (``--quick`` passed through),
 with a per-script time limit; a script that fails or times out is recorded and the others go
 on. Each script writes ``benchmarks/results/<name>.json`` and its own section of the README;
 this runner then writes the README header (machine, versions, date, per-script status) and
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
             runs.append({"script": script, "status": "absent", "seconds": None,
                          "results": "-"})
             continue
-        cmd = [sys.executable, str(path)] + (["--quick"] if args.quick else [])
+        # as a module from the repository root: scripts may import benchmarks.common
+        cmd = [sys.executable, "-m", f"benchmarks.{path.stem}"] + (["--quick"] if args.quick else [])
         print(f"== {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         try:

@@ -82,7 +82,7 @@ def main(argv=None):
           f"{info['examples_per_s']:.0f} examples/s; manifest: {os.path.join(args.out_dir, 'manifest.json')}")
 
     # check against the in-memory reference
-    ref = influx.influence(obj, params, train, test, damping=args.damping, solver=influx.solvers.cg(tol=1e-4))
+    ref = influx.influence(obj, params, train, test, damping=args.damping, chunk_size=args.chunk)
     err = float(np.max(np.abs(np.asarray(r.scores) - np.asarray(ref))) / np.max(np.abs(np.asarray(ref))))
     print(f"max |scores - influx.influence| / max |influence| = {err:.2e}")
     tk = r.top_k

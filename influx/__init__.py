@@ -25,3 +25,7 @@ __version__ = "0.1.0"
 __all__ = ["flax", "grad_dot", "group_influence", "influence", "measurements", "scoring",
            "self_influence", "tracin", "Objective", "curvature", "gnhvp", "hvp", "ihvp", "losses", "solvers",
            "gaps", "response"]
+
+from influx import studies  # noqa: E402  (the studies compose everything above; imports are lazy)
+
+__all__ += ["studies"]

@@ -71,7 +71,7 @@ __all__ = [
     "tracin",
     "choose_method",
     "forward_flops",
-    "test_vectors",
+    "solve_test_vectors",
     "default_solver",
 ]
 
@@ -202,7 +202,8 @@ def _check_test(obj, params, test, *, name="test") -> int:
         try:
             jax.eval_shape(obj.apply_fn, params, x1)
         except Exception as e:  # noqa: BLE001 -- re-raised with context
-            raise ValueError(f"{name}: apply_fn does not accept the test inputs: {type(e).__name__}: {e}") from e
+            raise ValueError(f"{name}: apply_fn does not accept the test inputs: "
+                             f"{type(e).__name__}: {e}") from e
         return n
     return check_data(obj, params, test, name=name)
 
@@ -364,7 +365,7 @@ def _warn_unconverged(sol: Solution, what: str) -> None:
         )
 
 
-def test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
+def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
                  solver: Solver | None = None, measurement=None, chunk_size: int = 256,
                  rhs_batch_size: int = 64):
     """The solved test vectors ``s_t = (C + (l2 + damping) I)^-1 grad f_t`` (batched pytree).
@@ -524,7 +525,7 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
     n_test = _check_test(obj, params, test)
     if solver is None:
         solver = default_solver(params)
-    vecs, sol = test_vectors(obj, params, train, test, kind=kind, damping=damping, solver=solver,
+    vecs, sol = solve_test_vectors(obj, params, train, test, kind=kind, damping=damping, solver=solver,
                              measurement=measurement, chunk_size=chunk_size)
     method = _resolve_method(method, n_test, params, chunk_size, train[0], obj)
     scores = _score_arrays(obj, params, vecs, train, method=method, chunk_size=chunk_size, n_total=n)

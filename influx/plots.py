@@ -52,9 +52,13 @@ def fragility_scatter(result, path, *, max_panels: int = 6) -> Path:
 
     Each panel: every selected test point's top-k removed examples (the highest-loss
     test point in red), the line ``actual = predicted``, and the Pearson correlation of
-    the highest-loss point (``r*``) and its mean across test points.
+    the highest-loss point (``r*``) and its mean across test points. With more rows than
+    ``max_panels``, rows whose correlations are all undefined are skipped first.
     """
     rows = list(result.rows)
+    valid = [r for r in rows if getattr(r, "n_valid", 1) > 0]
+    if len(rows) > max_panels and valid:  # configurations with defined correlations first
+        rows = valid
     if len(rows) > max_panels:  # spread the panels over the grid
         idx = np.unique(np.linspace(0, len(rows) - 1, max_panels).round().astype(int))
         rows = [rows[i] for i in idx]

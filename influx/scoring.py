@@ -24,8 +24,10 @@ set that need not fit in memory::
    ``jax.devices()``) with ``jax.shard_map``: the chunk is padded to a multiple of the
    device count by repeating its last example and the padded columns are dropped.
 4. Scores go to ``out_dir/scores.npy`` (a preallocated ``.npy`` memmap of shape
-   ``(n_test, N)``) chunk by chunk; after each chunk the running top-k and
-   ``manifest.json`` (the number of examples done) are replaced atomically. A killed
+   ``(n_test, N)``) chunk by chunk; after each chunk the running top-k is written to a
+   new file and ``manifest.json`` (the number of examples done and the name of that
+   top-k file) is replaced atomically -- the manifest is the commit point, so a kill at
+   any moment leaves a consistent state. A killed
    run, restarted with the same arguments, resumes after the last completed chunk and
    yields the identical matrix. The manifest holds a fingerprint (a hash of the
    parameters, the test set, the training set's size and first chunk -- or all of it
@@ -75,7 +77,7 @@ from influx.influence import (
     chunk_scorer,
     default_solver,
     measurements,
-    test_vectors,
+    solve_test_vectors,
 )
 from influx.objective import Objective, check_data, num_examples
 
@@ -84,7 +86,7 @@ __all__ = ["score", "ScoreResult", "TopK", "load"]
 MANIFEST = "manifest.json"
 SCORES = "scores.npy"
 VECTORS = "vectors.npy"
-TOPK = "topk.npz"
+TOPK = "topk.{:06d}.npz"  # one file per committed chunk count; the manifest names the current one
 FORMAT = 1
 
 
@@ -315,7 +317,7 @@ def load(out_dir) -> ScoreResult:
     d = Path(out_dir)
     man = json.loads((d / MANIFEST).read_text())
     scores = np.load(d / SCORES, mmap_mode="r") if (d / SCORES).exists() else None
-    tk = _load_topk(d / TOPK) if (d / TOPK).exists() else None
+    tk = _load_topk(d / man["topk_file"]) if man.get("topk_file") else None
     return ScoreResult(scores, tk, man, {})
 
 
@@ -372,7 +374,8 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
 
     Args:
       out_dir: directory for ``scores.npy`` (memmap ``(n_test, N)``), ``vectors.npy``
-        (the solved test vectors, ``(n_test, P)``), ``topk.npz`` and ``manifest.json``;
+        (the solved test vectors, ``(n_test, P)``), ``topk.<chunks>.npz`` and
+        ``manifest.json``;
         ``None`` keeps everything in memory (no resume).
       chunk_size: training examples per step (rounded up to a multiple of the device
         count for the computation; the chunking itself never depends on the devices).
@@ -386,7 +389,7 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
       curvature_data, curvature_examples: the data of the curvature operator for stream
         sources (see the module docstring).
 
-    Cost: the test side once (see :func:`influx.influence.test_vectors`), then per chunk
+    Cost: the test side once (see :func:`influx.influence.solve_test_vectors`), then per chunk
     ``n_test`` JVPs or one per-example-gradient pass, divided over the devices.
 
     Raises:
@@ -462,8 +465,8 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
                 flat = np.load(out / VECTORS)
                 _, unravel = ravel_pytree(params)
                 vecs = jax.vmap(unravel)(jnp.asarray(flat))
-            if k is not None and (out / TOPK).exists():
-                tk = _load_topk(out / TOPK)
+            if k is not None and old.get("topk_file"):
+                tk = _load_topk(out / old["topk_file"])
         else:
             manifest = {"format": FORMAT, "fingerprint": fingerprint, "parts": fp_parts,
                         "n_train": n, "n_test": n_test, "chunk_size": chunk_size, "method": resolved,
@@ -472,7 +475,7 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
 
     sol_info = {}
     if vecs is None:
-        vecs, sol = test_vectors(obj, params, curv, test, kind=kind, damping=damping, solver=solver,
+        vecs, sol = solve_test_vectors(obj, params, curv, test, kind=kind, damping=damping, solver=solver,
                                       measurement=f, chunk_size=chunk_size)
         sol_info = {"worst_residual": float(np.nanmax(np.asarray(sol.residual_norm))),
                     "all_converged": bool(np.all(np.asarray(sol.converged)))}
@@ -544,11 +547,15 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
             if out is not None:
                 if isinstance(scores, np.memmap):
                     scores.flush()
-                if tk is not None:
-                    _save_topk(out / TOPK, tk)
+                previous = manifest.get("topk_file")
+                if tk is not None:  # the manifest is the commit point: it names the top-k file
+                    manifest["topk_file"] = TOPK.format(kc + 1)
+                    _save_topk(out / manifest["topk_file"], tk)
                 manifest["done_chunks"] = kc + 1
                 manifest["done_examples"] = start + m
                 _write_json(out / MANIFEST, manifest)
+                if previous and previous != manifest.get("topk_file"):
+                    (out / previous).unlink(missing_ok=True)
             if bar is not None:
                 bar.update(m)
     finally:

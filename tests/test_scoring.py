@@ -148,6 +148,29 @@ def test_kill_and_resume_gives_identical_file(tmp_path, reference):
     np.testing.assert_array_equal(np.asarray(scoring.load(full_dir).scores), np.asarray(full.scores))
 
 
+def test_kill_between_writes_and_commit(tmp_path, monkeypatch):
+    """A kill after chunk 3's scores and top-k were written but before the manifest commit."""
+    full = scoring.score(OBJ, PARAMS, TRAIN, TEST, out_dir=tmp_path / "full", top_k=3, **OPTS)
+    real = scoring._write_json
+
+    def dies_at_commit(path, d):
+        if d.get("done_chunks") == 3:
+            raise KeyboardInterrupt("killed")
+        real(path, d)
+
+    monkeypatch.setattr(scoring, "_write_json", dies_at_commit)
+    with pytest.raises(KeyboardInterrupt):
+        scoring.score(OBJ, PARAMS, TRAIN, TEST, out_dir=tmp_path / "crash", top_k=3, **OPTS)
+    monkeypatch.setattr(scoring, "_write_json", real)
+    assert json.loads((tmp_path / "crash" / "manifest.json").read_text())["done_chunks"] == 2
+    resumed = scoring.score(OBJ, PARAMS, TRAIN, TEST, out_dir=tmp_path / "crash", top_k=3, **OPTS)
+    assert resumed.info["resumed_from"] == 2 * CHUNK
+    for a, b in zip(resumed.top_k, full.top_k):  # chunk 3 is not counted twice
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "crash" / "scores.npy").read_bytes() == (tmp_path / "full" / "scores.npy").read_bytes()
+    assert len(list((tmp_path / "crash").glob("topk.*.npz"))) == 1
+
+
 def test_resume_dir_for_other_inputs_is_refused(tmp_path):
     scoring.score(OBJ, PARAMS, TRAIN, TEST, out_dir=tmp_path, **OPTS)
     with pytest.raises(ValueError, match="different inputs.*options"):

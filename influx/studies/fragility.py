@@ -36,8 +36,13 @@ training set, ``P^2`` memory) and ``<= n_test_points * top_k`` leave-one-out ret
 
 Failure modes: deep nets without weight decay may not reach ``tol`` (see
 ``grad_norm``/``converged`` in the rows) -- the paper's point is precisely that the
-influence function is then unreliable; very small actual changes (well-fit test
-points) make correlations noisy.
+influence function is then unreliable. Without weight decay (``l2 = 0``) a classifier
+that separates its training set (Iris does) has no minimiser at all: L-BFGS drives the
+training loss to ~1e-8, every per-example gradient vanishes with it, the warm-start
+retraining stops at once (its gradient is already below ``tol``) and both the predicted
+and the actual changes are ~0 -- the correlations are then undefined and reported as
+``nan`` (``n_valid`` counts the test points where they are defined). Very small actual
+changes (well-fit test points) make correlations noisy.
 """
 
 from __future__ import annotations
