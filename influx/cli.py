@@ -1,6 +1,6 @@
 """The ``influx`` command: run the studies from a shell.
 
-    influx demo                      all three studies, small, on bundled data (~3 min, offline)
+    influx demo                      all three studies, small, on bundled data (~2 min, offline)
     influx fragility [options]       influence vs leave-one-out over depth/width/weight decay
     influx gaps [options]            the five-gap decomposition over width and training time
     influx mislabeled [options]      find flipped labels by self-influence and baselines
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Check whether influence functions can be trusted for a model, and reproduce the\n"
             "studies that asked: Basu et al. 2021 (fragility in deep nets), Bae et al. 2022\n"
             "(five gaps between influence and leave-one-out), and mislabel detection.\n\n"
-            "Start with `influx demo`: all three, small, offline, on bundled data (~3 min on 2 CPU\n"
+            "Start with `influx demo`: all three, small, offline, on bundled data (~2 min on 2 CPU\n"
             "cores). Each command prints tables and writes report.md, results.json and PNG plots\n"
             "to an output directory it names at the end."),
         epilog="Run `influx <command> --help` for the options of a command.",
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute in float32 (default float64: leave-one-out differences are tiny)")
 
     d = sub.add_parser(
-        "demo", formatter_class=fmt, help="compact run of all three studies on bundled data (~3 min)",
+        "demo", formatter_class=fmt, help="compact run of all three studies on bundled data (~2 min)",
         description=(
             "A compact run of all three studies on data bundled with scikit-learn (no network):\n"
             "  fragility  on Iris    (MLP depth 1 and 3, width 8, weight decay off/on)\n"

@@ -681,9 +681,10 @@ def _quadratic_form(solver, state, op):
         return quad_e
     low = _lowrank_factors(state) if name == "arnoldi" else None
     if low is not None:
-        # exactly what arnoldi's apply does: x = U diag(1/(w + s)) U^T g + (g - U U^T g) / s,
+        # exactly what arnoldi's apply does: x = U diag(1/(w + s)) U^T g [+ (g - U U^T g) / s],
         # components with w + s <= 0 dropped, the complement dropped when s == 0.
         w, u = low
+        complement = bool(solver.options.get("complement", False))
         shift = jnp.asarray(op.shift)
         denom = w + shift
         ok = denom > 0
@@ -697,6 +698,8 @@ def _quadratic_form(solver, state, op):
             g = _per_example_flat(obj, params, chunk)
             proj = g @ u.astype(g.dtype)
             inside = jnp.sum(jnp.where(ok, proj * proj / jnp.where(ok, denom, 1.0), 0.0), axis=1)
+            if not complement:
+                return inside, None
             rest = (jnp.sum(g * g, axis=1) - jnp.sum(proj * proj, axis=1))
             rest = jnp.where(shift > 0, rest / jnp.where(shift > 0, shift, 1.0), 0.0)
             return inside + rest, None

@@ -135,8 +135,10 @@ def _mock(inner, name="mock", status=Status.CONVERGED):
     return Solver(name, inner.prepare, apply, {})
 
 
-@pytest.mark.parametrize("solver", [DIRECT, EIGH, _mock(DIRECT), solvers.arnoldi(rank=8)],
-                         ids=["cholesky", "eigh", "per-example-solves", "arnoldi"])
+@pytest.mark.parametrize("solver", [DIRECT, EIGH, _mock(DIRECT), solvers.arnoldi(rank=8),
+                                    solvers.arnoldi(rank=8, complement=True)],
+                         ids=["cholesky", "eigh", "per-example-solves", "arnoldi",
+                              "arnoldi-complement"])
 def test_self_influence_is_diagonal_of_pairwise(solver):
     obj, params, train, _ = problem("tanh_mlp")
     pair = influx.influence(obj, params, train, train, damping=0.05, solver=solver)

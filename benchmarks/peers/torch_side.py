@@ -201,7 +201,10 @@ class Side:
                 self.model, loss, regularization=lam, maxiter=p.lissa_depth, **kw
             )
         elif method == "pydvl_arnoldi":
-            model = ArnoldiInfluence(self.model, loss, regularization=lam, rank=p.arnoldi_rank)
+            # krylov_dimension: scipy eigsh's default ncv, passed explicitly so that both
+            # sides use the same Krylov dimension (problem.arnoldi_krylov)
+            model = ArnoldiInfluence(self.model, loss, regularization=lam, rank=p.arnoldi_rank,
+                                     krylov_dimension=p.arnoldi_krylov)
         elif method == "pydvl_ekfac":
             model = EkfacInfluence(self.model, update_diagonal=True, hessian_regularization=lam)
         else:

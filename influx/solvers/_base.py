@@ -48,6 +48,7 @@ class Status:
     DIVERGED = 3  # iterates grew without bound (e.g. LiSSA scale too small)
     NOT_POSITIVE_DEFINITE = 4  # factorisation failed (direct)
     NONFINITE = 5  # NaN/inf in the input or the result
+    STAGNATED = 6  # residual stopped decreasing (tolerance below what the dtype reaches)
     RUNNING = -1  # internal: an iterative solver that has not stopped yet
 
 
@@ -66,6 +67,11 @@ _MESSAGES = {
         "the matrix is not positive definite (Cholesky failed): add damping or use kind='gnh'"
     ),
     Status.NONFINITE: "non-finite values (NaN/inf) in the right-hand side or the solution",
+    Status.STAGNATED: (
+        "stagnated: the true residual stopped decreasing (or grew) before the tolerance; the "
+        "tolerance is below what this dtype reaches, raise tol (float32 reaches a relative "
+        "residual of ~1e-4..1e-5) or use float64; the best iterate is returned"
+    ),
 }
 
 

@@ -197,7 +197,7 @@ class FragilityResult:
 
     def to_dict(self) -> dict:
         return C.jsonable({"study": "fragility", "config": self.config, "rows": self.rows,
-                           "seconds": self.seconds})
+                           "summary": self.summary(), "seconds": self.seconds})
 
     def to_markdown(self) -> str:
         cfg = self.config
@@ -216,26 +216,41 @@ class FragilityResult:
     def _summary_line(self) -> str:
         if not self.rows:
             return ""
-        s = self.summary()
-        depth = ", ".join(f"{k}: {C.fmt(v['pearson_mean'])}" for k, v in s["by_depth"].items())
-        l2 = ", ".join(f"{k:g}: {C.fmt(v['pearson_mean'])}" for k, v in s["by_l2"].items())
-        return (f"\n\nMean Pearson across test points, by depth: {depth}; by weight decay: {l2}. "
-                f"Spread across test points (mean std): "
-                f"{C.fmt(float(np.nanmean([r.pearson_std for r in self.rows])))}.")
+        parts = []
+        for l2, by_d in self.summary()["by_l2_depth"].items():
+            cells = ", ".join(f"depth {d}: {C.fmt(v['pearson_star'])} / {C.fmt(v['pearson_mean'])}"
+                              for d, v in by_d.items())
+            parts.append(f"l2={l2:g}: {cells}")
+        spread = C.fmt(_nan(np.nanmean, [r.pearson_std for r in self.rows]))
+        return ("\n\nPearson, highest-loss test point / mean across test points: " + "; ".join(parts)
+                + f". Mean spread (std) across test points: {spread}.")
 
     __str__ = to_markdown
 
     def summary(self) -> dict:
-        """Mean Pearson/Spearman (across test points) grouped by depth and by weight decay."""
-        out = {"by_depth": {}, "by_l2": {}}
-        for key, attr in (("by_depth", "depth"), ("by_l2", "l2")):
-            groups = {}
-            for r in self.rows:
-                groups.setdefault(getattr(r, attr), []).append(r)
-            for k, rs in sorted(groups.items()):
-                out[key][k] = {"pearson_mean": float(np.nanmean([r.pearson_mean for r in rs])),
-                               "spearman_mean": float(np.nanmean([r.spearman_mean for r in rs]))}
-        return out
+        """Mean Pearson/Spearman across test points, by weight decay and depth.
+
+        ``{"by_l2_depth": {l2: {depth: {...}}}, "by_depth": ..., "by_l2": ...}``; each leaf
+        holds ``pearson_mean``, ``spearman_mean`` (averaged over widths, ``nan`` skipped)
+        and ``pearson_star`` (the highest-loss test point).
+        """
+
+        def agg(rs):
+            m = lambda xs: _nan(np.nanmean, xs)
+            return {"pearson_mean": m([r.pearson_mean for r in rs]),
+                    "spearman_mean": m([r.spearman_mean for r in rs]),
+                    "pearson_star": m([r.pearson for r in rs])}
+
+        def group(rows, attr):
+            out = {}
+            for r in rows:
+                out.setdefault(getattr(r, attr), []).append(r)
+            return dict(sorted(out.items()))
+
+        return {"by_l2_depth": {l2: {d: agg(g) for d, g in group(rs, "depth").items()}
+                                for l2, rs in group(self.rows, "l2").items()},
+                "by_depth": {d: agg(g) for d, g in group(self.rows, "depth").items()},
+                "by_l2": {l2: agg(g) for l2, g in group(self.rows, "l2").items()}}
 
     def plot(self, path, *, max_panels: int = 6):
         """Predicted vs actual scatter, one panel per configuration (up to ``max_panels``)."""

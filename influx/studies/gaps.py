@@ -166,7 +166,7 @@ class GapsResult:
     def to_dict(self) -> dict:
         d = {"study": "gaps", "config": self.config, "gap_names": list(self.gap_names),
              "rows": [{k: v for k, v in dataclasses.asdict(r).items() if k != "deltas"} for r in self.rows],
-             "seconds": self.seconds}
+             "summary": self.summary(), "seconds": self.seconds}
         return C.jsonable(d)
 
     def to_markdown(self) -> str:

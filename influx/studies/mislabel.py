@@ -55,7 +55,8 @@ class MislabelConfig:
     kind, damping: curvature (``"gnh"`` or ``"hessian"``) and ``lambda`` of self-influence.
     fractions: inspected fractions reported in the table.
     train_steps, learning_rate, lbfgs_steps, tol: Adam warm-up then L-BFGS.
-    cg_max_steps, arnoldi_rank, lissa_depth: options of the iterative solvers.
+    cg_max_steps, cg_tol, arnoldi_rank, lissa_depth: options of the iterative solvers (CG's
+      relative tolerance 1e-3 is ample for a ranking).
     pbrf_steps: L-BFGS steps of each PBRF solve (``pbrf`` method).
     seed: seeds the split, the flips, initialisation and the random baseline.
     """
@@ -78,6 +79,7 @@ class MislabelConfig:
     lbfgs_steps: int = 500
     tol: float = 1e-6
     cg_max_steps: int = 100
+    cg_tol: float = 1e-3
     arnoldi_rank: int = 50
     lissa_depth: int = 200
     pbrf_steps: int = 50
@@ -107,6 +109,7 @@ class MislabelConfig:
         C.check_grid((self.train_steps,), "train_steps", minimum=0)
         C.check_grid((self.l2,), "l2", kind=float, minimum=0.0)
         C.check_grid((self.damping,), "damping", kind=float, minimum=0.0)
+        C.check_grid((self.cg_tol,), "cg_tol", kind=float, minimum=0.0)
         if self.kind not in ("hessian", "gnh"):
             raise ValueError(f"kind must be 'hessian' or 'gnh', got {self.kind!r}")
 
@@ -114,7 +117,7 @@ class MislabelConfig:
     def quick(cls, **overrides) -> MislabelConfig:
         """Small and fast: 500 digits, width 16, the cheap solvers (no LiSSA, no PBRF)."""
         kw = dict(n_train=500, width=16, methods=("direct", "arnoldi", "grad_dot", "loss", "random"),
-                  train_steps=500, lbfgs_steps=300, cg_max_steps=50, arnoldi_rank=30)
+                  train_steps=500, lbfgs_steps=300, arnoldi_rank=30)
         kw.update(overrides)
         return cls(**kw)
 
@@ -232,7 +235,7 @@ def _run(cfg: MislabelConfig, dtype) -> MislabelResult:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             if method in C.SOLVERS:
-                solver = C.make_solver(method, max_steps=cfg.cg_max_steps, cg_tol=1e-6,
+                solver = C.make_solver(method, max_steps=cfg.cg_max_steps, cg_tol=cfg.cg_tol,
                                        rank=min(cfg.arnoldi_rank, n_params), lissa_depth=cfg.lissa_depth)
                 scores = influx.self_influence(obj, params, train, kind=cfg.kind, damping=cfg.damping,
                                                solver=solver)
