@@ -613,9 +613,9 @@ def family_summary(results: dict) -> list[list]:
             elif timed_out:
                 e = max(timed_out, key=lambda e: e["timeout_s"])
             else:
+                why = sorted({str(e.get("skipped") or e.get("error") or "?") for e in peers})
                 rows.append([pr["problem"], fam["family"], "-", "-", "-", "-", "-",
-                             "no peer run (" + "; ".join(
-                                 e.get("skipped", e.get("error", "?"))[:60] for e in peers) + ")"])
+                             "no peer run: " + "; ".join(w.split(":")[0] for w in why)])
                 continue
             if fam["family"] == "ekfac":
                 i_e = best_influx(pr["families"], e)
@@ -720,7 +720,8 @@ which the verdict says). `r / rel.err`: Pearson correlation and relative Frobeni
 of the (n_test x n_train) score matrix against the float64 **Hessian** reference (the
 peers' EK-FAC/K-FAC approximate the GNH/Fisher; their accuracy against the GNH reference
 is in `results/peers.json`). For the `ekfac` family the influx column is influx's fastest
-solver whose correlation is at least the peer's. Products: curvature-vector products in
+solver whose correlation is at least the peer's (its fastest solver outright when the peer
+did not finish and its accuracy is unknown). Products: curvature-vector products in
 units of one product over the whole training set (a minibatch of b examples counts b/N),
 summed over the right-hand sides; dense direct solves count P. Peak MB: largest RSS
 increase over the RSS before the call (sampled every 2 ms), first call included. Timed
@@ -911,9 +912,10 @@ def write_merged(args) -> dict:
     results = dict(parts[0])
     results["problems"] = merge_problems([pr for part in parts for pr in part["problems"]])
     results["merged_from"] = [str(p) for p in args.merge]
-    hv = [part["hvp_ratio"] for part in parts if part.get("hvp_ratio", {}).get("torch")]
-    if hv:  # the latest run's HVP/grad measurement
-        results["hvp_ratio"] = hv[-1]
+    hv = [part for part in parts if (part.get("hvp_ratio") or {}).get("torch")]
+    if hv:  # the HVP/grad measurement of the run that started on the least loaded machine
+        best = min(hv, key=lambda part: (part.get("loadavg_start") or [float("inf")])[0])
+        results["hvp_ratio"] = best["hvp_ratio"]
     results["seconds"] = sum(part.get("seconds", 0) for part in parts)
     results["quick"] = any(part.get("quick") for part in parts)
     write_report(results, args, command=(

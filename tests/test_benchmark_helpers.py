@@ -173,3 +173,40 @@ def test_skip_rules_and_timeouts():
     assert cp.skip_reason("pydvl_lissa", digits, args) is not None
     args.quick, args.full = False, True
     assert cp.skip_reason("pydvl_direct", mnist, args) is None
+
+
+@pytest.mark.slow
+def test_cg_reference_matches_dense_reference():
+    """The MNIST reference path (float64 CG) against the digits one (dense Cholesky) on a tiny
+    MLP, and the dense curvature builder against jax.hessian."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from benchmarks.peers import jax_side
+
+    prob = pb.Problem(name="tiny", dataset="digits", sizes=(5, 4, 3), n_test=3, damping=0.5)
+    rng = np.random.default_rng(0)
+    data = {"x_train": rng.standard_normal((40, 5)).astype(np.float32),
+            "y_train": rng.integers(0, 3, 40).astype(np.int32),
+            "x_test": rng.standard_normal((6, 5)).astype(np.float32),
+            "y_test": rng.integers(0, 3, 6).astype(np.int32)}
+    w = pb.init_weights(prob)
+    dense = jax_side.dense_reference(prob, w, data)
+    cg = jax_side.cg_reference(prob, w, data)
+    for k in ("scores_hessian", "scores_gnh"):
+        np.testing.assert_allclose(cg[k], dense[k], rtol=1e-7, atol=1e-12)
+    assert cg["info_hessian"]["max_rel_residual"] <= 1e-9
+    params = jax_side.weights_to_params(w, jnp.float64)
+    flat, unravel = ravel_pytree(params)
+    x, y = jnp.asarray(data["x_train"], jnp.float64), jnp.asarray(data["y_train"])
+
+    def mean_loss(f):
+        return jnp.mean(jax_side.ce_per_example(jax_side.apply_fn(unravel(f), x), y))
+
+    H = np.asarray(jax.jit(jax.hessian(mean_loss))(flat))
+    np.testing.assert_allclose(jax_side.dense_curvature(params, x, y, kind="hessian"), H,
+                               atol=1e-12)
+    ext = jax_side.lanczos_extremes(lambda v: H @ v, H.shape[0])
+    ev = np.linalg.eigvalsh(H)
+    assert ext["eig_max"] == pytest.approx(ev[-1]) and ext["eig_min"] == pytest.approx(ev[0])

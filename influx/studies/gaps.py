@@ -67,7 +67,7 @@ class GapsConfig:
 
     datasets: tuple[str, ...] = ("diabetes", "digits")
     data_dir: str | None = None
-    n_train: int | None = None
+    n_train: int | None = 800
     n_test: int | None = None
     depth: int = 1
     widths: tuple[int, ...] = (16, 64)
