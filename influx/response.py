@@ -477,6 +477,10 @@ def _respond(kind, obj, params, train, removed, *, test, init, optimizer, steps,
     steps = _check_int(steps, "steps", 1)
     chunk_size = _check_int(chunk_size, "chunk_size", 1)
     damping = _check_nonneg(damping, "damping")
+    if tol is None:  # what the parameters' dtype can reach: 1e-6 in float64, 1e-4 in float32
+        leaves = jax.tree_util.tree_leaves(params)
+        wide = any(jnp.result_type(l) == jnp.float64 for l in leaves)
+        tol = 1e-6 if wide else 1e-4
     tol = _check_nonneg(tol, "tol")
     optimizer = DEFAULT_OPTIMIZER if optimizer is None else _check_optimizer(optimizer)
     if observe is not None and not callable(observe):
@@ -591,7 +595,8 @@ _COMMON_DOC = """
       batch_size: ``None`` (full batch, default) or minibatches from seeded per-epoch
         permutations (``seed``), the same for every removed example.
       chunk_size: removed examples solved together by ``vmap`` (bounds memory).
-      tol: convergence threshold on the final full-batch gradient norm; in full-batch
+      tol: convergence threshold on the final full-batch gradient norm (default: 1e-6 for
+        float64 parameters, 1e-4 for float32); in full-batch
         mode an example is frozen once its gradient norm reaches it.
       keep_params: return the solutions stacked per removed example.
       measurement: ``None`` (the test loss), an :data:`influx.measurements` value, or a
@@ -613,7 +618,7 @@ _COMMON_DOC = """
 def loo(obj: Objective, params, train, removed, *, test, init=None, optimizer=None,
         steps: int = _DEFAULT_STEPS, epsilon: float | None = None, normalization: str = "n",
         baseline: str = "params", batch_size: int | None = None, seed: int = 0,
-        chunk_size: int = 64, tol: float = 1e-6, keep_params: bool = True,
+        chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
         measurement=None, observe: Callable | None = None,
         warn: bool = True) -> Response:
     """Leave-one-out retraining (see the module docstring for the objective).
@@ -639,7 +644,7 @@ def loo(obj: Objective, params, train, removed, *, test, init=None, optimizer=No
 
 def proximal(obj: Objective, params, train, removed, *, test, damping: float, optimizer=None,
              steps: int = _DEFAULT_STEPS, epsilon: float | None = None, batch_size: int | None = None,
-             seed: int = 0, chunk_size: int = 64, tol: float = 1e-6, keep_params: bool = True,
+             seed: int = 0, chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
              measurement=None, observe: Callable | None = None,
              warn: bool = True) -> Response:
     """Proximal LOO: warm-start ``J_m(theta) + damping/2 ||theta - theta_s||^2`` from ``theta_s``.
@@ -653,7 +658,7 @@ def proximal(obj: Objective, params, train, removed, *, test, damping: float, op
 
 def pbrf(obj: Objective, params, train, removed, *, test, damping: float, optimizer=None,
          steps: int = _DEFAULT_STEPS, epsilon: float | None = None, batch_size: int | None = None,
-         seed: int = 0, chunk_size: int = 64, tol: float = 1e-6, keep_params: bool = True,
+         seed: int = 0, chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
          measurement=None, observe: Callable | None = None,
          warn: bool = True) -> Response:
     """Proximal Bregman response function (Bae et al. 2022), warm-started at ``theta_s``.

@@ -27,3 +27,20 @@ def test_ci_runs_exactly_the_readme_test_command():
         cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     assert out == _command_after("<!-- test-command -->")
     assert re.search(r"awk '/<!-- test-command -->/", (ROOT / ".ci/run").read_text())
+
+
+def test_readme_quickstart_runs():
+    """The README's Python quick start is executed as written (float32, CPU)."""
+    text = (ROOT / "README.md").read_text()
+    code = text.split("## Quick start", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    import jax
+
+    with jax.enable_x64(False):
+        ns = {}
+        exec(compile(code, "README quick start", "exec"), ns)
+    import numpy as np
+
+    assert np.asarray(ns["scores"]).shape == (len(ns["ds"].test[1]), len(ns["ds"].train[1]))
+    assert np.all(np.isfinite(ns["scores"])) and np.all(np.asarray(ns["self_scores"]) > 0)
+    assert ns["r"].delta.shape == (4, len(ns["ds"].test[1]))
+    assert np.all(np.isfinite(ns["r"].delta))
