@@ -101,9 +101,9 @@ def main(argv=None):
     # correctness (after timing, so first-call times include compilation)
     a, b = calls["influx.gnhvp"](), calls["raw JAX gnhvp"]()
     c = calls["operator(gnh)"]()
-    for t in (b, c):
+    for other in (b, c):
         err = max(float(jnp.max(jnp.abs(p - q))) for p, q in zip(jax.tree_util.tree_leaves(a),
-                                                                   jax.tree_util.tree_leaves(t)))
+                                                                   jax.tree_util.tree_leaves(other)))
         assert err < 1e-5, f"GNHVP variants disagree: {err}"
     g = t["grad"]["median_s"]
     rows = []
