@@ -212,9 +212,13 @@ class _Source:
         self.num_chunks = -(-self.n // size)
 
     def _ra_chunk(self, a, b):
-        if hasattr(self.ra, "__getitems__"):
-            records = self.ra.__getitems__(list(range(a, b)))
-        else:
+        records = None
+        if hasattr(self.ra, "__getitems__"):  # batched read (tfds / grain sources)
+            try:
+                records = self.ra.__getitems__(list(range(a, b)))
+            except TypeError:  # e.g. tfds.testing.mock_data's source lacks a working one
+                records = None
+        if records is None:
             records = [self.ra[i] for i in range(a, b)]
         pairs = [self.decode(r) for r in records]
         return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *pairs)
