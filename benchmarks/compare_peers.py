@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import select
 import statistics
 import subprocess
@@ -54,7 +53,7 @@ from benchmarks.peers.problem import (  # noqa: E402
     score_accuracy,
     test_indices,
 )
-from benchmarks.peers.report import fmt, replace_section, table  # noqa: E402
+from benchmarks.peers.report import fmt, machine, replace_section, table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # (family, influx solver, peer methods)
@@ -779,31 +778,6 @@ Where the gap comes from:
    (EK-FAC/K-FAC: a few data passes) is compared with influx's exact solvers at much
    higher accuracy, which costs more products.
 """
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        import jax
-        import jaxlib
-
-        info["jax"] = jax.__version__
-        info["jaxlib"] = jaxlib.__version__
-        info["device"] = str(jax.devices()[0].device_kind)
-    except Exception:  # noqa: BLE001
-        pass
-    return info
 
 
 def main(argv=None) -> dict:

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers.report import replace_section, table  # noqa: E402
+from benchmarks.peers.report import machine, replace_section, table  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
@@ -45,37 +44,6 @@ SCRIPTS = [
 ]
 TOTAL_LIMIT_S = 30 * 60
 assert sum(s[2] for s in SCRIPTS) < TOTAL_LIMIT_S
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count()}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    try:
-        import jax
-        import jaxlib
-
-        info["jax"] = jax.__version__
-        info["jaxlib"] = jaxlib.__version__
-        devs = jax.devices()
-        info["device"] = f"{len(devs)} x {devs[0].device_kind} ({devs[0].platform})"
-    except Exception as e:  # noqa: BLE001
-        info["device"] = f"unknown ({e})"
-    for mod in ("flax", "optax", "numpy", "influx"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            pass
-    return info
 
 
 def header(m: dict, runs: list[dict], quick: bool, total: float) -> str:

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
             "A compact run of all three studies on data bundled with scikit-learn (no network):\n"
             "  fragility  on Iris    (MLP depth 1 and 3, width 8, weight decay off/on)\n"
             "  gaps       on diabetes (regression MLP, two training lengths)\n"
-            "  mislabeled on digits  (10%% of 500 labels flipped; self-influence vs baselines)\n"
+            "  mislabeled on digits  (10% of 500 labels flipped; self-influence vs baselines)\n"
             "Writes report.md, results.json, fragility.png, gaps.png, mislabeled.png."))
     d.add_argument("--out", metavar="DIR",
                    help="output directory (default: influx-out/demo-TIME in the current directory)")
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Mislabel detection. Flips a fraction of the training labels, trains an MLP, ranks\n"
             "training examples by self-influence (per iHVP solver), gradient norm, training loss\n"
             "and at random, and reports the fraction of flipped labels found after inspecting\n"
-            "5/10/20/30%% of the data, with the detection curve."),
+            "5/10/20/30% of the data, with the detection curve."),
         epilog="example: influx mislabeled --dataset digits --fraction 0.1 "
                "--methods direct,arnoldi,loss,random")
     common(m, dataset_default="digits", quick_help="500 examples, width 16, cheap solvers only")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -57,3 +59,35 @@ def replace_section(path: Path, heading: str, body: str, *, title: str = "# Benc
             break
     tail = "".join(lines[stop:])
     path.write_text("".join(lines[:start]) + new + ("\n" + tail if tail else ""))
+
+
+def machine() -> dict:
+    """Platform, CPU, memory, versions and JAX devices (imports jax lazily; torch-free)."""
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        import jax
+        import jaxlib
+
+        info["jax"] = jax.__version__
+        info["jaxlib"] = jaxlib.__version__
+        devs = jax.devices()
+        info["device"] = f"{len(devs)} x {devs[0].device_kind} ({devs[0].platform})"
+    except Exception as e:  # noqa: BLE001
+        info["device"] = f"unknown ({e})"
+    for mod in ("flax", "optax", "numpy", "influx"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    return info
