@@ -270,6 +270,11 @@ def _base_kw(args) -> dict:
     kw = dict(data_dir=args.data_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
               progress=not args.no_progress, dtype="float32" if args.float32 else "float64")
     _set(kw, damping=args.damping)
+    if getattr(args, "quick", False) and getattr(args, "dataset", None) == "mnist":
+        # a smoke run on MNIST: 500 / 200 examples unless asked otherwise (the full
+        # 8000-example pool makes even the quick grid take many minutes on 2 cores)
+        kw["n_train"] = args.n_train or 500
+        kw["n_test"] = args.n_test or 200
     return kw
 
 
