@@ -147,17 +147,12 @@ def load_or_train(problem: Problem, workdir: Path) -> tuple[dict, dict, dict]:
     return w, data, log
 
 
-def dense_reference(problem: Problem, weights, data, *, block: int = 512, chunk: int = 1000):
-    """Float64 dense Hessian and GNH references and their score matrices.
-
-    Returns dict with ``scores_hessian``, ``scores_gnh`` (n_test, n_train), eigenvalue
-    diagnostics and timings. Must be called with ``jax_enable_x64`` on.
-    """
-    import jax
+def _reference_inputs(problem: Problem, weights, data):
+    """The float64 inputs both references share: ``(params, flat, unravel, P, x, y, N, xt,
+    yt, lam)`` with the test points of ``problem`` and ``lam = l2 + damping``."""
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
 
-    assert jax.config.jax_enable_x64, "dense_reference needs jax_enable_x64"
     params = weights_to_params(weights, jnp.float64)
     flat, unravel = ravel_pytree(params)
     P = flat.size
@@ -168,6 +163,19 @@ def dense_reference(problem: Problem, weights, data, *, block: int = 512, chunk:
     xt = jnp.asarray(data["x_test"][ti], jnp.float64)
     yt = jnp.asarray(data["y_test"][ti])
     lam = problem.regularization
+    return params, flat, unravel, P, x, y, N, xt, yt, lam
+
+
+def dense_reference(problem: Problem, weights, data, *, block: int = 512, chunk: int = 1000):
+    """Float64 dense Hessian and GNH references and their score matrices.
+
+    Returns dict with ``scores_hessian``, ``scores_gnh`` (n_test, n_train), eigenvalue
+    diagnostics and timings. Must be called with ``jax_enable_x64`` on.
+    """
+    import jax
+
+    assert jax.config.jax_enable_x64, "dense_reference needs jax_enable_x64"
+    params, flat, unravel, P, x, y, N, xt, yt, lam = _reference_inputs(problem, weights, data)
     t0 = time.perf_counter()
 
     H = dense_curvature(params, x, y, kind="hessian", block=block)
@@ -204,7 +212,7 @@ def dense_reference(problem: Problem, weights, data, *, block: int = 512, chunk:
     for name, M, t_build in (("hessian", H, t_h), ("gnh", G, t_g)):
         t0 = time.perf_counter()
         X, info = solve(M)
-        S = np.zeros((len(ti), N))
+        S = np.zeros((len(xt), N))
         for s in range(0, N, chunk):
             gt = np.asarray(per_ex_grad(flat, x[s : s + chunk], y[s : s + chunk]))
             S[:, s : s + chunk] = (gt @ X).T / N
@@ -278,19 +286,9 @@ def cg_reference(problem: Problem, weights, data, *, max_steps: int = 5000, chun
     module docstring); the same return layout as :func:`dense_reference`."""
     import jax
     import jax.numpy as jnp
-    from jax.flatten_util import ravel_pytree
 
     assert jax.config.jax_enable_x64, "cg_reference needs jax_enable_x64"
-    params = weights_to_params(weights, jnp.float64)
-    flat, unravel = ravel_pytree(params)
-    P = flat.size
-    x = jnp.asarray(data["x_train"], jnp.float64)
-    y = jnp.asarray(data["y_train"])
-    N = x.shape[0]
-    ti = test_indices(problem, len(data["x_test"]))
-    xt = jnp.asarray(data["x_test"][ti], jnp.float64)
-    yt = jnp.asarray(data["y_test"][ti])
-    lam = problem.regularization
+    params, flat, unravel, P, x, y, N, xt, yt, lam = _reference_inputs(problem, weights, data)
     tol = problem.reference_cg_tol
 
     per_ex_grad = jax.jit(
@@ -341,7 +339,7 @@ def cg_reference(problem: Problem, weights, data, *, max_steps: int = 5000, chun
         t0 = time.perf_counter()
         X, steps, rel_res = solve(g_test, flat, x, y)
         X = np.asarray(X)
-        S = np.zeros((len(ti), N))
+        S = np.zeros((len(xt), N))
         for s in range(0, N, chunk):
             gt = np.asarray(per_ex_grad(flat, x[s : s + chunk], y[s : s + chunk]))
             S[:, s : s + chunk] = (gt @ X.T).T / N
