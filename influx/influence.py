@@ -611,6 +611,9 @@ def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=
       ``s = l2 + damping``): exactly the solver's ``A^-1 ~ U diag(1/(w + s)) U^T +
       (I - U U^T)/s``, evaluated from the projections ``U^T g_m`` of the per-example
       gradients -- ``O(N P r)`` flops, no operator product, no per-example solves.
+    * ``ekfac`` / ``kfac``: the factored inverse in its eigenbasis, ``sum_l sum_ij
+      (Q_A^T G_m Q_S)_ij^2 / (Lambda_ij + s)`` plus the diagonal part, from per-layer
+      inputs and output gradients of each example -- no per-example solves.
     * any other solver (``cg``, ``lissa``): one solve per example, batched ``chunk_size``
       at a time (``N`` solves in total).
 
@@ -679,6 +682,14 @@ def _quadratic_form(solver, state, op):
             return jnp.sum(proj * proj / w, axis=1), None
 
         return quad_e
+    if name in ("ekfac", "kfac"):
+        from influx.solvers.ekfac import quadratic_form as _ekfac_quad
+
+        @jax.jit
+        def quad_k(params, chunk):
+            return _ekfac_quad(state, obj, params, chunk), None
+
+        return quad_k
     low = _lowrank_factors(state) if name == "arnoldi" else None
     if low is not None:
         # exactly what arnoldi's apply does: x = U diag(1/(w + s)) U^T g [+ (g - U U^T g) / s],

@@ -5,6 +5,8 @@
 * :func:`lissa`: stochastic Neumann series on minibatch curvature, automatic scale.
 * :func:`arnoldi`: top eigenpairs by Lanczos once, low-rank inverse for any number of
   right-hand sides.
+* :func:`ekfac` / :func:`kfac`: (eigenvalue-corrected) Kronecker-factored Gauss-Newton
+  per dense layer, diagonal for the other parameters; no curvature product per solve.
 
 Every solver: ``solver(op, b)``, ``solver(op, B, batched=True)``, or
 ``state = solver.prepare(op)`` then ``solver.apply(state, op, b)`` /
@@ -15,10 +17,12 @@ from influx.solvers._base import Solution, Solver, Status, check_solution, statu
 from influx.solvers.arnoldi import ArnoldiState, arnoldi, lanczos, top_eigenpairs
 from influx.solvers.cg import cg, diagonal_preconditioner, estimate_diagonal
 from influx.solvers.direct import direct
+from influx.solvers.ekfac import EKFACState, ekfac, kfac
 from influx.solvers.lissa import estimate_top_eigenvalue, lissa
 
 __all__ = [
     "ArnoldiState",
+    "EKFACState",
     "Solution",
     "Solver",
     "Status",
@@ -27,8 +31,10 @@ __all__ = [
     "check_solution",
     "diagonal_preconditioner",
     "direct",
+    "ekfac",
     "estimate_diagonal",
     "estimate_top_eigenvalue",
+    "kfac",
     "lanczos",
     "lissa",
     "status_message",

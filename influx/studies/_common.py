@@ -30,7 +30,7 @@ __all__ = [
     "check_grid",
 ]
 
-SOLVERS = ("direct", "cg", "lissa", "arnoldi")
+SOLVERS = ("direct", "cg", "lissa", "arnoldi", "ekfac", "kfac")
 
 
 @contextlib.contextmanager
@@ -109,7 +109,8 @@ def loss_for(task: str):
 
 def make_solver(name: str, *, cg_tol: float = 1e-8, max_steps: int = 2000, rank: int = 50,
                 lissa_depth: int = 1000, lissa_batch_size: int = 128):
-    """An :mod:`influx.solvers` solver from its name (``direct | cg | lissa | arnoldi``).
+    """An :mod:`influx.solvers` solver from its name (``direct | cg | lissa | arnoldi | ekfac |
+    kfac``).
 
     Raises ``ValueError`` for an unknown name or a solver this installation lacks.
     """
@@ -120,7 +121,7 @@ def make_solver(name: str, *, cg_tol: float = 1e-8, max_steps: int = 2000, rank:
     factory = getattr(solvers, name, None)
     if factory is None:
         raise ValueError(f"solver {name!r} is not available in influx.solvers")
-    if name == "direct":
+    if name in ("direct", "ekfac", "kfac"):
         return factory()
     if name == "cg":
         return _call_with(factory, tol=cg_tol, max_steps=max_steps)

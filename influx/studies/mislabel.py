@@ -9,7 +9,7 @@ Protocol (Koh and Liang 2017, Section 5.4; Pruthi et al. 2020):
 3. Rank the training examples by a suspicion score (largest first) and inspect them in
    that order. Scores:
 
-   * ``direct`` / ``cg`` / ``arnoldi`` / ``lissa``: self-influence
+   * ``direct`` / ``cg`` / ``arnoldi`` / ``lissa`` / ``ekfac`` / ``kfac``: self-influence
      ``(1/N) g_m^T (C + (l2 + lambda) I)^-1 g_m`` (:func:`influx.self_influence`) with
      that iHVP solver (``C`` the Gauss-Newton matrix by default): how much the model
      bends to fit example ``m``;
@@ -24,7 +24,8 @@ Protocol (Koh and Liang 2017, Section 5.4; Pruthi et al. 2020):
    (:func:`influx.metrics.mislabel_detection_curve`; random ~ 0.5).
 
 Cost: one training run; ``direct`` one dense ``(P, P)`` matrix; ``arnoldi`` about
-``2 * rank`` products; ``cg`` and ``lissa`` one iterative solve per training example
+``2 * rank`` products; ``ekfac`` two passes over the data for its factors (no solve per
+example); ``cg`` and ``lissa`` one iterative solve per training example
 (``N`` solves -- the expensive ones); ``pbrf`` ``N`` short optimisations.
 """
 
@@ -40,7 +41,7 @@ from influx.studies import _common as C
 
 __all__ = ["MislabelConfig", "MislabelRow", "MislabelResult", "run", "quick", "METHODS"]
 
-METHODS = ("direct", "cg", "arnoldi", "lissa", "pbrf", "grad_dot", "loss", "random")
+METHODS = ("direct", "cg", "arnoldi", "lissa", "ekfac", "kfac", "pbrf", "grad_dot", "loss", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ class MislabelConfig:
     width: int = 32
     activation: str = "tanh"
     l2: float = 1e-3
-    methods: tuple[str, ...] = ("direct", "cg", "arnoldi", "lissa", "grad_dot", "loss", "random")
+    methods: tuple[str, ...] = ("direct", "cg", "arnoldi", "lissa", "ekfac", "grad_dot", "loss", "random")
     kind: str = "gnh"
     damping: float = 1e-3
     fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
