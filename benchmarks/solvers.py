@@ -20,7 +20,10 @@ right-hand side in full-data-product equivalents (``prepare`` products divided b
 when shared), the wall time of ``prepare`` + the batched solve of all 16 (compiled; AOT
 compile time separately, once per configuration: the damping is an array leaf of the
 operator, so the compiled code is reused across dampings), then for targets 1e-1, 1e-2,
-1e-3 the cheapest configuration that reaches each. Finally: batched (one ``vmap``-ed
+1e-3 the cheapest configuration that reaches each. EK-FAC / K-FAC (``solvers.ekfac()``,
+``solvers.kfac()``) use no products per solve except the one for their reported
+residual; their factor passes are counted as ``(1 + K)/3`` products per pass (``K = 10``
+outputs: one forward pass and ``K`` VJPs per example). Finally: batched (one ``vmap``-ed
 call) vs sequential (16 calls) right-hand sides at one configuration per solver
 (damping 0).
 
@@ -248,6 +251,8 @@ def configs(name, quick):
         out.append(("arnoldi", solvers.arnoldi(rank=r, iterations=it, complement=False)))
     for r, it in comp:
         out.append(("arnoldi+complement", solvers.arnoldi(rank=r, iterations=it, complement=True)))
+    out.append(("ekfac", solvers.ekfac()))
+    out.append(("kfac", solvers.kfac()))
     return out
 
 
@@ -271,6 +276,11 @@ def run_problem(name, quick):
                 shared = float(solver.options["iterations"])
             elif solver.name == "cg" and solver.options.get("preconditioner") == "jacobi":
                 shared = 32.0
+            elif solver.name in ("ekfac", "kfac"):
+                # factor passes: a forward pass and one VJP per output (K = 10) per example,
+                # about (1 + K) / 3 GNH products per pass (a product: forward, JVP, VJP);
+                # EK-FAC makes two passes
+                shared = (2 if solver.name == "ekfac" else 1) * (1 + 10) / 3
             elif solver.name == "lissa":
                 it = 20
                 frac = min(solver.options["batch_size"], info["n_train"]) / info["n_train"]

@@ -386,7 +386,8 @@ def _demo(args, argv) -> int:
             "fragility": fragility.FragilityConfig.quick(seed=seed, progress=prog),
             "gaps": gaps.GapsConfig.quick(datasets=("diabetes",), seed=seed, progress=prog),
             "mislabel": mislabel.MislabelConfig.quick(
-                methods=("direct", "cg", "arnoldi", "grad_dot", "loss", "random"), seed=seed, progress=prog),
+                methods=("direct", "cg", "arnoldi", "ekfac", "grad_dot", "loss", "random"), seed=seed,
+                progress=prog),
         }
     out = _out_dir(args, "demo")
     t0 = time.perf_counter()
