@@ -1,7 +1,8 @@
 """Throughput of the compiled response functions: vmapped vs a loop of single solves vs Python.
 
-For 64 removed training examples, the PBRF and the warm-start LOO are solved with
-``steps`` full-batch Adam steps each, three ways:
+For 64 removed training examples, the PBRF and the warm-start LOO are solved with 100
+full-batch Adam steps each, and with 500 Adam steps on minibatches of 32 (``tol=0``: every
+variant runs all steps), three ways:
 
 * ``vmapped``: ``influx.response.pbrf/loo(..., removed=64 indices)`` -- one compiled
   program (``lax.scan`` over steps, ``vmap`` over the 64 examples);
@@ -31,6 +32,7 @@ Run: ``python -m benchmarks.response [--quick]``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -44,6 +46,8 @@ from benchmarks import common
 from influx import data as ixdata
 from influx import models, response
 from influx.influence import _bind_measurement
+
+MB = 32  # minibatch size of the minibatch rows
 
 
 def problems(quick: bool):
@@ -59,8 +63,10 @@ def problems(quick: bool):
     return out
 
 
-def bench_one(obj, params, train, test, removed, *, kind, opt, steps, damping, repeats):
-    kw = dict(test=test, optimizer=opt, steps=steps, warn=False, keep_params=False)
+def bench_one(obj, params, train, test, removed, *, kind, opt, steps, damping, repeats, batch_size=None):
+    # tol=0: no example is frozen or stops early, so every variant runs exactly `steps` steps
+    kw = dict(test=test, optimizer=opt, steps=steps, warn=False, keep_params=False, batch_size=batch_size,
+              tol=0.0)
     if kind == "pbrf":
         kw["damping"] = damping
         call = lambda rem, chunk: response.pbrf(obj, params, train, rem, chunk_size=chunk, **kw)
@@ -88,11 +94,11 @@ def bench_one(obj, params, train, test, removed, *, kind, opt, steps, damping, r
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
     coef = jnp.asarray(response._coefficients(kind, obj.l2, damping if kind == "pbrf" else 0.0), dtype)
     lbfgs = response._needs_value_fn(opt, params)
-    args_const = dict(obj=obj, opt=opt, steps=steps, batch_size=None, chunk_size=1, keep_params=False,
+    args_const = dict(obj=obj, opt=opt, steps=steps, batch_size=batch_size, chunk_size=1, keep_params=False,
                       measure=measure, observe=None, linesearch=lbfgs)
     a = jnp.asarray(1.0 / n, dtype)
     eps1 = jnp.full((1,), -1.0 / n, dtype)
-    tol = jnp.asarray(1e-6, dtype)  # the public default, as in the vmapped call
+    tol = jnp.asarray(0.0, dtype)  # as in the vmapped call
     key = jax.random.key(0)
     rems = [jnp.asarray([m], jnp.int32) for m in removed]
 
@@ -112,22 +118,29 @@ def bench_one(obj, params, train, test, removed, *, kind, opt, steps, damping, r
     F = response._make_objective(obj, params, train, aux, a, coef, n)
 
     @jax.jit
-    def step(th, st, m):
-        g = jax.grad(F)(th, m, eps1[0], None)
+    def step(th, st, m, idx):
+        g = jax.grad(F)(th, m, eps1[0], idx)
         upd, st = opt.update(g, st, th)
         return optax.apply_updates(th, upd), st
 
+    if batch_size is None:
+        batches = [None] * steps
+    else:  # the data order of response._run: seeded per-epoch permutations (seed 0)
+        n_epochs = -(-steps * batch_size // n)
+        perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n_epochs))
+        order = perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
+        batches = list(order)
     f = jax.jit(lambda p: jax.vmap(lambda ex: measure(p, ex))(test))
     f_s = f(params)
-    jax.block_until_ready(step(params, opt.init(params), jnp.int32(0)))
+    jax.block_until_ready(step(params, opt.init(params), jnp.int32(0), batches[0]))
 
     def python_loop(subset=removed):
         rows = []
         for m in subset:
             th, st = params, opt.init(params)
             mm = jnp.int32(m)
-            for _ in range(steps):
-                th, st = step(th, st, mm)
+            for idx in batches:
+                th, st = step(th, st, mm, idx)
             rows.append(f(th) - f_s)
         return jax.block_until_ready(jnp.stack(rows))
 
@@ -147,7 +160,8 @@ def bench_one(obj, params, train, test, removed, *, kind, opt, steps, damping, r
             times[name].append(time.perf_counter() - t0)
     total = {k: float(np.median(v)) for k, v in times.items()}
     return {
-        "kind": kind, "removed": r, "steps": steps, "n_train": n,
+        "kind": kind, "removed": r, "steps": steps, "n_train": n, "batch_size": batch_size,
+        "load_average_1min": os.getloadavg()[0],
         "total_s": total,
         "steps_per_s": {k: r * steps / v for k, v in total.items()},
         "speedup_vs_loop": total["loop of compiled single solves"] / total["vmapped"],
@@ -159,57 +173,38 @@ def bench_one(obj, params, train, test, removed, *, kind, opt, steps, damping, r
     }
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="few steps and removed examples (smoke run)")
-    args = ap.parse_args(argv)
-    quick = args.quick
-    steps = 20 if quick else 100
-    n_removed = 16 if quick else 64
-    repeats = 1 if quick else 2
-    opt = optax.adam(1e-3)
-    load_start = os.getloadavg()[0]
-    results = {}
+def render(payload: dict) -> str:
+    """The README section (table and explanation) from a saved payload."""
     rows = []
-    for name, (obj, init, ds) in problems(quick).items():
-        train = (jnp.asarray(ds.train[0]), jnp.asarray(ds.train[1]))
-        test = (jnp.asarray(ds.test[0][:32]), jnp.asarray(ds.test[1][:32]))
-        params = models.train(obj.apply_fn, obj.loss_fn, init, train, l2=obj.l2,
-                              optimizer=optax.adam(1e-2), steps=200 if quick else 2000).params
-        removed = list(np.random.default_rng(0).choice(len(train[0]), n_removed, replace=False))
-        for kind in ("pbrf", "loo"):
-            r = bench_one(obj, params, train, test, [int(m) for m in removed], kind=kind, opt=opt,
-                          steps=steps, damping=1e-3, repeats=repeats)
-            results[f"{name} / {kind}"] = r
-            t = r["total_s"]
-            sp = r["steps_per_s"]
-            rows.append([name, "PBRF" if kind == "pbrf" else "warm LOO", t["vmapped"],
-                         t["vmapped, chunks of 8"], t["loop of compiled single solves"], t["Python loop"],
-                         sp["vmapped"], sp["vmapped, chunks of 8"], sp["loop of compiled single solves"],
-                         sp["Python loop"], r["speedup_vs_loop"], r["speedup_chunks8_vs_loop"],
-                         r["speedup_vs_python"], r["speedup_chunks8_vs_python"],
-                         max(r["relative_disagreement"].values())])
-            print(name, kind, {k: round(v, 3) for k, v in t.items()}, flush=True)
-    m = common.machine()
-    load = (load_start, os.getloadavg()[0])
-    target = {k: max(v["speedup_vs_loop"], v["speedup_chunks8_vs_loop"]) >= 8.0 for k, v in results.items()}
-    payload = {"machine": m, "quick": quick, "steps": steps, "removed": n_removed, "optimizer": "adam(1e-3)",
-               "results": results, "target_vmapped_ge_8x_loop": target,
-               "load_average_1min_start_end": load}
-    path = common.save_json("response", payload)
+    for key, r in payload["results"].items():
+        t, sp = r["total_s"], r["steps_per_s"]
+        regime = "full batch" if r["batch_size"] is None else f"batch {r['batch_size']}"
+        rows.append([key.split(" / ")[0], "PBRF" if r["kind"] == "pbrf" else "warm LOO",
+                     f"{regime}, {r['steps']} steps",
+                     t["vmapped"], t["vmapped, chunks of 8"], t["loop of compiled single solves"],
+                     t["Python loop"], sp["vmapped"], sp["loop of compiled single solves"],
+                     r["speedup_vs_loop"], r["speedup_chunks8_vs_loop"], r["speedup_vs_python"],
+                     r["relative_disagreement"]["vmapped_vs_loop"], r["load_average_1min"]])
     table = common.md_table(
-        ["problem", "object", "vmapped s", "vmapped/8 s", "single loop s", "Python loop s", "vmapped steps/s",
-         "vmapped/8 steps/s", "single steps/s", "Python steps/s", "vmapped x single", "vmapped/8 x single",
-         "vmapped x Python", "vmapped/8 x Python", "max rel. disagreement"],
+        ["problem", "object", "regime", "vmapped s", "vmapped/8 s", "single loop s", "Python loop s",
+         "vmapped steps/s", "single steps/s", "vmapped x single", "vmapped/8 x single", "vmapped x Python",
+         "rel. disagreement", "load"],
         rows)
-    body = "\n".join([
-        f"`python -m benchmarks.response{' --quick' if quick else ''}` -- {n_removed} removed examples, "
-        f"{steps} full-batch Adam steps each, float32; median of {repeats} interleaved runs after a "
-        "compiling run. 'vmapped': all removed examples in one vmap; 'vmapped/8': lax.map over "
-        "chunks of 8 vmapped examples (chunk_size=8); 'single loop' calls the same compiled program "
-        "once per removed example; 'Python loop' is a jit-ed step in a Python for-loop. "
-        "Steps/s = removed x steps / time. 'max rel. disagreement': max |delta difference| between "
-        "the variants relative to max |delta| (float32 Adam on deltas of order 1/N: rounding).",
+    m, load, quick = payload["machine"], payload["load_average_1min_start_end"], payload["quick"]
+    target = payload["target_vmapped_ge_8x_loop"]
+    return "\n".join([
+        f"`python -m benchmarks.response{' --quick' if quick else ''}` -- {payload['removed']} removed "
+        "examples, Adam(1e-3), float32, tol=0 (every variant runs all steps): "
+        f"{payload['steps_full_batch']} full-batch steps, or {payload['steps_minibatch']} steps on "
+        f"minibatches of {payload['minibatch_size']} "
+        "(seeded per-epoch permutations shared by all removed examples: a few epochs of SGD-style "
+        "retraining). Median of 2 interleaved runs after a compiling run: compare the ratios within a "
+        "row, not seconds across rows. 'vmapped': all removed examples in one vmap (chunk_size=64); "
+        "'vmapped/8': lax.map over chunks of 8 vmapped examples; 'single loop' calls the same compiled "
+        "program (chunk_size=1, compiled once) once per removed example; 'Python loop' is a jit-ed step "
+        "in a Python for-loop. Steps/s = removed x steps / time. 'rel. disagreement': max |delta "
+        "difference| vmapped vs single loop relative to max |delta|; 'load': 1-minute load average "
+        "after the row (another process shared the 2 cores).",
         "",
         common.machine_line(m)
         + f" 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end"
@@ -218,14 +213,77 @@ def main(argv=None):
         table,
         "",
         "Target vmapped >= 8x the loop of compiled single solves: "
-        + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in target.items()) + ". "
-        "On a CPU a full-batch step of these MLPs is compute-bound (dense layers and tanh over "
-        "all N examples), so batching removed examples saves only per-call and per-step overhead; "
-        "all-64-in-one-vmap also overflows the caches (64 x N x 32 activations), which is why "
-        "chunk_size=8 is faster. The vmapped program's advantage is expected on accelerators.",
+        + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in target.items()) + ".",
+        "",
+        "Why (measured with XLA's profiler and HLO dumps):",
+        "",
+        "* Full batch (~1,000 examples per step): a single solve is already compute-bound on a CPU "
+        "(dense layers and tanh over all N examples; per-step overhead is a small share), so "
+        "vmapping can only remove that overhead and spread the elementwise work over both cores. "
+        "Earlier the vmapped program lost to the loop (0.5-1.0x, previous table): with inputs shared "
+        "by the vmapped solves XLA turns the first layer into one (n, d) @ (d, 64 h) product and "
+        "transposes its output and gradient to and from (64, n, h) with a strided copy every step (as "
+        "costly as the layer itself on the Concrete MLP), and the per-step objective value (used only "
+        "for a finiteness check) added a slow fused reduction. Now each vmapped solve gets its own "
+        "copy of the inputs while the copies are small (CPU only, <= 8 MiB: every layer becomes a "
+        "batched product in its natural layout), first-order steps compute only the gradient, and a "
+        "full-batch chunk stops as soon as all its examples have converged (not exercised here: "
+        "tol=0). The digits MLP (64 inputs, 1,438 examples) stays compute-bound: vmapped and single "
+        "solves do the same FLOPs at about the same rate.",
+        "* Minibatches: a single solve's step is small and overhead-bound (dozens of tiny kernels per "
+        "step), so vmapping 64 solves pays off more, but on a CPU the batched step soon becomes "
+        "compute-bound too (tanh and the batched products of 64 x 32 examples).",
+        "* Disagreement: float32 Adam amplifies rounding where the true gradient is ~0 (Adam steps "
+        "~lr whatever the gradient's size): the minibatch PBRF, whose Bregman gradient is exactly 0 "
+        "at theta_s and is a cancelling sum scaled by N/B, shows it most. In float64 the vmapped, "
+        "replicated and single programs agree to 1e-9 (tests/test_response.py).",
+        "* The 8x target assumes per-step overhead dominates; on this 2-core CPU it does not, in "
+        "either regime. The batched program's advantage is expected on accelerators (one large "
+        "kernel per layer instead of 64 small ones).",
     ])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few steps and removed examples (smoke run)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the README section from benchmarks/results/response.json")
+    args = ap.parse_args(argv)
+    if args.render:
+        payload = json.loads((common.RESULTS / "response.json").read_text())
+        common.write_section("Response functions", render(payload))
+        return
+    quick = args.quick
+    steps = 20 if quick else 100
+    mb_steps = 50 if quick else 500
+    n_removed = 16 if quick else 64
+    repeats = 1 if quick else 2
+    regimes = (("full batch", None, steps), (f"batch {MB}", MB, mb_steps))
+    opt = optax.adam(1e-3)
+    load_start = os.getloadavg()[0]
+    results = {}
+    for name, (obj, init, ds) in problems(quick).items():
+        train = (jnp.asarray(ds.train[0]), jnp.asarray(ds.train[1]))
+        test = (jnp.asarray(ds.test[0][:32]), jnp.asarray(ds.test[1][:32]))
+        params = models.train(obj.apply_fn, obj.loss_fn, init, train, l2=obj.l2,
+                              optimizer=optax.adam(1e-2), steps=200 if quick else 2000).params
+        removed = list(np.random.default_rng(0).choice(len(train[0]), n_removed, replace=False))
+        for regime, bs, st in regimes:
+            for kind in ("pbrf", "loo"):
+                r = bench_one(obj, params, train, test, [int(m) for m in removed], kind=kind, opt=opt,
+                              steps=st, damping=1e-3, repeats=repeats, batch_size=bs)
+                results[f"{name} / {regime} / {kind}"] = r
+                print(name, regime, kind, {k: round(v, 3) for k, v in r["total_s"].items()},
+                      f"x{r['speedup_vs_loop']:.2f}", f"load {r['load_average_1min']:.1f}", flush=True)
+    target = {k: max(v["speedup_vs_loop"], v["speedup_chunks8_vs_loop"]) >= 8.0 for k, v in results.items()}
+    payload = {"machine": common.machine(), "quick": quick, "steps_full_batch": steps,
+               "steps_minibatch": mb_steps, "minibatch_size": MB, "removed": n_removed,
+               "optimizer": "adam(1e-3)", "results": results, "target_vmapped_ge_8x_loop": target,
+               "load_average_1min_start_end": (load_start, os.getloadavg()[0])}
+    path = common.save_json("response", payload)
+    body = render(payload)
     common.write_section("Response functions", body)
-    print(table)
+    print(body)
     print(f"wrote {path}")
 
 

@@ -38,10 +38,13 @@ default ``-1/N``):
   ``g_m = grad L_m(theta_s)``; with ``eps = -1/N`` it is the GNH influence score.
 
 Engine. The removed example enters only through a weight vector (the objective keeps
-static shapes), so one solve is a pure function of ``(m, eps)``: a ``lax.scan`` over
-``steps`` optax updates (full batch, or minibatches from seeded per-epoch permutations
-shared by every removed example: "same data order"), ``vmap``-ped over ``chunk_size``
-removed examples at a time, with ``lax.map`` over the chunks -- all one compiled program.
+static shapes), so one solve is a pure function of ``(m, eps)``. ``chunk_size`` removed
+examples are solved together: one loop over the optax steps whose body is the step
+``vmap``-ped over the chunk (full batch: a ``lax.while_loop`` that stops as soon as every
+example of the chunk has converged or failed; minibatches from seeded per-epoch
+permutations shared by every removed example, "same data order": a ``lax.scan`` over all
+``steps``), with ``lax.map`` over the chunks -- all one compiled program.
+
 Inner solvers: any optax optimizer -- first-order (``optax.adam``, ``optax.sgd``; the
 only choice with minibatches) or L-BFGS (``optax.lbfgs()``, full batch; its line search
 is driven through ``optax.value_and_grad_from_state``) -- or the second-order
@@ -60,15 +63,21 @@ shapes share one compiled program.
 
 Performance. On accelerators a large ``chunk_size`` batches the removed examples into
 big matrix products. On a CPU a full-batch step is already compute-bound, so vmapping
-saves only per-call overhead, and a chunk of 64 examples' activations overflows the
-caches: ``chunk_size=8`` to ``16`` is usually fastest there (``benchmarks/response.py``).
+saves only per-step overhead (about 1.5-2x on the UCI Concrete MLP, nothing on the
+digits MLP); with minibatches a single solve is overhead-bound and vmapping gains more
+(``benchmarks/response.py``). On the CPU each solve of a chunk gets its own copy of the
+training inputs while the copies stay under 8 MiB (:func:`_replicate`: it avoids a
+per-step transpose XLA otherwise inserts), and first-order steps evaluate only the
+gradient.
 
 Diagnostics (:class:`Response`): the final full-batch gradient norm of each example's
 objective, its value, ``converged = grad_norm <= tol``, and a status code
-(:class:`influx.solvers.Status`). When the objective, its gradient or the iterate becomes
-non-finite, that example stops at its last finite iterate and is marked ``NONFINITE``
-(its ``delta`` row is NaN); the others continue. A ``RuntimeWarning`` names the removed
-indices that failed or did not converge (``warn=False`` silences it).
+(:class:`influx.solvers.Status`), and the number of steps that updated it. When the
+gradient or the iterate becomes non-finite (or the objective, checked every step by the
+line-search solvers and at the end by all), that example stops at its last finite
+iterate and is marked ``NONFINITE`` (its ``delta`` row is NaN); the others continue. A
+``RuntimeWarning`` names the removed indices that failed or did not converge (``warn=False``
+silences it).
 
 Cost: ``len(removed) x steps`` gradient evaluations of the objective on the (mini)batch
 (L-BFGS: plus line-search evaluations; Newton: up to ``cg_steps`` Hessian-vector products
@@ -121,6 +130,9 @@ class Response(NamedTuple):
       observed: outputs of ``observe(theta_m)`` stacked per example (or ``None``).
       kind: ``"loo"``, ``"proximal"``, ``"pbrf"`` or ``"linearized"``.
       info: settings used (steps, optimizer, epsilon, damping, tol, ...).
+      steps_taken: ``(len(removed),)`` optimizer steps that updated each example (fewer
+        than ``steps`` when it converged or failed earlier; ``None`` for
+        :func:`linearized`).
     """
 
     delta: Any
@@ -135,6 +147,7 @@ class Response(NamedTuple):
     observed: Any = None
     kind: str = ""
     info: dict = {}
+    steps_taken: Any = None
 
 
 # ------------------------------------------------------------------ validation
@@ -366,12 +379,14 @@ def _make_objective(obj, theta_s, train, aux, a, coef, n):
     """
     bregman, loo_on, c_norm, c_prox = coef
 
-    def F(theta, m, eps, idx):
+    def F(theta, m, eps, idx, x=None):
         if idx is None:
             batch, scale, ids, aux_b = train, 1.0, jnp.arange(n), aux
         else:
             batch, scale, ids, aux_b = _take(train, idx), n / idx.shape[0], idx, _take(aux, idx)
         xb, yb = batch
+        if x is not None:  # the same inputs, as a (replicated) copy owned by this example
+            xb = x
         z = obj.apply_fn(theta, xb)
         z_s, g_s, l_s = aux_b
         lin = jnp.sum((g_s * (z - z_s)).reshape(z.shape[0], -1), axis=-1)
@@ -395,13 +410,40 @@ def _pbrf_aux(obj, theta_s, train):
     return z_s, g_s, l_s
 
 
+#: Largest total size in bytes of the per-example copies of the inputs (see :func:`_replicate`).
+_REPLICATE_BYTES = 8 * 2**20
+
+
+def _replicate_ok(x, c: int, frac: float, budget: int) -> bool:
+    """Whether each of ``c`` vmapped solves gets its own copy of (a fraction ``frac`` of) ``x``."""
+    size = sum(l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(x))
+    return c > 1 and jax.default_backend() == "cpu" and c * size * frac <= budget
+
+
+def _replicate(x, c: int):
+    """``c`` materialised copies of ``x`` on a new leading axis.
+
+    Semantically a no-op (every vmapped solve sees the same inputs). It changes how XLA's
+    CPU backend lays out the vmapped model: with shared inputs the first layer becomes one
+    ``(n, d) @ (d, c h)`` product whose output and gradient XLA then transposes to and
+    from ``(c, n, h)`` every step (a strided copy as costly as the layer); with a copy per
+    solve every layer is a batched product in its natural layout. Measured on the UCI
+    Concrete MLP (``benchmarks/response.py``): 1.5-2x faster vmapped steps. The
+    ``optimization_barrier`` keeps XLA from folding the broadcast back into the product.
+    Used only on the CPU and while the copies stay small (``_REPLICATE_BYTES``).
+    """
+    return jax.tree_util.tree_map(
+        lambda l: jax.lax.optimization_barrier(jnp.broadcast_to(l, (c,) + l.shape)), x)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("obj", "opt", "steps", "batch_size", "chunk_size", "keep_params", "measure",
-                     "observe", "linesearch"),
+                     "observe", "linesearch", "replicate_bytes"),
 )
 def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, key, *, obj, opt,
-         steps, batch_size, chunk_size, keep_params, measure, observe, linesearch):
+         steps, batch_size, chunk_size, keep_params, measure, observe, linesearch,
+         replicate_bytes=_REPLICATE_BYTES):
     n = num_examples(train)
     f = lambda p, t: jax.vmap(lambda ex: measure(p, ex))(t)
     aux = _pbrf_aux(obj, theta_s, train)
@@ -415,25 +457,30 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
         perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n_epochs))
         xs = perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
 
-    def solve_one(args):
-        m, e = args
-        full = lambda th: F(th, m, e, None)
-        vg_state = (optax.value_and_grad_from_state(full)
-                    if linesearch and not isinstance(opt, NewtonCG) else None)
+    x_train = train[0]
+    n_chunks, rest = divmod(removed.shape[0], chunk_size)
 
-        def body(carry, idx):
-            th, st, ok, done = carry
+    def solve_chunk(args):
+        """Solves the removed examples ``ms`` (one chunk) together: one loop over steps, vmap inside."""
+        ms, es = args
+        c = ms.shape[0]
+        # every example of the chunk gets its own copy of the inputs (see _replicate)
+        rep_full = _replicate_ok(x_train, c, 1.0, replicate_bytes)
+        rep = rep_full if batch_size is None else _replicate_ok(x_train, c, batch_size / n, replicate_bytes)
+        x_full = _replicate(x_train, c) if rep_full else None
+
+        def step_one(th, st, ok, done, m, e, idx, x):
+            full = lambda t: F(t, m, e, None, x)
             if isinstance(opt, NewtonCG):
                 v, g, th_new, st_new = opt.step(full, th, st)
-            else:
-                if linesearch:
-                    v, g = vg_state(th, state=st)
-                else:
-                    v, g = jax.value_and_grad(F)(th, m, e, idx)
-                if linesearch:
-                    upd, st_new = opt.update(g, st, th, value=v, grad=g, value_fn=full)
-                else:
-                    upd, st_new = opt.update(g, st, th)
+            elif linesearch:
+                v, g = optax.value_and_grad_from_state(full)(th, state=st)
+                upd, st_new = opt.update(g, st, th, value=v, grad=g, value_fn=full)
+                th_new = optax.apply_updates(th, upd)
+            else:  # the value is not needed: non-finite values show up in the gradient
+                g = jax.grad(F)(th, m, e, idx, x)
+                v = jnp.zeros((), tol.dtype)
+                upd, st_new = opt.update(g, st, th)
                 th_new = optax.apply_updates(th, upd)
             gn = jnp.sqrt(tree_sqnorm(g))
             ok = ok & jnp.isfinite(v) & jnp.isfinite(gn)
@@ -443,24 +490,62 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
             active = ok & ~done
             th = _tree_where(active, th_new, th)
             st = _tree_where(active, st_new, st)
-            return (th, st, ok, done), None
+            return th, st, ok, done, active
 
-        carry0 = (theta0, opt.init(theta0), jnp.array(True), jnp.array(False))
-        (th, _, ok, _), _ = jax.lax.scan(body, carry0, xs, length=steps)
-        v, g = jax.value_and_grad(full)(th)
-        gn = jnp.sqrt(tree_sqnorm(g))
-        ok = ok & jnp.isfinite(v) & jnp.isfinite(gn)
-        conv = ok & (gn <= tol)
-        status = jnp.where(~ok, Status.NONFINITE, jnp.where(conv, Status.CONVERGED, Status.MAX_STEPS))
-        delta = jnp.where(ok, f(th, test) - f_s, jnp.nan)
-        out = {"delta": delta, "grad_norm": gn, "objective": v, "converged": conv, "status": status}
-        if keep_params:
-            out["params"] = th
-        if observe is not None:
-            out["observed"] = observe(th)
+        def step_chunk(carry, idx):
+            th, st, ok, done, taken = carry
+            if idx is None:
+                x, x_ax = x_full, (None if x_full is None else 0)
+            elif rep:
+                x, x_ax = _replicate(_take(x_train, idx), c), 0
+            else:
+                x, x_ax = None, None
+            th, st, ok, done, active = jax.vmap(step_one, in_axes=(0, 0, 0, 0, 0, 0, None, x_ax))(
+                th, st, ok, done, ms, es, idx, x)
+            return th, st, ok, done, taken + active
+
+        bcast = lambda t: jax.tree_util.tree_map(lambda l: jnp.broadcast_to(l, (c,) + l.shape), t)
+        th0 = bcast(theta0)
+        carry = (th0, jax.vmap(opt.init)(th0), jnp.ones((c,), bool), jnp.zeros((c,), bool),
+                 jnp.zeros((c,), jnp.int32))
+        if batch_size is None:
+            # full batch: stop as soon as every example of the chunk is frozen or failed
+            def cond(kc):
+                k, (_, _, ok, done, _) = kc
+                return (k < steps) & jnp.any(ok & ~done)
+
+            _, carry = jax.lax.while_loop(cond, lambda kc: (kc[0] + 1, step_chunk(kc[1], None)),
+                                          (jnp.asarray(0), carry))
+        else:
+            carry, _ = jax.lax.scan(lambda cr, idx: (step_chunk(cr, idx), None), carry, xs)
+        th, _, ok, _, taken = carry
+
+        def final_one(th, ok, m, e, x):
+            v, g = jax.value_and_grad(F)(th, m, e, None, x)
+            gn = jnp.sqrt(tree_sqnorm(g))
+            ok = ok & jnp.isfinite(v) & jnp.isfinite(gn)
+            conv = ok & (gn <= tol)
+            status = jnp.where(~ok, Status.NONFINITE, jnp.where(conv, Status.CONVERGED, Status.MAX_STEPS))
+            delta = jnp.where(ok, f(th, test) - f_s, jnp.nan)
+            out = {"delta": delta, "grad_norm": gn, "objective": v, "converged": conv, "status": status}
+            if keep_params:
+                out["params"] = th
+            if observe is not None:
+                out["observed"] = observe(th)
+            return out
+
+        out = jax.vmap(final_one, in_axes=(0, 0, 0, 0, None if x_full is None else 0))(th, ok, ms, es, x_full)
+        out["steps_taken"] = taken
         return out
 
-    out = jax.lax.map(solve_one, (removed, eps), batch_size=chunk_size)
+    outs = []
+    if n_chunks:
+        split = lambda v: v[: n_chunks * chunk_size].reshape(n_chunks, chunk_size)
+        o = jax.lax.map(solve_chunk, (split(removed), split(eps)))
+        outs.append(jax.tree_util.tree_map(lambda l: l.reshape((-1,) + l.shape[2:]), o))
+    if rest:
+        outs.append(solve_chunk((removed[n_chunks * chunk_size:], eps[n_chunks * chunk_size:])))
+    out = jax.tree_util.tree_map(lambda *ls: jnp.concatenate(ls), *outs) if len(outs) > 1 else outs[0]
     out["f_s"] = f_s
     return out
 
@@ -532,6 +617,7 @@ def _respond(kind, obj, params, train, removed, *, test, init, optimizer, steps,
         obj=obj, opt=optimizer, steps=steps, batch_size=batch_size,
         chunk_size=min(chunk_size, r + (baseline == "retrain")),
         keep_params=keep_params, measure=measure, observe=observe, linesearch=linesearch,
+        replicate_bytes=_REPLICATE_BYTES,
     )
     delta, f_ref = out["delta"], out["f_s"]
     take = lambda t: jax.tree_util.tree_map(lambda x: x[:r], t)
@@ -550,6 +636,7 @@ def _respond(kind, obj, params, train, removed, *, test, init, optimizer, steps,
         converged=out["converged"][:r], status=out["status"][:r], removed=removed,
         failed=failed, baseline=f_ref,
         observed=take(out["observed"]) if observe is not None else None, kind=kind, info=info,
+        steps_taken=out["steps_taken"][:r],
     )
     if baseline == "retrain" and int(out["status"][r]) == Status.NONFINITE:
         raise FloatingPointError(f"{kind}: the baseline retraining (nothing removed) became non-finite")
@@ -589,7 +676,8 @@ _COMMON_DOC = """
         :data:`DEFAULT_OPTIMIZER`, full-batch Newton-CG, see :func:`newton`), or
         ``optax.lbfgs()``, ``optax.adam(...)``, ... Reuse one instance
         across calls: a new instance recompiles.
-      steps: number of optimizer steps (``>= 1``), one ``lax.scan``.
+      steps: number of optimizer steps (``>= 1``); in full-batch mode a chunk stops earlier
+        once all its examples have converged (``Response.steps_taken``).
       epsilon: weight added to the removed example's loss (default ``-1/N``, removal).
         A small multiple ``t * (-1/N)`` gives the finite-difference check of influence.
       batch_size: ``None`` (full batch, default) or minibatches from seeded per-epoch

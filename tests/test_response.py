@@ -303,3 +303,40 @@ def test_lbfgs_inner_solver_matches_newton(lin):
     b = response.pbrf(obj, params, train, REMOVED, optimizer=NEWTON, steps=6, **kw)
     assert np.all(np.asarray(a.converged))
     np.testing.assert_allclose(np.asarray(a.delta), np.asarray(b.delta), rtol=1e-7, atol=1e-13)
+
+
+def test_early_exit_equals_running_all_steps(mlp):
+    """Full batch: the chunk's loop stops once every example is frozen; each example's result
+    is that of its own single solve (an exit at the first converged example would leave the
+    others unconverged), and more steps change nothing."""
+    obj, params, train, test = mlp
+    removed = [0, 3, 5, 7, 11]
+    kw = dict(test=test, damping=0.01, optimizer=NEWTON, tol=1e-9)
+    batched = response.pbrf(obj, params, train, removed, steps=40, chunk_size=5, **kw)
+    more = response.pbrf(obj, params, train, removed, steps=200, chunk_size=5, **kw)
+    singles = [response.pbrf(obj, params, train, [m], steps=40, chunk_size=1, **kw) for m in removed]
+    taken = np.asarray(batched.steps_taken)
+    assert np.all(np.asarray(batched.converged))
+    assert np.all(taken < 40) and np.all(taken >= 1)
+    assert len(set(taken.tolist())) > 1  # the examples converge at different steps
+    np.testing.assert_array_equal(taken, np.asarray(more.steps_taken))
+    single_delta = np.concatenate([np.asarray(r.delta) for r in singles])
+    np.testing.assert_allclose(np.asarray(batched.delta), single_delta, atol=1e-7)  # ~ tol / damping
+    np.testing.assert_array_equal(np.asarray(batched.delta), np.asarray(more.delta))
+
+
+@pytest.mark.parametrize("batch_size", [None, 6])
+def test_replicated_inputs_equal_shared_inputs(mlp, monkeypatch, batch_size):
+    """Per-example copies of the inputs (the CPU layout fix) change nothing but speed."""
+    obj, params, train, test = mlp
+    removed = [1, 2, 4, 8, 9]
+    kw = dict(test=test, damping=0.01, optimizer=optax.adam(1e-2), steps=15, chunk_size=2,
+              batch_size=batch_size, warn=False)
+    assert response._replicate_ok(train[0], 2, 1.0, response._REPLICATE_BYTES)  # on by default here
+    rep = response.pbrf(obj, params, train, removed, **kw)
+    monkeypatch.setattr(response, "_REPLICATE_BYTES", 0)
+    assert not response._replicate_ok(train[0], 2, 1.0, response._REPLICATE_BYTES)
+    shared = response.pbrf(obj, params, train, removed, **kw)
+    np.testing.assert_allclose(np.asarray(rep.delta), np.asarray(shared.delta), rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(rep.grad_norm), np.asarray(shared.grad_norm), rtol=1e-9)
+    assert np.all(np.asarray(rep.steps_taken) == 15)
