@@ -320,7 +320,20 @@ def _measurement_grads(f, params, test, *, batch_size):
 
 @functools.partial(jax.jit, static_argnames=("solver", "batch_size"))
 def _solve_many(solver, state, op, rhs, *, batch_size):
-    return jax.lax.map(lambda b: solver.apply(state, op, b), rhs, batch_size=batch_size)
+    many = getattr(solver, "apply_many", None)
+    if many is None:
+        return jax.lax.map(lambda b: solver.apply(state, op, b), rhs, batch_size=batch_size)
+    # the solver's native batched apply, ``batch_size`` right-hand sides per call
+    n = jax.tree_util.tree_leaves(rhs)[0].shape[0]
+    bs = min(batch_size, n)
+    n_full, rem = divmod(n, bs)
+    head = jax.tree_util.tree_map(lambda a: a[: n_full * bs].reshape((n_full, bs) + a.shape[1:]), rhs)
+    out = jax.lax.map(lambda b: many(state, op, b), head)
+    out = jax.tree_util.tree_map(lambda a: a.reshape((n_full * bs,) + a.shape[2:]), out)
+    if rem:
+        tail = many(state, op, jax.tree_util.tree_map(lambda a: a[n_full * bs:], rhs))
+        out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+    return out
 
 
 class InfluenceInfo(NamedTuple):

@@ -107,6 +107,37 @@ def test_lissa_statistical_accuracy(setup):
     np.testing.assert_allclose(float(sol.residual_norm), true_res, rtol=1e-6)
 
 
+def test_lissa_native_batch_equals_one_at_a_time():
+    # apply_batch draws one minibatch per step for all right-hand sides (the sequence a
+    # single solve draws), so it equals solving them one at a time; a non-finite
+    # right-hand side is reported NONFINITE without disturbing the others
+    setup = _problem("gnh", 1e-2)
+    op, unravel = setup["op"], setup["unravel"]
+    solver = solvers.lissa(depth=300, samples=2, batch_size=8, key=jax.random.PRNGKey(1))
+    state = solver.prepare(op)
+    bs = np.asarray(setup["bs"]).copy()
+    bs_tree = jax.vmap(unravel)(jnp.asarray(bs))
+    batched = solver.apply_batch(state, op, bs_tree)
+    for i in range(bs.shape[0]):
+        one = solver.apply(state, op, unravel(jnp.asarray(bs[i])))
+        xb = jax.tree_util.tree_map(lambda a, i=i: a[i], batched.x)
+        np.testing.assert_allclose(flat(xb), flat(one.x), rtol=1e-9, atol=1e-12)
+        assert int(batched.iterations[i]) == int(one.iterations)
+        np.testing.assert_allclose(float(batched.residual_norm[i]), float(one.residual_norm), rtol=1e-9)
+    # inside jit, a NaN right-hand side is a status, not an exception
+    bs[1, 0] = np.nan
+    sols = jax.jit(solver.apply_many)(state, op, jax.vmap(unravel)(jnp.asarray(bs)))
+    assert [int(s) for s in sols.status] == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
+    np.testing.assert_allclose(flat(jax.tree_util.tree_map(lambda a: a[2], sols.x)),
+                               flat(jax.tree_util.tree_map(lambda a: a[2], batched.x)), rtol=1e-9)
+    # too small a scale: every right-hand side diverges, each stops at its last finite iterate
+    small = solvers.lissa(scale=1e-3, depth=300, batch_size=8)
+    sols = small.apply_batch(small.prepare(op), op, bs_tree)
+    assert np.all(np.asarray(sols.status) == Status.DIVERGED)
+    assert np.all(np.isfinite(np.asarray(jax.vmap(flat)(sols.x))))
+    assert np.all(np.asarray(sols.stats["recommended_scale"]) > 1e-3)
+
+
 def test_lissa_full_batch_is_neumann_series(setup):
     """batch_size >= N: deterministic Neumann series, error (1 - lambda_min/S)^(depth+1)."""
     if setup["kind"] != "gnh":

@@ -114,6 +114,9 @@ class Solver:
     prepare: Callable
     apply: Callable
     options: dict = dataclasses.field(default_factory=dict)
+    # optional native batched apply ``(state, op, bs) -> Solution`` with a leading batch
+    # axis (e.g. LiSSA draws one minibatch per step for all right-hand sides); default vmap
+    apply_many: Callable | None = None
 
     def __call__(self, op, b, *, batched: bool = False) -> Solution:
         """Solves ``A x = b``; ``batched=True``: every leaf of ``b`` has a leading batch axis
@@ -125,12 +128,15 @@ class Solver:
         return self.apply(state, op, b)
 
     def apply_batch(self, state, op, bs) -> Solution:
-        """``vmap`` of :attr:`apply` over a leading axis of ``bs`` (one compiled call)."""
+        """:attr:`apply` over a leading axis of ``bs`` in one compiled call: ``vmap``, or the
+        solver's native :attr:`apply_many` when it has one."""
         bs = check_rhs(op, bs, batched=True)
         return self._batched_apply(state, op, bs)
 
     @functools.cached_property
     def _batched_apply(self):
+        if self.apply_many is not None:
+            return jax.jit(self.apply_many)
         return jax.jit(jax.vmap(self.apply, in_axes=(None, None, 0)))
 
     def __repr__(self) -> str:

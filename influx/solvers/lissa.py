@@ -34,8 +34,13 @@ geometrically (the NaN that peer libraries return). Here:
 Cost per right-hand side: ``samples * depth`` minibatch products (``batch_size / N`` of a
 full product each) plus one full product for the true residual ``||A x - b||``;
 ``Solution.iterations`` counts the products of both kinds and ``stats["products"]`` the
-cost in full-product equivalents. All right-hand sides (under ``vmap``) share the same
-minibatch sequence (independent ones per sample), so their products are batched.
+cost in full-product equivalents. Every right-hand side sees the same minibatch sequence
+(independent ones per sample). ``apply_batch`` (and :func:`influx.influence`) runs them in
+one loop (``Solver.apply_many``): each step gathers one minibatch and multiplies it with
+all iterates, sharing the forward pass -- 1.8x faster than ``vmap`` of the single loop for
+16 right-hand sides on the digits MLP (2 CPU cores; ``vmap`` batches the step counter
+and with it the gather and the forward pass), with the same result as solving them one at
+a time.
 """
 
 from __future__ import annotations
@@ -127,68 +132,78 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
         return {"scale": s.astype(dtype), "lambda_max": lam, "lambda_max_batch": lam_b}
 
     @jax.jit
-    def _apply(state, op, b):
-        flat_b, unravel = ravel_pytree(b)
-        dtype = flat_b.dtype
+    def apply_many(state, op, bs) -> Solution:
+        """All right-hand sides (leading axis of every leaf of ``bs``) in one loop: every step
+        draws one minibatch and multiplies it with every iterate (the forward pass and the
+        gather are shared), exactly the sequence a single solve draws -- so the result equals
+        solving them one at a time. A diverged right-hand side is frozen at its last finite
+        iterate; the loop ends when ``depth`` is reached or every one has diverged."""
+        flat_bs = jax.vmap(lambda b: ravel_pytree(b)[0])(bs)
+        unravel = ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], bs))[1]
+        dtype = flat_bs.dtype
         n = num_examples(op.data)
-        bs = min(batch_size, n)
+        bsz = min(batch_size, n)
         s = state["scale"].astype(dtype)
-        finite_b = all_finite(flat_b)
-        b0 = jnp.where(finite_b, flat_b, 0.0)
-        b_norm = jnp.linalg.norm(b0)
+        finite_b = jax.vmap(all_finite)(flat_bs)
+        b0 = jnp.where(finite_b[:, None], flat_bs, 0.0)
+        b_norm = jnp.linalg.norm(b0, axis=1)
 
         def batch_mv(t_key):
-            if bs == n:
+            if bsz == n:
                 sub = op
             else:  # with replacement: O(batch) per step (no O(N) permutation), unbiased
-                idx = jax.random.randint(t_key, (bs,), 0, n)
-                sub = op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, bs))
-            return flat_matvec(sub, unravel, dtype)
+                idx = jax.random.randint(t_key, (bsz,), 0, n)
+                sub = op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, bsz))
+            return jax.vmap(flat_matvec(sub, unravel, dtype))
 
         def run(sample_key):
             def cond(c):
-                _, t, _, _, div = c
-                return (t < depth) & ~div
+                _, t, _, _, _, div = c
+                return (t < depth) & ~jnp.all(div)
 
             def body(c):
-                h, t, nrm, ratio, _ = c
+                h, t, ts, nrm, ratio, div = c
                 mv = batch_mv(jax.random.fold_in(sample_key, t))
                 h_new = b0 + h - mv(h) / s
-                nrm_new = jnp.linalg.norm(h_new)
-                div = ~jnp.isfinite(nrm_new) | (nrm_new > 2.0 * (t + 2) * b_norm)
+                nrm_new = jnp.linalg.norm(h_new, axis=1)
+                div_new = div | ~jnp.isfinite(nrm_new) | (nrm_new > 2.0 * (t + 2) * b_norm)
                 r = nrm_new / jnp.where(nrm > 0, nrm, 1.0)
-                ratio = jnp.where(jnp.isfinite(r), r, ratio)
-                return (jnp.where(div, h, h_new), t + 1, jnp.where(div, nrm, nrm_new), ratio, div)
+                ratio = jnp.where(div, ratio, jnp.where(jnp.isfinite(r), r, ratio))
+                return (jnp.where(div_new[:, None], h, h_new), t + 1, jnp.where(div, ts, t + 1),
+                        jnp.where(div_new, nrm, nrm_new), ratio, div_new)
 
-            init = (b0, jnp.int32(0), b_norm, jnp.asarray(0.0, dtype), ~finite_b)
-            h, t, _, ratio, div = jax.lax.while_loop(cond, body, init)
-            return h, t, ratio, div
+            zeros = jnp.zeros(b_norm.shape, jnp.int32)
+            init = (b0, jnp.int32(0), zeros, b_norm, jnp.zeros(b_norm.shape, dtype), ~finite_b)
+            h, _, ts, _, ratio, div = jax.lax.while_loop(cond, body, init)
+            return h, ts, ratio, div
 
         keys = jax.random.split(k_run, samples)
-        hs, ts, ratios, divs = jax.vmap(run)(keys)
+        hs, ts, ratios, divs = jax.vmap(run)(keys)  # (samples, nb, ...)
         x = jnp.mean(hs, axis=0) / s
-        res = jnp.linalg.norm(flat_matvec(op, unravel, dtype)(x) - b0)
-        diverged = jnp.any(divs)
+        res = jnp.linalg.norm(jax.vmap(flat_matvec(op, unravel, dtype))(x) - b0, axis=1)
+        diverged = jnp.any(divs & finite_b[None], axis=0)
         status = jnp.where(~finite_b, Status.NONFINITE,
                            jnp.where(diverged, Status.DIVERGED, Status.CONVERGED))
         if tol is not None:
             status = jnp.where((status == Status.CONVERGED) & (res > tol * b_norm),
                                Status.MAX_STEPS, status)
         res = jnp.where(finite_b, res, jnp.inf)
-        steps = jnp.sum(ts)
-        rho = jnp.max(jnp.where(divs, ratios, 0.0))
+        steps = jnp.sum(ts, axis=0)
+        rho = jnp.max(jnp.where(divs, ratios, 0.0), axis=0)
         stats = {
-            "scale": s,
+            "scale": jnp.broadcast_to(s, res.shape),
             "recommended_scale": jnp.where(diverged, safety * s * (1.0 + rho), s),
-            "lambda_max": state["lambda_max"],
-            "products": (steps * bs / n + 1.0).astype(dtype),
-            "depth_reached": jnp.min(ts),
+            "lambda_max": jnp.broadcast_to(state["lambda_max"], res.shape),
+            "products": (steps * bsz / n + 1.0).astype(dtype),
+            "depth_reached": jnp.min(ts, axis=0),
         }
         status = status.astype(jnp.int32)
-        return Solution(unravel(x), res, steps + 1, status == Status.CONVERGED, status, stats)
+        return Solution(jax.vmap(unravel)(x), res, steps + 1, status == Status.CONVERGED, status, stats)
 
     def apply(state, op, b):
-        return _apply(state, op, check_rhs(op, b))
+        b = check_rhs(op, b)
+        sol = apply_many(state, op, jax.tree_util.tree_map(lambda a: a[None], b))
+        return jax.tree_util.tree_map(lambda a: a[0], sol)
 
     opts = {"scale": scale, "depth": depth, "samples": samples, "batch_size": batch_size}
-    return Solver("lissa", prepare, apply, opts)
+    return Solver("lissa", prepare, apply, opts, apply_many=apply_many)
