@@ -771,9 +771,20 @@ Where the gap comes from:
    (`empirical_cross_entropy_loss_fn`: `sum_c sqrt(p_c) log p_c`), i.e.
    `S = E[L 1 1^T L^T]`, which is not the Fisher. Its smaller relative error on digits
    comes with a lower correlation and is not closer to the GNH it targets.
-5. Where influx is not 5x faster the table says so: a family whose peer is itself one
-   well-vectorised dense call (direct: `torch.func.hessian` plus a Cholesky on a 2410 x
-   2410 matrix) leaves no per-product overhead to remove.
+5. Where influx is not 5x faster the table says so. Direct: the peer is itself one
+   well-vectorised dense call (`torch.func.hessian` plus a Cholesky on a 2410 x 2410
+   matrix); both sides are bound by the same ~70 GFLOP of dense Hessian arithmetic. CG:
+   influx's product is 3-5x cheaper than pyDVL's (0.31 vs 1.6 ms per vector on digits),
+   but pyDVL's *block* CG shares one Krylov space between the 16 right-hand sides and
+   needs fewer products (621 vs 926 on digits, 1160 vs 1920 on MNIST); influx runs 16
+   independent CGs in one batched loop, which also runs until the slowest one stops. A
+   block CG prototype (Dubrulle's, with orthonormalised directions) took 27 instead of 62
+   iterations on digits but was not faster: XLA's CPU QR of the 2410 x 16 block costs
+   ~2 ms per iteration. LiSSA: the same 1000 minibatch steps on both sides; influx's
+   step (one gather and one batched HVP for all right-hand sides) is 3-5x cheaper. The
+   ratios depend on the machine's load: in an earlier run on the same machine while other
+   jobs ran, the PyTorch peers were 2-4x slower (CG 6.9x, LiSSA 13x against these 3.5x
+   and 4.9x); the table above is from an idle machine.
 """
 
 
