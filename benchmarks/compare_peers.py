@@ -166,7 +166,8 @@ def make_influx_solver(name: str, problem: Problem):
     if name == "direct":
         return solvers.direct()
     if name == "cg":
-        return solvers.cg(tol=problem.cg_tol, max_steps=problem.cg_max_steps)
+        # block CG for the 16 test gradients (one shared Krylov space), as pyDVL's block CG
+        return solvers.cg(tol=problem.cg_tol, max_steps=problem.cg_max_steps, block=True)
     if name == "lissa":
         return solvers.lissa(
             scale=None, depth=problem.lissa_depth, samples=1,
@@ -774,17 +775,15 @@ Where the gap comes from:
 5. Where influx is not 5x faster the table says so. Direct: the peer is itself one
    well-vectorised dense call (`torch.func.hessian` plus a Cholesky on a 2410 x 2410
    matrix); both sides are bound by the same ~70 GFLOP of dense Hessian arithmetic. CG:
-   influx's product is 3-5x cheaper than pyDVL's (0.31 vs 1.6 ms per vector on digits),
-   but pyDVL's *block* CG shares one Krylov space between the 16 right-hand sides and
-   needs fewer products (621 vs 926 on digits, 1160 vs 1920 on MNIST); influx runs 16
-   independent CGs in one batched loop, which also runs until the slowest one stops. A
-   block CG prototype (Dubrulle's, with orthonormalised directions) took 27 instead of 62
-   iterations on digits but was not faster: XLA's CPU QR of the 2410 x 16 block costs
-   ~2 ms per iteration. LiSSA: the same 1000 minibatch steps on both sides; influx's
+   both sides run block CG (one Krylov space shared by the 16 right-hand sides; influx's
+   `cg(block=True)`, orthonormal search directions, dependent ones dropped); influx's
+   product is 3-5x cheaper per vector. Independent CGs (`cg()`, influx's default) need
+   about twice the products here (digits: 62 steps for the slowest of 16 against 30 block
+   steps). LiSSA: the same 1000 minibatch steps on both sides; influx's
    step (one gather and one batched HVP for all right-hand sides) is 3-5x cheaper. The
    ratios depend on the machine's load: in an earlier run on the same machine while other
-   jobs ran, the PyTorch peers were 2-4x slower (CG 6.9x, LiSSA 13x against these 3.5x
-   and 4.9x); the table above is from an idle machine.
+   jobs ran, the PyTorch peers were 2-4x slower (CG 6.9x, LiSSA 13x); the table above
+   is from an idle machine.
 """
 
 

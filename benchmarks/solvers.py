@@ -25,7 +25,8 @@ operator, so the compiled code is reused across dampings), then for targets 1e-1
 residual; their factor passes are counted as ``(1 + K)/3`` products per pass (``K = 10``
 outputs: one forward pass and ``K`` VJPs per example). Finally: batched (one ``vmap``-ed
 call) vs sequential (16 calls) right-hand sides at one configuration per solver
-(damping 0).
+(damping 0); ``cg (block)`` is ``cg(block=True)``, whose batched call is block CG (one
+Krylov space for all 16) while its sequential calls are plain CG.
 
 Run: ``python -m benchmarks.solvers [--quick] [--only digits|mnist] [--from-json]``.
 Runtime on 2 shared CPU cores: default < 5 min, ``--quick`` < 90 s (both printed at the
@@ -318,12 +319,13 @@ def batched_vs_sequential(name, op, rhs, quick):
     out = {}
     big = name == "mnist"
     picks = [("cg", solvers.cg(tol=1e-1 if big else 1e-3, max_steps=2000)),
-             ("lissa", solvers.lissa(depth=100, batch_size=128)),
-             ("arnoldi", solvers.arnoldi(rank=20, iterations=40, complement=False))]
+             ("arnoldi", solvers.arnoldi(rank=20, iterations=40, complement=False)),
+             ("cg (block)", solvers.cg(tol=1e-1 if big else 1e-3, max_steps=2000, block=True)),
+             ("lissa", solvers.lissa(depth=100, batch_size=128))]
     if big:  # LiSSA's sequential/batched ratio is shown on digits (compiling it here costs ~15 s)
-        picks = picks[:1] if quick else picks[::2]
+        picks = picks[:1] if quick else picks[:3]
     elif quick:
-        picks = picks[::2]
+        picks = picks[:2]
     n = rhs_count(rhs)
     for label, solver in picks:
         state = jax.block_until_ready(solver.prepare(op))

@@ -195,6 +195,49 @@ def test_lissa_auto_scale_where_small_scale_diverges():
     assert rel_err(good.x, pr["xs"][1]) < 1e-1
 
 
+def test_block_cg_matches_dense_solve(setup):
+    op, unravel = setup["op"], setup["unravel"]
+    solver = solvers.cg(tol=1e-10, max_steps=500, block=True)
+    # rows 3 and 4 repeat rows 0 and 1: a rank-deficient block (the dropped directions)
+    bs = jnp.concatenate([setup["bs"], setup["bs"][:2]])
+    xs = np.concatenate([setup["xs"], setup["xs"][:2]])
+    sols = solver.apply_batch(solver.prepare(op), op, jax.vmap(unravel)(bs))
+    assert np.all(np.asarray(sols.status) == Status.CONVERGED)
+    for i in range(bs.shape[0]):
+        x = jax.tree_util.tree_map(lambda a, i=i: a[i], sols.x)
+        assert rel_err(x, xs[i]) < 1e-8
+        true_res = np.linalg.norm(setup["a"] @ np.asarray(flat(x)) - np.asarray(bs[i]))
+        np.testing.assert_allclose(float(sols.residual_norm[i]), true_res, rtol=1e-6, atol=1e-13)
+    # one shared Krylov space: fewer products per right-hand side than independent CG
+    single = solvers.cg(tol=1e-10, max_steps=500)
+    ind = single.apply_batch(single.prepare(op), op, jax.vmap(unravel)(bs))
+    assert int(sols.iterations[0]) < int(np.max(np.asarray(ind.iterations)))
+
+
+def test_block_cg_nonfinite_row_negative_curvature_and_options():
+    setup = _problem("gnh", 1e-2)
+    op, unravel = setup["op"], setup["unravel"]
+    solver = solvers.cg(tol=1e-10, max_steps=500, block=True)
+    bs = np.asarray(setup["bs"]).copy()
+    bs[1, 3] = np.inf
+    sols = jax.jit(solver.apply_many)(solver.prepare(op), op, jax.vmap(unravel)(jnp.asarray(bs)))
+    assert [int(s) for s in sols.status] == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
+    assert rel_err(jax.tree_util.tree_map(lambda a: a[2], sols.x), setup["xs"][2]) < 1e-8
+    # an indefinite operator: negative curvature is reported, never NaN
+    obj, params, data = make_problem("relu_mlp")
+    obj = influx.Objective(obj.apply_fn, obj.loss_fn, l2=0.0)
+    op = curvature.operator(obj, params, data, kind="hessian", damping=0.0)
+    w, v = np.linalg.eigh(np.asarray(curvature.dense(op)))
+    assert w[0] < -1e-6
+    _, unravel = ravel_pytree(params)
+    b = jnp.stack([jnp.asarray(v[:, 0] + 0.1 * v[:, -1]), jnp.asarray(v[:, -1])])
+    sols = solver.apply_batch(solver.prepare(op), op, jax.vmap(unravel)(b))
+    assert np.all(np.asarray(sols.status) == Status.NEGATIVE_CURVATURE)
+    assert np.all(np.isfinite(np.asarray(jax.vmap(flat)(sols.x))))
+    with pytest.raises(ValueError, match="block=True"):
+        solvers.cg(block=True, preconditioner="jacobi")
+
+
 def test_cg_negative_curvature_on_nonconvex_hessian():
     obj, params, data = make_problem("relu_mlp")
     obj = influx.Objective(obj.apply_fn, obj.loss_fn, l2=0.0)

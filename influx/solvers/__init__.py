@@ -15,7 +15,7 @@ Every solver: ``solver(op, b)``, ``solver(op, B, batched=True)``, or
 
 from influx.solvers._base import Solution, Solver, Status, check_solution, status_message
 from influx.solvers.arnoldi import ArnoldiState, arnoldi, lanczos, top_eigenpairs
-from influx.solvers.cg import cg, diagonal_preconditioner, estimate_diagonal
+from influx.solvers.cg import block_cg, cg, diagonal_preconditioner, estimate_diagonal
 from influx.solvers.direct import direct
 from influx.solvers.ekfac import EKFACState, ekfac, kfac
 from influx.solvers.lissa import estimate_top_eigenvalue, lissa
@@ -27,6 +27,7 @@ __all__ = [
     "Solver",
     "Status",
     "arnoldi",
+    "block_cg",
     "cg",
     "check_solution",
     "diagonal_preconditioner",
