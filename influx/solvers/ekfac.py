@@ -117,6 +117,7 @@ class _Hooks:
     bias: dict = dataclasses.field(default_factory=dict)
     uses: dict = dataclasses.field(default_factory=dict)
     counter: int = 0
+    _last_layer: int | None = None  # the layer id of the dot_general just evaluated
 
 
 def _read(env, v):
@@ -179,7 +180,7 @@ def _interp(jaxpr, consts, args, prov_args, hooks: _Hooks):
         if name == "dot_general":
             ans = _dot(eqn, invals, pin, hooks, use)
             env[eqn.outvars[0]] = ans
-            if getattr(hooks, "_last_layer", None) is not None:
+            if hooks._last_layer is not None:
                 dot_out[eqn.outvars[0]] = hooks._last_layer
                 hooks._last_layer = None
             continue
@@ -261,6 +262,9 @@ def _trace(apply_fn, params, x_example):
 
 def _discover(apply_fn, params, x_example):
     closed, treedef, x_def, n_p = _trace(apply_fn, params, x_example)
+    if len(closed.out_avals) != 1:
+        raise TypeError(f"ekfac/kfac: apply_fn must return one array of outputs, got "
+                        f"{len(closed.out_avals)} arrays")
     leaves = jax.tree_util.tree_leaves(params)
     x_leaves = jax.tree_util.tree_leaves(x_example)
     hooks = _Hooks()
@@ -316,8 +320,11 @@ def _output_factor(loss_fn, z, y):
 
 
 # ------------------------------------------------------------------ statistics
-def _stats_fn(obj, params, x_example, found):
-    """Returns ``per_example(example, mode, rot)`` computing factor statistics."""
+def _stats_fn(obj, params, found):
+    """``(pseudo, other, feat_last)``: ``pseudo(example, label_grad)`` returns the layer
+    inputs and the gradients w.r.t. the non-layer leaves and the layer outputs for one
+    example; ``other``: indices of the non-layer (diagonal) leaves; ``feat_last``: per layer,
+    whether the output's feature axis is the last one."""
     closed, treedef, x_def, n_p, meta, lyr = found
     leaves = jax.tree_util.tree_leaves(params)
     layer_leaves = {l.kernel for _, l in lyr} | {l.bias for _, l in lyr if l.bias is not None}
@@ -473,7 +480,7 @@ def _prepare_run(params, data, shift, *, obj, found, correct, chunk_size):
     lyr = found[-1]
     leaves, treedef = jax.tree_util.tree_flatten(params)
     n = jax.tree_util.tree_leaves(data)[0].shape[0]
-    pseudo, other, feat_last = _stats_fn(obj, params, _first(data), found)
+    pseudo, other, feat_last = _stats_fn(obj, params, found)
 
     def per_chunk(chunk):
         """Per-layer ``(B, T, din~)`` inputs and ``(B, K, T, dout)`` output gradients."""
@@ -563,7 +570,7 @@ def quadratic_form(state: EKFACState, obj, params, chunk):
     x0 = _first(chunk)
     found = _layer_info(obj, params, x0)
     lyr = found[-1]
-    pseudo, other, feat_last = _stats_fn(obj, params, x0, found)
+    pseudo, other, feat_last = _stats_fn(obj, params, found)
     dleaves = jax.tree_util.tree_leaves(state.diag)
     s = state.shift
 
