@@ -238,6 +238,22 @@ def test_block_cg_nonfinite_row_negative_curvature_and_options():
         solvers.cg(block=True, preconditioner="jacobi")
 
 
+def test_block_cg_float32_stagnates_with_the_best_iterate():
+    # a tolerance below float32's reach: STAGNATED (not a blow-up), best iterate returned
+    setup = _problem("gnh", 1e-2)
+    op = setup["op"]
+    op32 = op.replace(params=jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), op.params),
+                      data=(op.data[0].astype(jnp.float32), op.data[1]))
+    _, unravel = ravel_pytree(op32.params)
+    solver = solvers.cg(tol=1e-12, max_steps=2000, recompute_every=10, block=True)
+    sols = solver.apply_batch(solver.prepare(op32), op32,
+                              jax.vmap(unravel)(setup["bs"].astype(jnp.float32)))
+    assert np.all(np.asarray(sols.status) == Status.STAGNATED)
+    assert int(sols.stats["steps"][0]) < 2000
+    for i in range(3):
+        assert rel_err(jax.tree_util.tree_map(lambda a, i=i: a[i], sols.x), setup["xs"][i]) < 1e-4
+
+
 def test_cg_negative_curvature_on_nonconvex_hessian():
     obj, params, data = make_problem("relu_mlp")
     obj = influx.Objective(obj.apply_fn, obj.loss_fn, l2=0.0)

@@ -42,9 +42,8 @@ measured no faster than that ``vmap`` (both do the same batched products).
 space shared by all right-hand sides, which needs far fewer steps -- on the digits MLP
 (16 test gradients, float32, tol 1e-4) 30 block steps against 62 for the slowest of 16
 independent CGs, 2x faster, and 2.9x on an MNIST MLP (``benchmarks/solvers.py``,
-``benchmarks/compare_peers.py``). It has no preconditioner and no stagnation detection
-(ask for a tolerance the dtype reaches; it stops at ``max_steps`` with ``MAX_STEPS``);
-a single right-hand side is plain CG.
+``benchmarks/compare_peers.py``). It keeps the best iterate and detects stagnation like
+plain CG, but takes no preconditioner; a single right-hand side is plain CG.
 """
 
 from __future__ import annotations
@@ -157,7 +156,8 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
         unravel = ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], bs))[1]
         mv = jax.vmap(flat_matvec(op, unravel, flat_bs.dtype))
         x, res, prods, status, stats = block_cg(mv, flat_bs, tol=tol, atol=atol, max_steps=max_steps,
-                                                recompute_every=recompute_every)
+                                                recompute_every=recompute_every, stagnation_window=window,
+                                                divergence_factor=divergence_factor)
         return Solution(jax.vmap(unravel)(x), res, prods, status == Status.CONVERGED, status, stats)
 
     opts["block"] = True
@@ -181,7 +181,8 @@ def _orthonormal_rows(m):
     return m
 
 
-def block_cg(mv, b, *, tol, atol, max_steps, recompute_every):
+def block_cg(mv, b, *, tol, atol, max_steps, recompute_every, stagnation_window=None,
+             divergence_factor=100.0):
     """Block conjugate gradients (O'Leary 1980) for ``A X = B``, ``B`` of shape ``(k, P)``.
 
     All ``k`` right-hand sides share one Krylov space ``span{R_0, A R_0, ...}`` (k vectors
@@ -199,9 +200,14 @@ def block_cg(mv, b, *, tol, atol, max_steps, recompute_every):
     residual is replaced by the true ``B - A X`` every ``recompute_every`` steps and before
     stopping; the loop stops when every true residual is ``<= max(tol ||b||, atol)``, at
     ``max_steps`` steps, or when ``P^T A P`` has an eigenvalue ``< -1e3 eps max|w|``
-    (``NEGATIVE_CURVATURE``: the operator is not positive definite). Returns
-    ``(x, true residual norms, products per column, status, stats)``; non-finite rows of
-    ``B`` are ``NONFINITE`` (solved as zero).
+    (``NEGATIVE_CURVATURE``: the operator is not positive definite). As in :func:`cg`,
+    the iterate with the smallest worst-row residual ratio ``max_j ||r_j|| / thresh_j`` is
+    kept, and the loop stops as ``STAGNATED`` when that ratio has not dropped by 10% over
+    ``stagnation_window`` steps (default ``3 * recompute_every``) or exceeds
+    ``divergence_factor`` times its best (loss of orthogonality in low precision); the
+    better of the last and the best iterate is returned. Returns ``(x, true residual
+    norms, products per column, status, stats)``; non-finite rows of ``B`` are
+    ``NONFINITE`` (solved as zero).
     """
     dtype = b.dtype
     k = b.shape[0]
@@ -212,6 +218,9 @@ def block_cg(mv, b, *, tol, atol, max_steps, recompute_every):
     b0 = jnp.where(finite_b[:, None], b, 0)
     b_norm = jnp.where(finite_b, b_norm, 0)
     thresh = jnp.maximum(tol * b_norm, atol).astype(dtype)
+    scale = jnp.where(thresh > 0, thresh, jnp.where(b_norm > 0, b_norm, 1.0))
+    window = 3 * recompute_every if stagnation_window is None else stagnation_window
+    worst = lambda r: jnp.max(jnp.where(finite_b, norm(r) / scale, 0.0))
 
     def cond(c):
         return c["running"]
@@ -235,27 +244,44 @@ def block_cg(mv, b, *, tol, atol, max_steps, recompute_every):
         beta = -pinv @ (q @ r_true.T)
         p_new = _orthonormal_rows(r_true + beta.T @ p)
         converged = replace & jnp.all(norm(r_true) <= thresh)
-        ok = ~neg & jnp.all(jnp.isfinite(x_new))
-        running = ok & ~converged & (it + 1 < max_steps)
+        ok = ~neg & jnp.all(jnp.isfinite(x_new)) & jnp.all(jnp.isfinite(r_true))
+        ratio = jnp.where(ok, worst(r_true), jnp.inf)
+        improve = ratio < c["best"]
+        signif = ratio < 0.9 * c["anchor"]
+        anchor_it = jnp.where(signif, it + 1, c["anchor_it"])
+        stalled = ((it + 1 - anchor_it) >= window) | (ratio > divergence_factor * c["best"])
+        running = ok & ~converged & (it + 1 < max_steps) & ~stalled
         return {"x": jnp.where(ok, x_new, x), "r": jnp.where(ok, r_true, r),
                 "p": p_new, "it": it + 1, "j": jnp.where(replace, 0, j + 1),
                 "prods": c["prods"] + 1 + replace.astype(jnp.int32), "running": running,
-                "neg": neg, "bad": ~jnp.all(jnp.isfinite(x_new))}
+                "neg": neg, "bad": ~jnp.all(jnp.isfinite(x_new)), "stalled": stalled & ok,
+                "x_best": jnp.where(improve, x_new, c["x_best"]),
+                "best": jnp.where(improve, ratio, c["best"]),
+                "anchor": jnp.where(signif, ratio, c["anchor"]), "anchor_it": anchor_it}
 
+    r0 = worst(b0)
     init = {"x": jnp.zeros_like(b0), "r": b0, "p": _orthonormal_rows(b0),
             "it": jnp.int32(0), "j": jnp.int32(0), "prods": jnp.int32(0),
-            "running": jnp.any(norm(b0) > thresh), "neg": jnp.bool_(False), "bad": jnp.bool_(False)}
+            "running": jnp.any(norm(b0) > thresh), "neg": jnp.bool_(False), "bad": jnp.bool_(False),
+            "stalled": jnp.bool_(False), "x_best": jnp.zeros_like(b0), "best": r0, "anchor": r0,
+            "anchor_it": jnp.int32(0)}
     c = jax.lax.while_loop(cond, body, init)
-    res = norm(b0 - mv(c["x"]))
+    # the better (worst-row residual ratio) of the last and the best iterate, true residuals
+    both = mv(jnp.concatenate([c["x"], c["x_best"]]))
+    r_last, r_best = b0 - both[:k], b0 - both[k:]
+    use_best = worst(r_best) < worst(r_last)
+    x = jnp.where(use_best, c["x_best"], c["x"])
+    res = norm(jnp.where(use_best, r_best, r_last))
     status = jnp.where(res <= thresh, Status.CONVERGED,
                        jnp.where(c["neg"], Status.NEGATIVE_CURVATURE,
-                                 jnp.where(c["bad"], Status.NONFINITE, Status.MAX_STEPS)))
+                                 jnp.where(c["bad"], Status.NONFINITE,
+                                           jnp.where(c["stalled"], Status.STAGNATED, Status.MAX_STEPS))))
     status = jnp.where(finite_b, status, Status.NONFINITE).astype(jnp.int32)
     res = jnp.where(finite_b, res, jnp.inf).astype(dtype)
-    prods = jnp.broadcast_to(c["prods"] + 1, (k,))
+    prods = jnp.broadcast_to(c["prods"] + 2, (k,))
     stats = {"steps": jnp.broadcast_to(c["it"], (k,)),
              "relative_residual": res / jnp.where(b_norm > 0, b_norm, 1.0)}
-    return c["x"], res, prods, status, stats
+    return x, res, prods, status, stats
 
 
 def _cg_block(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnation_window,
