@@ -41,6 +41,7 @@ __all__ = [
     "operator",
     "dense",
     "chunked_sum",
+    "chunked_map",
     "per_example_grads",
     "per_example_grads_flat",
 ]
@@ -110,6 +111,29 @@ def chunked_sum(fn: Callable, data, *, chunk_size: int):
         tail = jax.tree_util.tree_map(lambda a: a[n_full * c :], data)
         acc = jax.tree_util.tree_map(jnp.add, acc, fn(tail))
     return acc
+
+
+def chunked_map(fn, xs, *, chunk_size: int):
+    """``fn`` applied to consecutive chunks of ``xs``'s leading axis, outputs concatenated.
+
+    ``fn`` takes a batch (a leading axis of ``chunk_size``, the last one possibly shorter)
+    and returns pytrees with the same leading axis. Full chunks run in one ``lax.map``
+    (one compiled body, memory bounded by the chunk); a final partial chunk is a separate
+    call, so any length is handled exactly (the companion of :func:`chunked_sum`).
+    """
+    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    c = min(int(chunk_size), n)
+    n_full, rem = divmod(n, c)
+    outs = []
+    if n_full:
+        head = jax.tree_util.tree_map(lambda a: a[: n_full * c].reshape((n_full, c) + a.shape[1:]), xs)
+        o = jax.lax.map(fn, head)
+        outs.append(jax.tree_util.tree_map(lambda l: l.reshape((n_full * c,) + l.shape[2:]), o))
+    if rem:
+        outs.append(fn(jax.tree_util.tree_map(lambda a: a[n_full * c:], xs)))
+    if len(outs) == 1:
+        return outs[0]
+    return jax.tree_util.tree_map(lambda *ls: jnp.concatenate(ls), *outs)
 
 
 def _check_chunk_size(chunk_size):

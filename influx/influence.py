@@ -326,16 +326,7 @@ def _solve_many(solver, state, op, rhs, *, batch_size):
     if many is None:
         return jax.lax.map(lambda b: solver.apply(state, op, b), rhs, batch_size=batch_size)
     # the solver's native batched apply, ``batch_size`` right-hand sides per call
-    n = jax.tree_util.tree_leaves(rhs)[0].shape[0]
-    bs = min(batch_size, n)
-    n_full, rem = divmod(n, bs)
-    head = jax.tree_util.tree_map(lambda a: a[: n_full * bs].reshape((n_full, bs) + a.shape[1:]), rhs)
-    out = jax.lax.map(lambda b: many(state, op, b), head)
-    out = jax.tree_util.tree_map(lambda a: a.reshape((n_full * bs,) + a.shape[2:]), out)
-    if rem:
-        tail = many(state, op, jax.tree_util.tree_map(lambda a: a[n_full * bs:], rhs))
-        out = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), out, tail)
-    return out
+    return _curvature.chunked_map(lambda b: many(state, op, b), rhs, chunk_size=batch_size)
 
 
 class InfluenceInfo(NamedTuple):

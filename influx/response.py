@@ -101,6 +101,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from influx.curvature import chunked_map
 from influx.objective import Objective, check_data, check_like, num_examples, tree_sqnorm
 from influx.solvers._base import Status
 
@@ -458,7 +459,6 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
         xs = perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
 
     x_train = train[0]
-    n_chunks, rest = divmod(removed.shape[0], chunk_size)
 
     def solve_chunk(args):
         """Solves the removed examples ``ms`` (one chunk) together: one loop over steps, vmap inside."""
@@ -538,14 +538,7 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
         out["steps_taken"] = taken
         return out
 
-    outs = []
-    if n_chunks:
-        split = lambda v: v[: n_chunks * chunk_size].reshape(n_chunks, chunk_size)
-        o = jax.lax.map(solve_chunk, (split(removed), split(eps)))
-        outs.append(jax.tree_util.tree_map(lambda l: l.reshape((-1,) + l.shape[2:]), o))
-    if rest:
-        outs.append(solve_chunk((removed[n_chunks * chunk_size:], eps[n_chunks * chunk_size:])))
-    out = jax.tree_util.tree_map(lambda *ls: jnp.concatenate(ls), *outs) if len(outs) > 1 else outs[0]
+    out = chunked_map(solve_chunk, (removed, eps), chunk_size=chunk_size)
     out["f_s"] = f_s
     return out
 

@@ -753,25 +753,28 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
     out = Path(out_dir) if out_dir is not None else None
     manifest = None
     sol_info = {}
-    if not multi:
+
+    def open_and_solve():
+        """Opens/validates ``out_dir`` (resume) and solves the test side when not resumed."""
+        manifest, done_chunks, resumed_from, flat, tk = None, 0, 0, None, None
         if out is not None:
             manifest, done_chunks, resumed_from, flat, tk = _open_out_dir(out, plan)
+        sol_info = {}
         if flat is None:
             flat, sol_info = _solve_flat(obj, params, test, plan, kind=kind, damping=damping)
             if out is not None:
                 _save_vectors(out, flat)
+        return manifest, done_chunks, resumed_from, flat, tk, sol_info
+
+    if not multi:
+        manifest, done_chunks, resumed_from, flat, tk, sol_info = open_and_solve()
     else:
         # Process 0 opens/validates out_dir and solves the test side; the others receive the
         # outcome and the vectors (never reading out_dir before the run is finished).
         status, err = None, None
         if lead:
             try:
-                if out is not None:
-                    manifest, done_chunks, resumed_from, flat, tk = _open_out_dir(out, plan)
-                if flat is None:
-                    flat, sol_info = _solve_flat(obj, params, test, plan, kind=kind, damping=damping)
-                    if out is not None:
-                        _save_vectors(out, flat)
+                manifest, done_chunks, resumed_from, flat, tk, sol_info = open_and_solve()
                 flat = np.asarray(flat, dtype=ravel_pytree(params)[0].dtype)
                 status = {"done_chunks": done_chunks, "resumed_from": resumed_from, "sol_info": sol_info,
                           "shape": list(flat.shape), "dtype": str(flat.dtype)}

@@ -232,3 +232,13 @@ def test_objective_is_hashable_static_arg():
     assert hash(obj) == hash(influx.Objective(obj.apply_fn, obj.loss_fn, l2=obj.l2))
     f = jax.jit(lambda o, p, d: o(p, d), static_argnums=0)
     np.testing.assert_allclose(f(obj, params, data), obj(params, data))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 7, 37, 100])
+def test_chunked_map_equals_one_call(chunk_size):
+    xs = {"a": jnp.arange(37.0), "b": jnp.arange(74.0).reshape(37, 2)}
+    fn = lambda t: {"s": t["a"] * 2.0 + t["b"][:, 0], "n": t["b"] ** 2}
+    got = curvature.chunked_map(fn, xs, chunk_size=chunk_size)
+    want = fn(xs)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))

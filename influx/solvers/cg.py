@@ -127,7 +127,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
 
     def _solve(state, op, flat_b):  # flat_b: (k, P)
         mv, psolve = _setup(state, op, flat_b.dtype)
-        return _cg_block(mv, psolve, flat_b, tol=tol, atol=atol, max_steps=max_steps,
+        return _cg_columns(mv, psolve, flat_b, tol=tol, atol=atol, max_steps=max_steps,
                          recompute_every=recompute_every, stagnation_window=window,
                          divergence_factor=divergence_factor)
 
@@ -284,9 +284,9 @@ def block_cg(mv, b, *, tol, atol, max_steps, recompute_every, stagnation_window=
     return x, res, prods, status, stats
 
 
-def _cg_block(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnation_window,
+def _cg_columns(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnation_window,
               divergence_factor):
-    """Block CG on ``b`` of shape ``(k, P)``: every column is an independent CG run.
+    """CG on ``b`` of shape ``(k, P)``: every column is an independent CG run.
 
     ``mv``/``psolve`` act on one flat vector and are ``vmap``-ed over the block. One loop
     iteration spends one product per running column: a CG step, or (every

@@ -405,7 +405,7 @@ def ekfac(*, correct: bool = True, tol: float | None = None, residual: bool = Tr
 
     def apply(state: EKFACState, op, b) -> Solution:
         b = check_rhs(op, b)
-        x = inverse(state, op, b)
+        x = _inverse(state, op, b)
         finite_b = all_finite(ravel_pytree(b)[0])
         ok_shift = state.shift > 0
         if residual:
@@ -422,9 +422,6 @@ def ekfac(*, correct: bool = True, tol: float | None = None, residual: bool = Tr
         status = jnp.where(ok_shift, status, Status.NOT_POSITIVE_DEFINITE)
         status = jnp.where(finite_b & all_finite(ravel_pytree(x)[0]), status, Status.NONFINITE)
         return Solution(x, rn, steps, status == Status.CONVERGED, status, {})
-
-    def inverse(state, op, b):
-        return _inverse(state, op, b)
 
     return Solver(name, prepare, apply, {"correct": correct, "tol": tol, "residual": residual})
 
