@@ -732,7 +732,8 @@ both sides; both use the projection-only estimator `U diag(1/(lambda_i + lambda)
 (`influx.solvers.arnoldi(complement=False)`); influx runs one Lanczos pass of 65 products,
 pyDVL's ARPACK restarts until its Ritz values converge to 1e-6 (more products, same
 subspace quality or better). EK-FAC / K-FAC: kronfluence's default analyzer workflow (true
-Fisher with sampled labels, float32 factors) and pyDVL's `EkfacInfluence` (sampled labels)
+Fisher with sampled labels, float32 factors) and pyDVL's `EkfacInfluence` (one pseudo-gradient
+per example, see 4 below)
 with `damping_factor` / `regularization = l2 + damping`; influx's `solvers.ekfac()` /
 `solvers.kfac()` (exact output-Hessian factors of the Gauss-Newton matrix: the expectation
 of the sampled Fisher, without its noise; `residual=False`). Skipped or capped
@@ -770,8 +771,16 @@ Where the gap comes from:
    kronfluence samples one label per example (the same `S` in expectation, plus noise),
    and pyDVL 0.10 uses one pseudo-gradient per example, the *sum* of the columns of `L`
    (`empirical_cross_entropy_loss_fn`: `sum_c sqrt(p_c) log p_c`), i.e.
-   `S = E[L 1 1^T L^T]`, which is not the Fisher. Its smaller relative error on digits
-   comes with a lower correlation and is not closer to the GNH it targets.
+   `S = E[L 1 1^T L^T]`, which is not the Fisher. On a confidently classified example
+   (`p_y = 1 - e`, the rest spread over 9 classes) that pseudo-gradient's squared norm is
+   about `10 e` against the Fisher's trace `2 e`, so pyDVL's curvature is larger and its
+   scores smaller. All three EK-FACs overestimate the score magnitudes here (score-matrix
+   norm over the GNH reference's, from the cached runs: digits influx 3.9, kronfluence 5.4,
+   pyDVL 2.4; MNIST 1.34 / 1.41 / 1.05), and pyDVL's inflated curvature happens to offset
+   part of it: its relative error is lower against both references while the
+   correlations are within 0.01 of influx's. influx keeps the Fisher (the matrix the
+   method is defined with, and kronfluence's), so this family misses the accuracy rule
+   against pyDVL although it is 29-118x faster.
 5. Where influx is not 5x faster the table says so. Direct: the peer is itself one
    well-vectorised dense call (`torch.func.hessian` plus a Cholesky on a 2410 x 2410
    matrix); both sides are bound by the same ~70 GFLOP of dense Hessian arithmetic. CG:

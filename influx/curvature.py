@@ -32,6 +32,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influx import losses as _losses
+from influx._xla import jit
 from influx.objective import Objective, check_data, check_like, num_examples
 
 __all__ = [
@@ -237,7 +238,7 @@ class Operator:
                 f"l2={self.obj.l2}, chunk_size={self.chunk_size})")
 
 
-@jax.jit
+@jit
 def _curvature_product(op: Operator, v):
     """``C v``, compiled once per operator structure (inlined under an outer ``jit``)."""
     chunk_fn = _chunk_product(op.obj, op.kind, op.params, v)
@@ -294,18 +295,20 @@ def operator(obj: Objective, params, data, *, kind: str = "gnh", damping=0.0,
     return Operator(obj, params, data, jnp.asarray(damping), kind=kind, chunk_size=chunk_size)
 
 
-def dense(op: Operator, params=None, *, batch_size: int = 128):
+def dense(op: Operator, params=None, *, batch_size: int = 64):
     """Materialises ``op`` as a ``(P, P)`` matrix in ``ravel_pytree(params)`` order.
 
     Costs ``P`` operator products (``batch_size`` of them vmapped at a time) and ``P^2``
-    memory: for small models only. ``params`` defaults to ``op.params``.
+    memory: for small models only. ``params`` defaults to ``op.params``. (64 basis vectors
+    per batch measured 5-10% faster than 128 or 256 for the Hessian of the digits MLP,
+    P = 2410, on 2 CPU cores: the tangents of a data chunk stay cache-sized.)
     """
     if params is not None:
         op = op.replace(params=params)
     return _dense(op, batch_size=batch_size)
 
 
-@functools.partial(jax.jit, static_argnames="batch_size")
+@functools.partial(jit, static_argnames="batch_size")
 def _dense(op: Operator, *, batch_size: int):
     flat, unravel = ravel_pytree(op.params)
     p = flat.shape[0]

@@ -57,6 +57,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
 from influx import curvature as _curvature
+from influx._xla import jit
 from influx.objective import Objective, check_data, num_examples
 from influx.solvers._base import Solution, Solver, Status, status_message
 
@@ -315,12 +316,12 @@ def _check_chunk_size(chunk_size) -> int:
 
 
 # ------------------------------------------------------------------ test side
-@functools.partial(jax.jit, static_argnames=("f", "batch_size"))
+@functools.partial(jit, static_argnames=("f", "batch_size"))
 def _measurement_grads(f, params, test, *, batch_size):
     return jax.lax.map(lambda ex: jax.grad(f)(params, ex), test, batch_size=batch_size)
 
 
-@functools.partial(jax.jit, static_argnames=("solver", "batch_size"))
+@functools.partial(jit, static_argnames=("solver", "batch_size"))
 def _solve_many(solver, state, op, rhs, *, batch_size):
     many = getattr(solver, "apply_many", None)
     if many is None:
@@ -440,7 +441,7 @@ def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data"):
     """
     kern = functools.partial(_kernel, obj, method)
     if mesh is None:
-        return jax.jit(kern)
+        return jit(kern)
 
     def local(params, vecs, chunk, scale):
         # Mark the replicated parameters as device-varying: differentiating an unvarying
@@ -451,7 +452,7 @@ def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data"):
     P = PartitionSpec
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P()),
                             out_specs=P(None, axis))
-    return jax.jit(sharded)
+    return jit(sharded)
 
 
 def _take(tree, a, b):
@@ -671,7 +672,7 @@ def _quadratic_form(solver, state, op):
     if name == "direct" and "factor" in state:
         fac = state["factor"]
 
-        @jax.jit
+        @jit
         def quad(params, chunk):
             g = _per_example_flat(obj, params, chunk)
             y = jax.scipy.linalg.solve_triangular(fac, g.T, lower=True)
@@ -681,7 +682,7 @@ def _quadratic_form(solver, state, op):
     if name == "direct" and "w" in state:
         u, w = state["u"], state["w"]
 
-        @jax.jit
+        @jit
         def quad_e(params, chunk):
             g = _per_example_flat(obj, params, chunk)
             proj = g @ u
@@ -691,7 +692,7 @@ def _quadratic_form(solver, state, op):
     if name in ("ekfac", "kfac"):
         from influx.solvers.ekfac import quadratic_form as _ekfac_quad
 
-        @jax.jit
+        @jit
         def quad_k(params, chunk):
             return _ekfac_quad(state, obj, params, chunk), None
 
@@ -710,7 +711,7 @@ def _quadratic_form(solver, state, op):
                           "(indefinite curvature); those components are dropped -- add damping or "
                           "use kind='gnh'", RuntimeWarning, stacklevel=_user_stacklevel())
 
-        @jax.jit
+        @jit
         def quad_l(params, chunk):
             g = _per_example_flat(obj, params, chunk)
             proj = g @ u.astype(g.dtype)
@@ -723,7 +724,7 @@ def _quadratic_form(solver, state, op):
 
         return quad_l
 
-    @jax.jit
+    @jit
     def quad_g(params, chunk):
         grads = jax.vmap(lambda ex: jax.grad(
             lambda p: jnp.sum(obj.per_example_loss(p, jax.tree_util.tree_map(lambda a: a[None], ex)))

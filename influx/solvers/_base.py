@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from influx._xla import jit
 from influx.objective import check_finite, check_like
 
 __all__ = ["Solution", "Solver", "Status", "status_message", "check_solution", "check_rhs"]
@@ -136,8 +137,8 @@ class Solver:
     @functools.cached_property
     def _batched_apply(self):
         if self.apply_many is not None:
-            return jax.jit(self.apply_many)
-        return jax.jit(jax.vmap(self.apply, in_axes=(None, None, 0)))
+            return jit(self.apply_many)
+        return jit(jax.vmap(self.apply, in_axes=(None, None, 0)))
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

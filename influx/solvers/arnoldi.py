@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from influx._xla import jit
 from influx.solvers._base import (
     Solution,
     Solver,
@@ -143,7 +144,7 @@ def arnoldi(*, rank: int = 20, iterations: int | None = None, key=None, tol: flo
         raise ValueError("arnoldi: tol needs residual=True")
     key = jax.random.PRNGKey(0) if key is None else key
 
-    @jax.jit
+    @jit
     def prepare(op) -> ArnoldiState:
         flat, unravel = ravel_pytree(op.params)
         p = flat.shape[0]
@@ -152,7 +153,7 @@ def arnoldi(*, rank: int = 20, iterations: int | None = None, key=None, tol: flo
         w, u = top_eigenpairs(flat_curvature(op, unravel, flat.dtype), v0, m, r)
         return ArnoldiState(w, u)
 
-    @jax.jit
+    @jit
     def _apply(state: ArnoldiState, op, b):
         flat_b, unravel = ravel_pytree(b)
         dtype = flat_b.dtype

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from influx._xla import jit
 from influx.solvers._base import Solution, Solver, Status, check_rhs, flat_matvec
 
 __all__ = ["cg", "diagonal_preconditioner", "estimate_diagonal"]
@@ -107,7 +108,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
         _check_positive_int("cg: precond_samples", precond_samples)
     key = jax.random.PRNGKey(0) if key is None else key
 
-    @jax.jit
+    @jit
     def prepare(op):
         if preconditioner == "jacobi":
             return {"inv_diag": 1.0 / estimate_diagonal(op, key, samples=precond_samples)}
@@ -131,7 +132,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
                          recompute_every=recompute_every, stagnation_window=window,
                          divergence_factor=divergence_factor)
 
-    @jax.jit
+    @jit
     def _apply(state, op, b):
         flat_b, unravel = ravel_pytree(b)
         x, res, prods, status, stats = _solve(state, op, flat_b[None])
@@ -150,7 +151,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
     if preconditioner is not None:
         raise ValueError("cg: block=True does not take a preconditioner")
 
-    @jax.jit
+    @jit
     def apply_many(state, op, bs):
         flat_bs = jax.vmap(lambda b: ravel_pytree(b)[0])(bs)
         unravel = ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], bs))[1]
@@ -411,7 +412,7 @@ def diagonal_preconditioner(op, key=None, *, samples: int = 32) -> Callable:
     Equivalent to ``cg(preconditioner="jacobi")``, which estimates ``D`` inside ``prepare``.
     """
     key = jax.random.PRNGKey(0) if key is None else key
-    inv = 1.0 / jax.jit(estimate_diagonal, static_argnames="samples")(op, key, samples=samples)
+    inv = 1.0 / jit(estimate_diagonal, static_argnames="samples")(op, key, samples=samples)
     _, unravel = ravel_pytree(op.params)
 
     def apply(v):

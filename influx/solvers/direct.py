@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from influx._xla import jit
 from influx.solvers._base import Solution, Solver, Status, check_rhs
 
 __all__ = ["direct"]
@@ -40,7 +41,7 @@ def direct(*, method: str = "cholesky", raise_on_failure: bool = True) -> Solver
         raise ValueError(f"direct: method must be 'cholesky' or 'eigh', got {method!r}")
     from influx.curvature import dense
 
-    @jax.jit
+    @jit
     def _prepare(op):
         a = dense(op)
         if method == "cholesky":
@@ -65,7 +66,7 @@ def direct(*, method: str = "cholesky", raise_on_failure: bool = True) -> Solver
             )
         return state
 
-    @jax.jit
+    @jit
     def _apply(state, op, b):
         flat_b, unravel = ravel_pytree(b)
         finite_b = jnp.all(jnp.isfinite(flat_b))

@@ -67,6 +67,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influx import losses as _losses
+from influx._xla import jit
 from influx.solvers._base import Solution, Solver, Status, all_finite, check_rhs
 
 __all__ = ["ekfac", "kfac", "layers", "DenseLayer", "EKFACState", "quadratic_form"]
@@ -459,7 +460,7 @@ def _prepare(op, correct: bool) -> EKFACState:
     key = (id(found), op.obj, correct, op.chunk_size)
     run = _RUNS.get(key)
     if run is None:
-        run = jax.jit(functools.partial(_prepare_run, obj=op.obj, found=found, correct=correct,
+        run = jit(functools.partial(_prepare_run, obj=op.obj, found=found, correct=correct,
                                         chunk_size=op.chunk_size))
         if len(_RUNS) > 32:
             _RUNS.clear()

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from influx._xla import jit
 from influx.objective import num_examples
 from influx.solvers._base import Solution, Solver, Status, all_finite, check_rhs, flat_matvec
 from influx.solvers.arnoldi import top_eigenpairs
@@ -106,7 +107,7 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
     key = jax.random.PRNGKey(0) if key is None else key
     k_scale, k_run = jax.random.split(key)
 
-    @jax.jit
+    @jit
     def prepare(op):
         flat, _ = ravel_pytree(op.params)
         dtype = flat.dtype
@@ -131,7 +132,7 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
         s = safety * jnp.maximum(lam, lam_b)
         return {"scale": s.astype(dtype), "lambda_max": lam, "lambda_max_batch": lam_b}
 
-    @jax.jit
+    @jit
     def apply_many(state, op, bs) -> Solution:
         """All right-hand sides (leading axis of every leaf of ``bs``) in one loop: every step
         draws one minibatch and multiplies it with every iterate (the forward pass and the
