@@ -786,18 +786,27 @@ Where the gap comes from:
    correlations are within 0.01 of influx's. influx keeps the Fisher (the matrix the
    method is defined with, and kronfluence's), so this family misses the accuracy rule
    against pyDVL although it is 29-118x faster.
-5. Where influx is not 5x faster the table says so. Direct: the peer is itself one
-   well-vectorised dense call (`torch.func.hessian` plus a Cholesky on a 2410 x 2410
-   matrix); both sides are bound by the same ~70 GFLOP of dense Hessian arithmetic. CG:
-   both sides run block CG (one Krylov space shared by the 16 right-hand sides; influx's
+5. Where influx is not 5x faster the table says so. Direct (digits, 4.2x): both sides build
+   the dense 2410 x 2410 Hessian from P forward-over-reverse columns over 1,437 examples,
+   about 42 GFLOP (a generic AD Hessian cannot skip the `x dW` products of the one-hot
+   tangents). influx's takes 0.42-0.45 s (~95 GFLOP/s on these 2 cores, whose peak for one
+   large float32 product is ~210), the Cholesky 0.05 s, test gradients, triangular solves
+   and JVP scoring the rest; 5x needs the whole call under 0.5 s, i.e. the Hessian near
+   the machine's peak. LiSSA on MNIST (2.9x): the same 1000 minibatch steps on both sides;
+   each influx step is one gather and one batched HVP for all 16 right-hand sides whose
+   two (128 x 784) x (784 x 256) products take 0.82 ms in a standalone compiled call
+   (including its dispatch), so the loop needs about 0.8 s, plus 0.25 s for the automatic
+   scale (Lanczos on the full operator and 4 minibatches; pyDVL's fixed default scale costs
+   nothing): 5x (0.9 s) is out of reach on this machine. On digits (6x) the step is small
+   enough that overhead still counts and influx's compiled loop wins. CG: both sides run
+   block CG (one Krylov space shared by the 16 right-hand sides; influx's
    `cg(block=True)`, orthonormal search directions, dependent ones dropped); influx's
-   product is 3-5x cheaper per vector. Independent CGs (`cg()`, influx's default) need
-   about twice the products here (digits: 62 steps for the slowest of 16 against 30 block
-   steps). LiSSA: the same 1000 minibatch steps on both sides; influx's
-   step (one gather and one batched HVP for all right-hand sides) is 3-5x cheaper. The
-   ratios depend on the machine's load: in an earlier run on the same machine while other
-   jobs ran, the PyTorch peers were 2-4x slower (CG 6.9x, LiSSA 13x); the table above
-   is from an idle machine.
+   product is 3-5x cheaper per vector. Independent CGs (`cg()`) need about twice the
+   products here (digits: 62 steps for the slowest of 16 against 30 block steps).
+6. XLA compile options: on the CPU influx compiles its solver, curvature and scoring
+   programs with XLA's own dot emitter instead of YNNPACK fusions (`influx._xla`), 1.07-1.3x
+   faster for direct, CG and LiSSA (section "XLA compile options"); the peers run with
+   PyTorch's defaults and 2 threads.
 """
 
 

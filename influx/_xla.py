@@ -3,9 +3,10 @@
 On the CPU backend, jaxlib 0.9+ hands dot products to YNNPACK library fusions by default.
 Influence workloads are dominated by skinny products -- a few dozen right-hand sides or
 removed examples times hidden widths of tens to hundreds (minibatch HVPs in LiSSA, dense
-Hessian columns, vmapped response steps) -- where XLA's own dot emitter is faster: 15-25%
-on the LiSSA and dense-Hessian loops of ``benchmarks/`` (measured side by side in
-``benchmarks/xla_options.py``). :func:`jit` compiles with ``CPU_OPTIONS`` when the default
+Hessian columns, CG products) -- where XLA's own dot emitter is faster: 1.07-1.3x for the
+direct, CG and LiSSA solves of ``benchmarks/`` and neutral for the others (measured side by
+side in ``benchmarks/xla_options.py``; not used for the vmapped response programs, which
+measured slower with it). :func:`jit` compiles with ``CPU_OPTIONS`` when the default
 backend is the CPU and with no extra option on any other backend.
 
 * The options apply to the outermost compiled program only: an influx function called
