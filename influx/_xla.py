@@ -66,11 +66,12 @@ class _Jitted:
     """``jax.jit(fun, **kwargs)`` whose compile options are chosen at the first call."""
 
     def __init__(self, fun, kwargs):
+        # name and docstring of ``fun``, not its ``__dict__`` (``fun`` may be a _Jitted)
+        functools.update_wrapper(self, fun, updated=())
         self._fun = fun
         self._kwargs = kwargs
         self._plain = jax.jit(fun, **kwargs)
         self._tuned = None
-        functools.update_wrapper(self, fun)
 
     def _pick(self):
         opts = compiler_options()
@@ -96,6 +97,8 @@ class _Jitted:
             return self._plain(*args, **kwargs)
 
     def __getattr__(self, name):  # lower, trace, eval_shape, _cache_size, ...
+        if name in ("_fun", "_kwargs", "_plain", "_tuned"):  # not yet set (copy, unpickle)
+            raise AttributeError(name)
         return getattr(self._pick(), name)
 
 

@@ -73,3 +73,11 @@ def test_other_errors_propagate():
     with pytest.raises(TypeError):
         f(jnp.ones((2, 3)))
     assert not _xla._disabled
+
+
+def test_wrapping_a_wrapped_function_keeps_its_own_options():
+    inner = _xla.jit(lambda a, k: a * k, static_argnames="k")
+    outer = _xla.jit(inner, static_argnames="k")
+    assert outer._fun is inner and outer._kwargs == {"static_argnames": "k"}
+    np.testing.assert_allclose(outer(jnp.ones(2), k=3), 3.0)
+    assert outer.__name__ == "<lambda>"
