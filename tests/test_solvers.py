@@ -138,6 +138,34 @@ def test_lissa_native_batch_equals_one_at_a_time():
     assert np.all(np.asarray(sols.stats["recommended_scale"]) > 1e-3)
 
 
+def test_lissa_scale_estimate_on_a_random_subset():
+    """scale_examples < N: the full-operator estimate runs on a random subset (drawn from the
+    solver's key); scale_examples >= N changes nothing; the subset estimate stays a safe scale."""
+    from influx.solvers.lissa import _gather, estimate_top_eigenvalue
+
+    pr = _problem("gnh", 1e-2)
+    op, a = pr["op"], pr["a"]
+    n = op.num_examples
+    key = jax.random.PRNGKey(5)
+    base = solvers.lissa(key=key, scale_batches=0, scale_examples=None).prepare(op)
+    same = solvers.lissa(key=key, scale_batches=0, scale_examples=n).prepare(op)
+    assert float(same["lambda_max"]) == float(base["lambda_max"])
+    m = n // 3
+    sub = solvers.lissa(key=key, scale_batches=0, scale_examples=m).prepare(op)
+    # the same subset and Lanczos start as prepare draws them
+    k_scale = jax.random.split(key)[0]
+    k_full = jax.random.split(k_scale)[0]
+    k_full, k_sub = jax.random.split(k_full)
+    idx = jax.random.choice(k_sub, n, (m,), replace=False)
+    want = estimate_top_eigenvalue(op.replace(data=_gather(op.data, idx)), k_full, iterations=20)
+    np.testing.assert_allclose(float(sub["lambda_max"]), float(want), rtol=1e-10)
+    assert float(sub["lambda_max"]) != float(base["lambda_max"])
+    lam = np.linalg.eigvalsh(a)[-1]
+    assert 0.5 * lam < float(sub["scale"]) < 3.0 * lam  # stable: S > lambda_max / 2
+    with pytest.raises(ValueError, match="scale_examples"):
+        solvers.lissa(scale_examples=0)
+
+
 def test_lissa_full_batch_is_neumann_series(setup):
     """batch_size >= N: deterministic Neumann series, error (1 - lambda_min/S)^(depth+1)."""
     if setup["kind"] != "gnh":

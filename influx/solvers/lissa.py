@@ -18,8 +18,11 @@ Stability: the recursion is contractive for every minibatch only when
 geometrically (the NaN that peer libraries return). Here:
 
 * ``scale=None`` (default) estimates ``lambda_max`` in :meth:`prepare` by Lanczos
-  (``scale_iterations`` products) on the full operator *and* on ``scale_batches`` random
-  minibatch operators (minibatch curvature can exceed the full one), and sets
+  (``scale_iterations`` products) on the full operator -- on a random subset of
+  ``scale_examples`` examples when ``N`` is larger, so the estimate costs at most
+  ``scale_iterations * scale_examples`` example-products however large the data --
+  *and* on ``scale_batches`` random minibatch operators (minibatch curvature can exceed
+  the full one), and sets
   ``S = safety * max(all estimates)`` (``safety = 1.1``). Since the Ritz estimate is a
   lower bound of ``lambda_max`` that converges fast, and stability only needs
   ``S > lambda_max(A_t) / 2``, this leaves a margin of ``2 * safety = 2.2`` for unseen
@@ -75,7 +78,7 @@ def estimate_top_eigenvalue(op, key, *, iterations: int = 20):
 
 def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 128, key=None,
           safety: float = 1.1, scale_iterations: int = 20, scale_batches: int = 4,
-          tol: float | None = None) -> Solver:
+          scale_examples: int | None = 8192, tol: float | None = None) -> Solver:
     """Stochastic Neumann-series solver (see module docstring).
 
     Args:
@@ -88,6 +91,12 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
       safety: ``S = safety * lambda_max`` estimate when ``scale=None``.
       scale_iterations, scale_batches: Lanczos steps per estimate and number of minibatch
         operators probed for the scale.
+      scale_examples: the estimate "on the full operator" uses a random subset of this
+        many examples when ``N`` is larger (``None``: always all ``N``). Without the cap
+        the estimate costs ``scale_iterations`` full passes over the data, more than the
+        whole recursion once ``N`` exceeds ``depth * batch_size / scale_iterations``; the
+        top eigenvalue of a random subset's curvature is typically at least the full one's
+        (safe for stability), and the minibatch probes bound it from above as well.
       tol: when set, a true relative residual above ``tol`` is reported as ``MAX_STEPS``
         (``depth`` too small); otherwise a finished, non-diverged run is ``CONVERGED``.
     """
@@ -97,6 +106,9 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
             raise ValueError(f"lissa: {name} must be an int >= 1, got {v!r}")
     if isinstance(scale_batches, bool) or not isinstance(scale_batches, int) or scale_batches < 0:
         raise ValueError(f"lissa: scale_batches must be an int >= 0, got {scale_batches!r}")
+    if scale_examples is not None and (isinstance(scale_examples, bool)
+                                       or not isinstance(scale_examples, int) or scale_examples < 1):
+        raise ValueError(f"lissa: scale_examples must be an int >= 1 or None, got {scale_examples!r}")
     if scale is not None:
         scale = float(scale)
         if not scale > 0 or scale == float("inf"):
@@ -117,7 +129,12 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
             nan = jnp.asarray(jnp.nan, dtype)
             return {"scale": jnp.asarray(scale, dtype), "lambda_max": nan, "lambda_max_batch": nan}
         k_full, k_b = jax.random.split(k_scale)
-        lam = estimate_top_eigenvalue(op, k_full, iterations=scale_iterations)
+        full = op
+        if scale_examples is not None and scale_examples < n:  # static: a random subset
+            k_full, k_sub = jax.random.split(k_full)
+            idx = jax.random.choice(k_sub, n, (scale_examples,), replace=False)
+            full = op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, scale_examples))
+        lam = estimate_top_eigenvalue(full, k_full, iterations=scale_iterations)
         lam_b = jnp.asarray(0.0, dtype)
         if bs < n and scale_batches > 0:
             keys = jax.random.split(k_b, scale_batches)
