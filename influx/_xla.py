@@ -86,12 +86,10 @@ class _Jitted:
         if _tracing(args, kwargs):  # inlined into the caller's program: no options of its own
             return self._plain(*args, **kwargs)
         f = self._pick()
-        if f is self._plain:
-            return f(*args, **kwargs)
         try:
             return f(*args, **kwargs)
         except jax.errors.JaxRuntimeError as e:
-            if "No such compile option" not in str(e):
+            if f is self._plain or "No such compile option" not in str(e):
                 raise
             _disabled = True
             return self._plain(*args, **kwargs)

@@ -189,6 +189,13 @@ def check_rhs(op, b, *, name: str = "b", batched: bool = False):
     return b
 
 
+def ravel_batch(bs):
+    """``(flat, unravel)``: the ``(k, P)`` rows of a batched pytree ``bs`` (leading axis ``k``)
+    and the ``unravel`` of one row."""
+    flat = jax.vmap(lambda b: ravel_pytree(b)[0])(bs)
+    return flat, ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], bs))[1]
+
+
 def flat_matvec(op, unravel, dtype):
     """``x -> ravel(op(unravel(x)))`` on flat vectors, in ``dtype``."""
 

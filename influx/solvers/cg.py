@@ -55,9 +55,9 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from influx._xla import jit
-from influx.solvers._base import Solution, Solver, Status, check_rhs, flat_matvec
+from influx.solvers._base import Solution, Solver, Status, check_rhs, flat_matvec, ravel_batch
 
-__all__ = ["cg", "diagonal_preconditioner", "estimate_diagonal"]
+__all__ = ["cg", "block_cg", "diagonal_preconditioner", "estimate_diagonal"]
 
 
 def _check_positive_int(name, v, *, minimum=1):
@@ -153,8 +153,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
 
     @jit
     def apply_many(state, op, bs):
-        flat_bs = jax.vmap(lambda b: ravel_pytree(b)[0])(bs)
-        unravel = ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], bs))[1]
+        flat_bs, unravel = ravel_batch(bs)
         mv = jax.vmap(flat_matvec(op, unravel, flat_bs.dtype))
         x, res, prods, status, stats = block_cg(mv, flat_bs, tol=tol, atol=atol, max_steps=max_steps,
                                                 recompute_every=recompute_every, stagnation_window=window,

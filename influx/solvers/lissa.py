@@ -54,7 +54,7 @@ from jax.flatten_util import ravel_pytree
 
 from influx._xla import jit
 from influx.objective import num_examples
-from influx.solvers._base import Solution, Solver, Status, all_finite, check_rhs, flat_matvec
+from influx.solvers._base import Solution, Solver, Status, all_finite, check_rhs, flat_matvec, ravel_batch
 from influx.solvers.arnoldi import top_eigenpairs
 
 __all__ = ["lissa", "estimate_top_eigenvalue"]
@@ -62,6 +62,11 @@ __all__ = ["lissa", "estimate_top_eigenvalue"]
 
 def _gather(data, idx):
     return jax.tree_util.tree_map(lambda a: a[idx], data)
+
+
+def _subset(op, idx):
+    """``op`` on the examples ``idx`` (its curvature the mean over them)."""
+    return op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, idx.shape[0]))
 
 
 def estimate_top_eigenvalue(op, key, *, iterations: int = 20):
@@ -133,7 +138,7 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
         if scale_examples is not None and scale_examples < n:  # static: a random subset
             k_full, k_sub = jax.random.split(k_full)
             idx = jax.random.choice(k_sub, n, (scale_examples,), replace=False)
-            full = op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, scale_examples))
+            full = _subset(op, idx)
         lam = estimate_top_eigenvalue(full, k_full, iterations=scale_iterations)
         lam_b = jnp.asarray(0.0, dtype)
         if bs < n and scale_batches > 0:
@@ -142,8 +147,7 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
             def one(k):
                 k1, k2 = jax.random.split(k)
                 idx = jax.random.choice(k1, n, (bs,), replace=False)
-                sub = op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, bs))
-                return estimate_top_eigenvalue(sub, k2, iterations=scale_iterations)
+                return estimate_top_eigenvalue(_subset(op, idx), k2, iterations=scale_iterations)
 
             lam_b = jnp.max(jax.lax.map(one, keys))
         s = safety * jnp.maximum(lam, lam_b)
@@ -156,8 +160,7 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
         gather are shared), exactly the sequence a single solve draws -- so the result equals
         solving them one at a time. A diverged right-hand side is frozen at its last finite
         iterate; the loop ends when ``depth`` is reached or every one has diverged."""
-        flat_bs = jax.vmap(lambda b: ravel_pytree(b)[0])(bs)
-        unravel = ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], bs))[1]
+        flat_bs, unravel = ravel_batch(bs)
         dtype = flat_bs.dtype
         n = num_examples(op.data)
         bsz = min(batch_size, n)
@@ -171,7 +174,7 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
                 sub = op
             else:  # with replacement: O(batch) per step (no O(N) permutation), unbiased
                 idx = jax.random.randint(t_key, (bsz,), 0, n)
-                sub = op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, bsz))
+                sub = _subset(op, idx)
             return jax.vmap(flat_matvec(sub, unravel, dtype))
 
         def run(sample_key):
