@@ -1,7 +1,6 @@
 """Tests for influx.data: loaders, splits, standardisation, batching, label flips."""
 
 import gzip
-import importlib.util
 import json
 import os
 import struct
@@ -230,8 +229,8 @@ def test_bad_sizes():
         data.load("iris", test_fraction=1.0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is not None, reason="tfds is installed")
-def test_tfds_not_installed_message():
+def test_tfds_not_installed_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import raises ImportError
     with pytest.raises(ValueError, match=r"pip install 'influx\[tfds\]'"):
         data.load("tfds:mnist")
 
