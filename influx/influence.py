@@ -41,13 +41,11 @@ Baselines with the same call shape: :func:`grad_dot` (identity curvature) and
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
-import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -58,6 +56,7 @@ from jax.sharding import PartitionSpec
 
 from influx import curvature as _curvature
 from influx._xla import jit
+from influx.measurements import Measurement, _bind_measurement, _check_measurement, _check_test, measurements
 from influx.objective import Objective, check_data, num_examples
 from influx.solvers._base import Solution, Solver, Status, status_message
 
@@ -91,136 +90,6 @@ JVP_MAX_TEST = 32
 PER_EXAMPLE_MAX_BYTES = 1 << 30
 # Per-example gradients are formed this many examples at a time inside a chunk.
 PER_EXAMPLE_BATCH = 16
-
-
-# ------------------------------------------------------------------ measurements
-@dataclasses.dataclass(frozen=True)
-class Measurement:
-    """A named measurement ``f(obj, params, example) -> scalar`` of one test example.
-
-    ``example = (x, y)`` without a leading axis. Frozen and hashable (a static ``jit``
-    argument); :meth:`bind` closes over the objective.
-    """
-
-    name: str
-    fn: Callable
-    options: tuple = ()
-
-    def bind(self, obj: Objective) -> Callable:
-        return _Bound(self, obj)
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options)
-        return f"measurements.{self.name}({opts})"
-
-
-@dataclasses.dataclass(frozen=True)
-class _Bound:
-    measurement: Measurement
-    obj: Objective
-
-    def __call__(self, params, example):
-        return self.measurement.fn(self.obj, params, example)
-
-    def __repr__(self) -> str:
-        return repr(self.measurement)
-
-
-def _outputs(obj, params, x):
-    out = obj.apply_fn(params, jax.tree_util.tree_map(lambda a: a[None], x))
-    return out[0]
-
-
-def _needs_labels(y, what):
-    if y is None:
-        raise ValueError(f"measurement {what} needs test labels: pass test=(x, y), or a label-free "
-                         "measurement such as influx.measurements.logit(k)")
-
-
-def _loss_fn(obj, params, example):
-    x, y = example
-    _needs_labels(y, "loss (the default)")
-    y1 = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], y)
-    return obj.loss_fn(obj.apply_fn(params, jax.tree_util.tree_map(lambda a: a[None], x)), y1)[0]
-
-
-def _margin_fn(obj, params, example):
-    x, y = example
-    _needs_labels(y, "margin")
-    z = _outputs(obj, params, x)
-    y = jnp.asarray(y).astype(jnp.int32)
-    zy = z[y]
-    others = jnp.where(jnp.arange(z.shape[-1]) == y, -jnp.inf, z)
-    return zy - jnp.max(others)
-
-
-def _loss() -> Measurement:
-    """The test loss ``loss_fn(apply_fn(theta, x_t), y_t)`` (the default)."""
-    return Measurement("loss", _loss_fn)
-
-
-def _margin() -> Measurement:
-    """Classification margin ``z_y - max_{k != y} z_k`` (integer labels)."""
-    return Measurement("margin", _margin_fn)
-
-
-def _logit(class_index: int) -> Measurement:
-    """The output ``z_k`` for a fixed class ``k`` (ignores the label)."""
-    if isinstance(class_index, bool) or not isinstance(class_index, (int, np.integer)):
-        raise TypeError(f"logit: class_index must be an int, got {class_index!r}")
-    k = int(class_index)
-
-    def fn(obj, params, example):
-        return _outputs(obj, params, example[0])[k]
-
-    return Measurement("logit", fn, (("class_index", k),))
-
-
-measurements = types.SimpleNamespace(loss=_loss, margin=_margin, logit=_logit)
-measurements.__doc__ = "Measurement factories: loss(), margin(), logit(class_index)."
-
-
-def _bind_measurement(obj, measurement):
-    if measurement is None:
-        measurement = _loss()
-    if isinstance(measurement, Measurement):
-        return measurement.bind(obj)
-    if not callable(measurement):
-        raise TypeError(
-            "measurement must be None, a Measurement (influx.measurements.loss() / margin() / "
-            f"logit(k)) or a callable f(params, example) -> scalar, got {type(measurement).__name__}"
-        )
-    return measurement
-
-
-def _check_test(obj, params, test, *, name="test") -> int:
-    """Validates the test set; ``(x, None)`` (no labels) is allowed for label-free measurements."""
-    if isinstance(test, (tuple, list)) and len(test) == 2 and test[1] is None:
-        x = test[0]
-        n = num_examples(x, name=f"{name} inputs")
-        x1 = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct((1,) + tuple(np.shape(a))[1:], jnp.result_type(a)), x)
-        try:
-            jax.eval_shape(obj.apply_fn, params, x1)
-        except Exception as e:  # noqa: BLE001 -- re-raised with context
-            raise ValueError(f"{name}: apply_fn does not accept the test inputs: "
-                             f"{type(e).__name__}: {e}") from e
-        return n
-    return check_data(obj, params, test, name=name)
-
-
-def _check_measurement(f, params, test, *, name="test"):
-    ex = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), test)
-    try:
-        out = jax.eval_shape(f, params, ex)
-    except Exception as e:  # noqa: BLE001 -- re-raised with context
-        raise ValueError(f"measurement {f!r} failed on one {name} example: {type(e).__name__}: {e}") from e
-    if not (hasattr(out, "shape") and out.shape == ()):
-        raise ValueError(
-            f"measurement must return a scalar for one {name} example, got {getattr(out, 'shape', out)}"
-        )
-    if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(f"measurement must return a float scalar, got dtype {out.dtype}")
 
 
 # ------------------------------------------------------------------ options and solver

@@ -3,6 +3,9 @@
 A loss maps model outputs ``z`` and targets ``y`` to a **per-example** loss. The last
 axis of ``z`` is the output dimension; any leading axes are example axes, so the same
 function serves one example (``z.shape == (K,)``) and a batch (``z.shape == (B, K)``).
+A custom ``loss_fn`` must keep that contract: for a batch of ``B`` examples it returns
+``B`` values, never their mean or sum (influx averages itself, and needs the individual
+losses for per-example gradients); every public entry point checks it.
 
 Each loss registers its output-space Hessian product ``u -> (d^2 L / dz^2) u`` in closed
 form, so Gauss-Newton products ``J^T H_z J v`` never differentiate the loss twice
@@ -32,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from influx.validation import InputError, InputTypeError
+
 __all__ = [
     "Loss",
     "softmax_cross_entropy",
@@ -50,8 +55,8 @@ class Loss:
       name: short identifier.
       value: ``(z, y) -> per-example loss`` (reduces the last axis of ``z``).
       hessian_product: ``(z, y, u) -> H_z(z, y) u`` with ``u`` shaped like ``z``.
-      check: ``(z_shape, y) -> None``; raises ``ValueError`` for targets that do not
-        fit outputs of that shape (concrete values are range-checked, tracers only by
+      check: ``(z_shape, y) -> None``; raises :class:`influx.errors.InputError` for targets
+        that do not fit outputs of that shape (concrete values are range-checked, tracers only by
         shape and dtype).
     """
 
@@ -88,21 +93,21 @@ def _xent_hvp(z, y, u):
 def _xent_check(z_shape, y):
     y_shape = tuple(np.shape(y))
     if len(z_shape) < 1:
-        raise ValueError(f"softmax_cross_entropy: outputs need a class axis, got shape {z_shape}")
+        raise InputError(f"softmax_cross_entropy: outputs need a class axis, got shape {z_shape}")
     if y_shape != tuple(z_shape[:-1]):
-        raise ValueError(
+        raise InputError(
             "softmax_cross_entropy: integer labels must have shape outputs.shape[:-1] = "
             f"{tuple(z_shape[:-1])}, got labels of shape {y_shape} "
             "(one-hot labels are not accepted: pass class indices)"
         )
     dtype = getattr(y, "dtype", np.asarray(y).dtype)
     if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"softmax_cross_entropy: labels must be integers, got dtype {dtype}")
+        raise InputTypeError(f"softmax_cross_entropy: labels must be integers, got dtype {dtype}")
     if _is_concrete(y) and y_shape and np.size(y):
         arr = np.asarray(y)
         lo, hi, k = int(arr.min()), int(arr.max()), int(z_shape[-1])
         if lo < 0 or hi >= k:
-            raise ValueError(
+            raise InputError(
                 f"softmax_cross_entropy: labels out of range for {k} logits "
                 f"(found labels in [{lo}, {hi}], need 0 <= label < {k})"
             )
@@ -127,12 +132,12 @@ def _same_shape_check(name):
     def check(z_shape, y):
         y_shape = tuple(np.shape(y))
         if y_shape != tuple(z_shape):
-            raise ValueError(
+            raise InputError(
                 f"{name}: targets must have the outputs' shape {tuple(z_shape)}, got {y_shape} "
                 "(for a scalar output use targets of shape (N, 1))"
             )
         if _is_concrete(y) and np.size(y) and not np.all(np.isfinite(np.asarray(y))):
-            raise ValueError(f"{name}: targets contain NaN or inf")
+            raise InputError(f"{name}: targets contain NaN or inf")
 
     return check
 
@@ -156,7 +161,7 @@ def _bce_check(z_shape, y):
     if _is_concrete(y) and np.size(y):
         arr = np.asarray(y)
         if arr.min() < 0 or arr.max() > 1:
-            raise ValueError(
+            raise InputError(
                 "sigmoid_binary_cross_entropy: targets must lie in [0, 1], "
                 f"found [{arr.min()}, {arr.max()}]"
             )
