@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 import influx
 from influx import flax as iflax
 from influx import solvers
+from influx.errors import InputError
 from tests.test_influence import dense_reference
 
 DIRECT = solvers.direct()
@@ -143,3 +144,65 @@ def test_from_train_state():
     np.testing.assert_allclose(f(p, TEST[0]), TEST[0] @ np.ones((D, K)), rtol=1e-6)
     with pytest.raises(TypeError, match="TrainState"):
         iflax.from_train_state(object())
+
+
+class FlagNet(nn.Module):
+    """A linen module whose ``train`` flag has no default (BatchNorm and Dropout switch on it)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(5, param_dtype=jnp.float64)(x)
+        x = nn.BatchNorm(use_running_average=not train, param_dtype=jnp.float64)(x)
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(K, param_dtype=jnp.float64)(jnp.tanh(x))
+
+
+def test_from_train_state_passes_apply_kwargs():
+    module = FlagNet()
+    variables = module.init(jax.random.PRNGKey(0), TRAIN[0], train=False)
+    _, upd = module.apply(variables, 2.0 * TRAIN[0] - 1.0, train=True, mutable=["batch_stats"],
+                          rngs={"dropout": jax.random.PRNGKey(1)})
+    variables = {"params": variables["params"], "batch_stats": upd["batch_stats"]}
+    state = BNState.create(apply_fn=module.apply, params=variables["params"], tx=optax.sgd(0.1),
+                           batch_stats=variables["batch_stats"])
+    apply_fn, params = iflax.from_train_state(state, train=False)
+    np.testing.assert_allclose(apply_fn(params, TEST[0]), module.apply(variables, TEST[0], train=False),
+                               rtol=1e-12)
+    obj = influx.Objective(apply_fn, influx.losses.softmax_cross_entropy, l2=1e-2)
+    s = influx.influence(obj, params, TRAIN, TEST, damping=0.05, solver=DIRECT)
+    ref = dense_reference(obj, params, TRAIN, TEST, kind="gnh", damping=0.05)
+    np.testing.assert_allclose(s, ref, rtol=1e-9, atol=1e-12)
+    # the same as from_linen with the same keyword
+    lin_fn, _ = iflax.from_linen(module, variables, train=False)
+    np.testing.assert_allclose(apply_fn(params, TEST[0]), lin_fn(params, TEST[0]), rtol=1e-12)
+
+
+class ScaledNnx(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(D, K, param_dtype=jnp.float64, rngs=rngs)
+
+    def __call__(self, x, *, scale: float = 1.0):
+        return scale * self.l1(x)
+
+
+def test_from_nnx_passes_call_kwargs():
+    model = ScaledNnx(nnx.Rngs(0))
+    apply_fn, params = iflax.from_nnx(model, scale=3.0)
+    np.testing.assert_allclose(apply_fn(params, TEST[0]), model(TEST[0], scale=3.0), rtol=1e-12)
+    assert not np.allclose(apply_fn(params, TEST[0]), model(TEST[0]))
+
+
+def test_flax_module_as_apply_fn_says_which_adapter():
+    module, variables = _linen_variables()
+    loss = influx.losses.softmax_cross_entropy
+    with pytest.raises(InputError, match="flax.linen module.*influx.flax.from_linen"):
+        influx.Objective(module, loss)
+    with pytest.raises(InputError, match=r"LinenNet.apply.*variables dict.*from_linen"):
+        influx.Objective(module.apply, loss)
+    state = BNState.create(apply_fn=module.apply, params=variables["params"], tx=optax.sgd(0.1))
+    with pytest.raises(InputError, match="from_train_state"):
+        influx.Objective(state.apply_fn, loss)
+    with pytest.raises(TypeError, match="flax.nnx module.*influx.flax.from_nnx"):  # also a TypeError
+        influx.Objective(NnxNet(nnx.Rngs(0)), loss)
+    # the adapters' functions are accepted
+    influx.Objective(iflax.from_linen(module, variables)[0], loss)
