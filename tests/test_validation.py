@@ -231,3 +231,22 @@ def test_boundary_memo_is_per_object_identity():
         x[0, 0] = np.nan  # a different array object is checked afresh
         with pytest.raises(InputError, match="NaN"):
             validation.check_data(obj, params, (x, train[1]))
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_finiteness_paths_agree(monkeypatch, on_host):
+    """The host path (NumPy, CPU arrays) and the device path (one jitted count) find the same leaves."""
+    monkeypatch.setattr(validation, "_on_host", lambda leaf: on_host)
+    _, params, train, _ = _named_problem()
+    validation.check_params(params)
+    validation.check_finite(train, name="train")
+    bad = jax.tree_util.tree_map(lambda a: a, params)
+    bad["Dense_0"]["bias"] = params["Dense_0"]["bias"].at[1].set(jnp.nan).at[2].set(-jnp.inf)
+    bad["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[0, 0].set(jnp.inf)
+    msg = (r"params\['Dense_0'\]\['bias'\] has 1 NaN value and 1 inf value \(of 3\); "
+           r"params\['Dense_1'\]\['kernel'\] has 1 inf value \(of 9\)")
+    with pytest.raises(InputError, match=msg):
+        validation.check_params(bad)
+    x = train[0].at[3, 1].set(jnp.nan)
+    with pytest.raises(InputError, match=r"train: contains NaN or inf \(leaf \[0\]\): 1 NaN value"):
+        validation.check_finite((x, train[1]), name="train")
