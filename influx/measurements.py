@@ -9,11 +9,11 @@ argument) that close over the objective when bound:
 * :func:`margin` -- the classification margin ``z_y - max_{k != y} z_k`` (integer labels);
 * :func:`logit` ``(k)`` -- the output ``z_k`` of a fixed class (label-free).
 
-Any callable ``f(params, example) -> scalar`` works as well. Every public entry point
-checks the measurement on one abstract test example before any work
-(:func:`_check_measurement`): it must return a float scalar; a class index or a label out
-of range for the model's outputs is an :class:`influx.errors.InputError` (JAX indexing
-would silently clamp it to the last class).
+Any callable ``f(params, example) -> scalar`` works as well. :func:`bind` turns any of
+these into ``f(params, example)``; every public entry point then checks it on one
+abstract test example before any work (:func:`check`): it must return a float scalar;
+a class index or a label out of range for the model's outputs is an
+:class:`influx.errors.InputError` (JAX indexing would silently clamp it to the last class).
 
 This module is also the namespace ``influx.measurements`` (``influx.measurements.logit(2)``).
 """
@@ -31,7 +31,7 @@ import numpy as np
 from influx.validation import InputError, InputTypeError, check_int
 from influx.validation import check_test as _check_test  # noqa: F401 -- used by influence, scoring
 
-__all__ = ["Measurement", "loss", "margin", "logit"]
+__all__ = ["Measurement", "loss", "margin", "logit", "bind", "check"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,40 +137,61 @@ def margin() -> Measurement:
     return Measurement("margin", _margin_fn, check=_margin_check)
 
 
+def _logit_in_range(k: int, z):
+    n = _class_axis(z, f"logit({k})")
+    if k >= n:
+        raise InputError(f"measurement logit({k}): class index out of range for a model with {n} "
+                         f"outputs per example (need 0 <= class_index < {n})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Logit:
+    """``z_k`` of one example (a value: equal by ``k``, so equal measurements share a jit cache)."""
+
+    k: int
+
+    def __call__(self, obj, params, example):
+        z = _outputs(obj, params, example[0])
+        _logit_in_range(self.k, z)  # shapes are static: raises while tracing, never clamps
+        return z[self.k]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LogitCheck:
+    """The check of ``logit(k)`` against the per-example outputs of the model."""
+
+    k: int
+
+    def __call__(self, outputs, y):
+        del y
+        leaves = jax.tree_util.tree_leaves(outputs)
+        if len(leaves) != 1:
+            raise InputError(f"measurement logit({self.k}) needs a model with one output array")
+        _logit_in_range(self.k, leaves[0])
+
+
 def logit(class_index: int) -> Measurement:
     """The output ``z_k`` for a fixed class ``k`` (ignores the label).
 
     ``0 <= k < K`` for a model with ``K`` outputs per example; checked against the model
-    at every entry point (:class:`influx.errors.InputError` otherwise).
+    at every entry point (:class:`influx.errors.InputError` otherwise). Two calls with the
+    same ``k`` return equal values (one compiled program for both).
     """
     k = check_int(class_index, "logit: class_index", minimum=0)
-
-    def in_range(z):
-        n = _class_axis(z, f"logit({k})")
-        if k >= n:
-            raise InputError(f"measurement logit({k}): class index out of range for a model with {n} "
-                             f"outputs per example (need 0 <= class_index < {n})")
-
-    def fn(obj, params, example):
-        z = _outputs(obj, params, example[0])
-        in_range(z)  # shapes are static: raises while tracing, never clamps
-        return z[k]
-
-    def check(outputs, y):
-        del y
-        leaves = jax.tree_util.tree_leaves(outputs)
-        if len(leaves) != 1:
-            raise InputError(f"measurement logit({k}) needs a model with one output array")
-        in_range(leaves[0])
-
-    return Measurement("logit", fn, (("class_index", k),), check)
+    return Measurement("logit", _Logit(k), (("class_index", k),), _LogitCheck(k))
 
 
 # the module is its own namespace: influx.measurements.logit(2), influx.influence.measurements.loss()
 measurements = sys.modules[__name__]
 
 
-def _bind_measurement(obj, measurement):
+def bind(obj, measurement) -> Callable:
+    """``f(params, example) -> scalar`` for ``measurement`` on the objective ``obj``.
+
+    ``measurement`` is ``None`` (the test loss), a :class:`Measurement` (bound to ``obj``)
+    or a callable ``f(params, example)`` (returned as is); anything else is an
+    :class:`~influx.errors.InputError`.
+    """
     if measurement is None:
         measurement = loss()
     if isinstance(measurement, Measurement):
@@ -183,8 +204,13 @@ def _bind_measurement(obj, measurement):
     return measurement
 
 
-def _check_measurement(f, params, test, *, name="test"):
-    """Checks ``f`` on one abstract ``name`` example: a float scalar, indices in range."""
+def check(f, params, test, *, name="test"):
+    """Checks a bound measurement ``f`` (from :func:`bind`) on one abstract ``name`` example.
+
+    It must return a float scalar; a :class:`Measurement`'s own ``check`` validates class
+    indices and labels against the model's outputs. Shapes only (``jax.eval_shape``): no
+    computation. Raises :class:`~influx.errors.InputError`.
+    """
     ex = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), test)
     m = f.measurement if isinstance(f, _Bound) else None
     if m is not None and m.check is not None:
@@ -209,3 +235,6 @@ def _check_measurement(f, params, test, *, name="test"):
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise InputTypeError(f"measurement must return a float scalar, got dtype {out.dtype}")
+
+
+_bind_measurement, _check_measurement = bind, check  # the names influx.influence, scoring, response use

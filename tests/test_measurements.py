@@ -60,6 +60,11 @@ def test_logit_index_type_and_sign():
         with pytest.raises(InputError, match="class_index"):
             measurements.logit(bad)
     assert measurements.logit(np.int64(1)).options == (("class_index", 1),)
+    # values: equal and equal-hashing by their options (a shared jit cache), distinct otherwise
+    assert measurements.logit(2) == measurements.logit(np.int32(2))
+    assert hash(measurements.logit(2)) == hash(measurements.logit(2))
+    assert measurements.logit(2) != measurements.logit(1)
+    assert measurements.margin() == measurements.margin() and measurements.loss() == measurements.loss()
 
 
 def test_margin_labels_checked_against_outputs():
