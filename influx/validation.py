@@ -228,7 +228,7 @@ def boundary(fn: Callable | None = None):
     return wrapper
 
 
-def _memo(kind: str, objects: tuple, compute: Callable):
+def _memo(kind, objects: tuple, compute: Callable):
     scope = _SCOPE.get()
     if scope is None:
         return compute()
@@ -362,7 +362,11 @@ def num_examples(data, *, name: str = "data") -> int:
     if None in sizes:
         raise InputError(f"{name}: every array needs a leading example axis; found a scalar leaf")
     if len(sizes) != 1:
-        raise InputError(f"{name}: arrays disagree on the number of examples: {sorted(sizes)}")
+        parts = data if isinstance(data, (tuple, list)) else (data,)
+        hint = ("; a Python list is a pytree of separate arrays, not one array: pass "
+                "np.stack(...)/np.asarray(...) with a leading example axis"
+                if any(isinstance(p, list) for p in parts) else "")
+        raise InputError(f"{name}: arrays disagree on the number of examples: {sorted(sizes)}{hint}")
     n = sizes.pop()
     if n == 0:
         raise InputError(f"{name}: the dataset is empty (0 examples)")

@@ -137,6 +137,9 @@ def test_python_lists_as_data_say_what_is_expected():
         influx.self_influence(obj, params, (train[0], y_list), solver=DIRECT)
     with pytest.raises(InputError, match="pair"):
         influx.influence(obj, params, train[0], test, solver=DIRECT)
+    rows = [np.asarray(r) for r in np.asarray(train[0])]  # a list of per-example arrays
+    with pytest.raises(InputError, match="disagree.*Python list is a pytree.*np.stack"):
+        influx.influence(obj, params, (rows, train[1]), test, solver=DIRECT)
 
 
 # ------------------------------------------------------------------ 14.4b per-example loss
