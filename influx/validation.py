@@ -165,18 +165,22 @@ def check_apply_fn(apply_fn, *, name: str = "apply_fn"):
     """
     linen = sys.modules.get("flax.linen")
     nnx = sys.modules.get("flax.nnx")
-    if linen is not None:
-        if isinstance(apply_fn, linen.Module):
-            raise InputTypeError(f"{name} is a flax.linen module ({type(apply_fn).__name__}), "
+    # the function itself, and what jax.jit / functools.wraps / functools.partial wrap
+    for fn in (apply_fn, getattr(apply_fn, "__wrapped__", None), getattr(apply_fn, "func", None)):
+        if fn is None:
+            continue
+        if linen is not None:
+            if isinstance(fn, linen.Module):
+                raise InputTypeError(f"{name} is a flax.linen module ({type(fn).__name__}), "
+                                     "not a function; " + _FLAX_HELP)
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, linen.Module) and getattr(fn, "__name__", "") == "apply":
+                raise InputTypeError(
+                    f"{name} is {type(owner).__name__}.apply, which takes a variables dict "
+                    "({'params': ...}) instead of params; " + _FLAX_HELP)
+        if nnx is not None and isinstance(fn, nnx.Module):
+            raise InputTypeError(f"{name} is a flax.nnx module ({type(fn).__name__}), "
                                  "not a function; " + _FLAX_HELP)
-        owner = getattr(apply_fn, "__self__", None)
-        if isinstance(owner, linen.Module) and getattr(apply_fn, "__name__", "") == "apply":
-            raise InputTypeError(
-                f"{name} is {type(owner).__name__}.apply, which takes a variables dict "
-                "({'params': ...}) instead of params; " + _FLAX_HELP)
-    if nnx is not None and isinstance(apply_fn, nnx.Module):
-        raise InputTypeError(f"{name} is a flax.nnx module ({type(apply_fn).__name__}), "
-                             "not a function; " + _FLAX_HELP)
     return check_callable(apply_fn, name)
 
 

@@ -199,6 +199,8 @@ def test_flax_module_as_apply_fn_says_which_adapter():
         influx.Objective(module, loss)
     with pytest.raises(InputError, match=r"LinenNet.apply.*variables dict.*from_linen"):
         influx.Objective(module.apply, loss)
+    with pytest.raises(InputError, match=r"LinenNet.apply.*from_linen"):  # jitted
+        influx.Objective(jax.jit(module.apply), loss)
     state = BNState.create(apply_fn=module.apply, params=variables["params"], tx=optax.sgd(0.1))
     with pytest.raises(InputError, match="from_train_state"):
         influx.Objective(state.apply_fn, loss)
