@@ -124,6 +124,11 @@ def test_two_processes_match_single_process(tmp_path, reference):
     assert "out of range" in msgs[1]["bad_on_one"], msgs[1]["bad_on_one"]  # its own error
     assert "failed on process(es) [1]" in msgs[0]["bad_on_one"], msgs[0]["bad_on_one"]
     assert "out of range" in msgs[0]["bad_on_one"]
+    for m in msgs:  # process 0's solve / out_dir failure: the same exception class on both
+        solve, foreign = m["solve_fails"], m["foreign"]
+        assert solve.startswith("SolveError: ") and "4 of 4 test-vector solves failed" in solve, solve
+        assert foreign.startswith("StateError: ") and "not created by influx" in foreign, foreign
+    assert (tmp_path / "foreign" / "scores.npy").read_bytes() == b"a user's file"
     assert msgs[1]["stream_one"] == "RuntimeError: simulated crash"
     assert msgs[0]["stream_one"].startswith("ValueError: influx.scoring.score failed on process(es) [1]")
 
