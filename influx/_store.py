@@ -38,6 +38,19 @@ Usage (rows = test points, columns = training examples committed in chunks)::
                          files={"topk": (f"topk.{start}.npz", write_topk)}, meta={...})
         store.finish()
 
+Rows committed instead of columns (``axis=0``), e.g. a grid of retrainings, ``(M masks, n_test)``,
+``M`` large, resumed after a kill::
+
+    with open_store(out_dir, kind="retrain", inputs={"masks": digest_of_masks, "steps": T, ...},
+                    shape=(M, n_test), dtype=np.float64, axis=0, array="delta.npy") as store:
+        for start in range(store.done, M, rows_per_chunk):    # store.done: rows already committed
+            stop = min(start + rows_per_chunk, M)
+            store.commit(stop, retrain(masks[start:stop]))    # (stop - start, n_test)
+        store.finish(meta={"seconds": ...})
+        delta = np.array(store.array)                         # all rows, verified on reopening
+
+:func:`load_store` opens a finished (or partial) directory read-only, verified the same way.
+
 The ``inputs`` fingerprint (a flat dict of JSON values: digests of the data, every option)
 is compared on reopening; a directory written for other inputs is refused naming the keys
 that differ, with both values when they are short. A directory with nothing committed yet
@@ -146,6 +159,9 @@ def _read_manifest(root: Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         why = "empty" if isinstance(e, ValueError) and not text.strip() else f"{type(e).__name__}: {e}"
         raise StateError(f"{path}: not a valid influx manifest ({why}); {_remedy(root)}") from None
+    if isinstance(man, dict) and "influx" not in man and man.get("format") == 1 and "fingerprint" in man:
+        raise StateError(f"{path}: written by an earlier influx (format 1, without checksums), so its "
+                         f"results cannot be verified and are not resumed; {_remedy(root)}")
     if not isinstance(man, dict) or man.get("influx") != _MARKER:
         raise StateError(f"{path}: not a manifest written by influx's store; {_remedy(root)}")
     return man
@@ -228,7 +244,10 @@ def _check_space(root: Path, path: Path, nbytes: int, hint: str):
     with contextlib.suppress(OSError):
         allocated = path.stat().st_blocks * 512
     need = max(0, nbytes - allocated)
-    free = shutil.disk_usage(root).free
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:  # a filesystem that does not say: the write itself will tell
+        return
     if need > free:
         raise ResourceError(f"{path} needs {format_bytes(need)} of disk space but only {format_bytes(free)} "
                             f"is free on {str(root)!r}; free space or pass an out_dir on another "
@@ -367,7 +386,8 @@ class Store:
 
 
 def _new_manifest(kind, inputs, shape, dtype, axis, array) -> dict:
-    return {"influx": _MARKER, "format": FORMAT, "kind": kind, "inputs": dict(inputs),
+    inputs = json.loads(json.dumps(dict(inputs), sort_keys=True, default=str))  # JSON values only
+    return {"influx": _MARKER, "format": FORMAT, "kind": kind, "inputs": inputs,
             "fingerprint": _fingerprint(inputs), "shape": None if shape is None else list(shape),
             "dtype": np.dtype(dtype).str, "axis": int(axis), "array": array if shape is not None else None,
             "chunks": [], "done_chunks": 0, "done": 0, "files": {}, "meta": {}, "complete": False}

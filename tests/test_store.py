@@ -204,3 +204,10 @@ def test_not_a_writable_directory(tmp_path):
         ro.chmod(0o555)
         with pytest.raises(StateError, match="cannot write to out_dir"):
             _open(ro)
+
+
+def test_earlier_format_is_refused(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "fingerprint": "x", "done_chunks": 2}))
+    (tmp_path / "a.npy").write_bytes(b"old")
+    with pytest.raises(StateError, match="earlier influx \\(format 1"):
+        _open(tmp_path)
