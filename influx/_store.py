@@ -6,7 +6,7 @@ grids of retrainings (``(masks, n_test)``, committed along the rows) -- keep the
 progress in a directory that this module owns::
 
     manifest.json   the single commit point, replaced atomically (write a temporary file,
-                    fsync, ``os.replace``); everything it names is complete and verified
+                    ``os.replace``); everything it names is complete and verified
     <array>.npy     the preallocated ``.npy`` array (``np.lib.format.open_memmap``), or none
     <side files>    named files of the caller (solved vectors, a running top-k, ...), each
                     recorded in the manifest under a *role* with its checksum
@@ -14,11 +14,12 @@ progress in a directory that this module owns::
 
 The committed part of the array is ``[0, done)`` along ``axis``, as a list of contiguous
 chunks ``[start, stop)`` with a BLAKE2b checksum each, taken from the block at commit time.
-A commit writes the block into the array, flushes it, writes the side files under new
-names, then replaces the manifest; a kill at any moment leaves the previous manifest,
-which names only complete, flushed data. On reopening, the store verifies everything the
-manifest names before any new work (the array's header, size and every committed chunk's
-checksum, each side file's checksum, every path inside the directory), and refuses with a
+A commit writes the block into the array, writes the side files under new names, then
+replaces the manifest; a kill at any moment leaves the previous manifest, which names only
+complete data (``durable=True`` also syncs each commit to the disk, for OS crashes).
+On reopening, the store verifies everything the manifest names before any new work (the
+array's header, size and every committed chunk's checksum, each side file's checksum,
+every path inside the directory), and refuses with a
 :class:`~influx.errors.StateError` naming the file and the remedy instead of resuming from
 zeros: a missing, truncated or altered array, a hand-edited manifest, an invalid or empty
 manifest, a deleted side file, a path leading outside the directory, a directory holding
@@ -134,21 +135,23 @@ def _fsync_dir(path: Path):
             os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]):
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], durable: bool = False):
     """Writes ``path`` through ``path.tmp`` and ``os.replace`` (readers see old or new, never half)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def _write_manifest(path: Path, manifest: dict):
+def _write_manifest(path: Path, manifest: dict, durable: bool = False):
     """The commit point: the manifest replaced atomically."""
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    _atomic_write(path / MANIFEST, lambda fh: fh.write(data))
-    _fsync_dir(path)
+    _atomic_write(path / MANIFEST, lambda fh: fh.write(data), durable)
+    if durable:
+        _fsync_dir(path)
 
 
 def _read_manifest(root: Path) -> dict:
@@ -275,10 +278,13 @@ class Store:
       axis: the axis along which chunks are committed (0 rows, 1 columns).
       manifest: the last committed manifest (a dict; treat as read-only).
       resumed: whether the directory held committed work when it was opened.
+      durable: whether each commit is flushed to the disk (see :func:`open_store`).
     """
 
-    def __init__(self, path: Path, manifest: dict, array, lock_fd: int | None, resumed: bool):
+    def __init__(self, path: Path, manifest: dict, array, lock_fd: int | None, resumed: bool,
+                 durable: bool = False):
         self.path, self.manifest, self.array, self._fd, self.resumed = path, manifest, array, lock_fd, resumed
+        self.durable = durable
         self.kind, self.axis = manifest["kind"], int(manifest["axis"])
         self.shape = None if manifest["shape"] is None else tuple(manifest["shape"])
 
@@ -312,9 +318,9 @@ class Store:
         old = {role: e["name"] for role, e in manifest["files"].items()}
         for role, (name, write) in (files or {}).items():
             path = _inside(self.path, name, what=f"{role} file", manifest=self.path / MANIFEST)
-            _atomic_write(path, write)
+            _atomic_write(path, write, self.durable)
             manifest["files"][role] = {"name": name, "digest": _digest_file(path)}
-        _write_manifest(self.path, manifest)  # the commit point
+        _write_manifest(self.path, manifest, self.durable)  # the commit point
         self.manifest = manifest
         for role, name in old.items():
             if manifest["files"][role]["name"] != name:
@@ -357,7 +363,8 @@ class Store:
                 self.array[start:stop] = block
             else:
                 self.array[:, start:stop] = block
-            self.array.flush()
+            if self.durable:
+                self.array.flush()
             digest = digest_block(block)
         manifest["chunks"].append([start, stop, digest])
         manifest["done_chunks"] = len(manifest["chunks"])
@@ -507,7 +514,7 @@ def _prepare_dir(root: Path) -> bool:
 
 def open_store(path, *, kind: str, inputs: Mapping[str, Any], shape: tuple[int, int] | None,
                dtype=np.float64, axis: int = 0, array: str = "array.npy", owned: tuple[str, ...] = (),
-               space_hint: str = "") -> Store:
+               space_hint: str = "", durable: bool = False) -> Store:
     """Opens (creating or resuming) the store directory ``path``, locked for this process.
 
     Args:
@@ -521,6 +528,12 @@ def open_store(path, *, kind: str, inputs: Mapping[str, Any], shape: tuple[int, 
       array: the array's file name. owned: glob patterns of the side files the caller writes
         (any other file in the directory is refused as foreign).
       space_hint: an alternative named when the disk cannot hold the array.
+      durable: ``fsync`` the array, the side files, the manifest and the directory at every
+        commit (survives a power loss or OS crash, at the cost of a few disk syncs per
+        commit). Without it (the default) every commit survives a killed process (the data is
+        in the page cache before the manifest names it); after an OS crash the manifest may
+        name data that did not reach the disk, which the checksums then detect on reopening
+        (an error, never wrong numbers).
 
     Raises:
       StateError: a path that is not a writable directory, a non-empty directory influx did not
@@ -537,6 +550,7 @@ def open_store(path, *, kind: str, inputs: Mapping[str, Any], shape: tuple[int, 
     try:
         store = _open_locked(root, fd, has_manifest, kind=kind, inputs=inputs, shape=shape, dtype=dtype,
                              axis=axis, array=array, owned=owned, space_hint=space_hint)
+        store.durable = bool(durable)
     except BaseException:
         _unlock(fd)
         raise

@@ -155,10 +155,10 @@ def test_kill_between_writes_and_commit(tmp_path, monkeypatch):
     full = scoring.score(OBJ, PARAMS, TRAIN, TEST, out_dir=tmp_path / "full", top_k=3, **OPTS)
     real = _store._write_manifest
 
-    def dies_at_commit(path, d):
+    def dies_at_commit(path, d, *rest):
         if d.get("done_chunks") == 3:
             raise KeyboardInterrupt("killed")
-        real(path, d)
+        real(path, d, *rest)
 
     monkeypatch.setattr(_store, "_write_manifest", dies_at_commit)
     with pytest.raises(KeyboardInterrupt):
@@ -284,10 +284,10 @@ def test_partial_run_with_deleted_scores_or_edited_manifest(tmp_path, monkeypatc
     """14.7: under a partial manifest, or with done_chunks edited upward: an error, never zeros."""
     real = _store._write_manifest
 
-    def dies(path, d):
+    def dies(path, d, *rest):
         if d.get("done_chunks") == 3:
             raise KeyboardInterrupt("killed")
-        real(path, d)
+        real(path, d, *rest)
 
     monkeypatch.setattr(_store, "_write_manifest", dies)
     with pytest.raises(KeyboardInterrupt):

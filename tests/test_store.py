@@ -36,11 +36,12 @@ def _fill(path, upto=(4, 7), axis=1):
     return full
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-def test_commit_and_resume(tmp_path, axis):
+@pytest.mark.parametrize("axis,durable", [(0, False), (1, False), (1, True)])
+def test_commit_and_resume(tmp_path, axis, durable):
     shape = SHAPE if axis == 1 else SHAPE[::-1]
     full = np.random.default_rng(1).normal(size=shape)
-    with _store.open_store(tmp_path, kind="t", inputs=INPUTS, shape=shape, axis=axis, array="a.npy") as st:
+    with _store.open_store(tmp_path, kind="t", inputs=INPUTS, shape=shape, axis=axis, array="a.npy",
+                           durable=durable) as st:
         assert st.done == 0 and not st.resumed
         st.commit(2, full[:, :2] if axis == 1 else full[:2])
     with _store.open_store(tmp_path, kind="t", inputs=INPUTS, shape=shape, axis=axis, array="a.npy") as st:
