@@ -97,8 +97,8 @@ After ``jax.distributed.initialize(...)`` (``jax.process_count() > 1``) every pr
 * **Agreement.** Before any heavy work one small all-gather exchanges every process's
   input-check error (if any) and digests of the fingerprint parts and the device list:
   an input error on some processes makes every process raise (the failing ones their
-  own error, the others a ``ValueError`` naming them), and processes called with
-  different parameters, data, options or devices all raise a ``ValueError`` naming what
+  own error, the others an ``InputError`` naming them), and processes called with
+  different parameters, data, options or devices all raise an ``InputError`` naming what
   differs. Each later chunk's reading and input check is agreed the same way (one small
   all-gather per chunk: a source that raises or ends early on one process makes all
   raise), and process 0's ``out_dir`` refusal and solve errors are broadcast (raised
@@ -150,6 +150,8 @@ from influx.solvers import Solver, status_message
 
 __all__ = ["score", "ScoreResult", "TopK", "load", "ON_FAILURE"]
 
+MANIFEST = _store.MANIFEST  # the commit point (see influx._store)
+FORMAT = _store.FORMAT
 SCORES = "scores.npy"
 VECTORS = "vectors.npy"
 TOPK = "topk.{:06d}.npz"  # one file per committed chunk count; the manifest names the current one
@@ -658,10 +660,10 @@ class _ManyProcesses:
         """One allgather of (error message, input digests); then every process raises or none does.
 
         A process whose own step failed re-raises its exception (so an input error reads the
-        same as in a single-process run); the others raise a ``ValueError`` naming the failed
-        processes and their messages. With ``digests`` (``(len(_DIGEST_KEYS), 16)`` uint8, zeros
-        on a failed process), processes that agree on no error but hold different digests
-        raise a ``ValueError`` naming the differing keys.
+        same as in a single-process run); the others raise an ``InputError`` (a ``ValueError``)
+        naming the failed processes and their messages. With ``digests``
+        (``(len(_DIGEST_KEYS), 16)`` uint8, zeros on a failed process), processes that agree
+        on no error but hold different digests raise an ``InputError`` naming the differing keys.
         """
         row = _encode("" if exc is None else f"{type(exc).__name__}: {exc}")
         if digests is not None:
@@ -671,14 +673,14 @@ class _ManyProcesses:
         if exc is not None:
             raise exc
         if failed:
-            raise ValueError(f"influx.scoring.score failed on process(es) {[i for i, _ in failed]} of "
+            raise InputError(f"influx.scoring.score failed on process(es) {[i for i, _ in failed]} of "
                              f"{len(rows)}: " + "; ".join(f"process {i}: {m}" for i, m in failed))
         if digests is not None:
             g = rows[:, _MSG_BYTES:].reshape(len(rows), len(_DIGEST_KEYS), -1)
             differ = [key for j, key in enumerate(_DIGEST_KEYS) if not (g[:, j] == g[0, j]).all()]
             if differ:
                 procs = [i for i in range(len(g)) if not (g[i] == g[0]).all()]
-                raise ValueError(
+                raise InputError(
                     f"processes disagree on the scoring inputs: {', '.join(differ)} differ between process "
                     f"0 and process(es) {procs}. Every process must call influx.scoring.score with the same "
                     "parameters, data, options and devices.")

@@ -130,7 +130,7 @@ def test_two_processes_match_single_process(tmp_path, reference):
         assert foreign.startswith("StateError: ") and "not created by influx" in foreign, foreign
     assert (tmp_path / "foreign" / "scores.npy").read_bytes() == b"a user's file"
     assert msgs[1]["stream_one"] == "RuntimeError: simulated crash"
-    assert msgs[0]["stream_one"].startswith("ValueError: influx.scoring.score failed on process(es) [1]")
+    assert msgs[0]["stream_one"].startswith("InputError: influx.scoring.score failed on process(es) [1]")
 
     for pid, m in enumerate(msgs):
         assert m["arrays_info"] == {"process_index": pid, "process_count": 2, "n_train": N_TRAIN,
