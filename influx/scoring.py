@@ -536,6 +536,10 @@ def _plan(obj, params, train_source, test, *, chunk_size, kind, damping, solver,
     chunk_size, damping = _check_options(chunk_size, kind, damping, method, top_k, keep_scores, on_failure,
                                          solver, out_dir, curvature_examples, progress)
     devices = _resolve_devices(devices)
+    if num_train is not None:
+        num_train = _positive_int(num_train, "num_train")
+    if decode is not None and not callable(decode):
+        raise InputError(f"decode must be a callable record -> (x, y), got {type(decode).__name__}")
     src = _Source(train_source, chunk_size, decode=decode, num_train=num_train)
     first = src.chunk(0)
     if first is None:

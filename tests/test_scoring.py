@@ -395,7 +395,8 @@ def test_bad_options_fail_before_any_side_effect(tmp_path, solves):
     """14.14: nothing is created and nothing solved when an option is bad."""
     d = tmp_path / "new"
     for bad in (dict(kind="gnhh"), dict(damping=-1.0), dict(on_failure="zero"), dict(method="x"),
-                dict(chunk_size=0), dict(top_k=0), dict(curvature_examples=0)):
+                dict(chunk_size=0), dict(top_k=0), dict(curvature_examples=0), dict(num_train=0),
+                dict(decode=3), dict(progress="yes"), dict(devices=0)):
         with pytest.raises(InputError):
             scoring.score(OBJ, PARAMS, TRAIN, TEST, out_dir=d, **dict(OPTS, **bad))
         assert not d.exists(), bad
