@@ -215,9 +215,7 @@ _SHARDED = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     import numpy as np
     sys.path.insert(0, {root!r})
-    from influx import _store, scoring, solvers
-from influx._memory import format_bytes
-from influx.errors import InputError, ResourceError, SolveError, StateError
+    from influx import scoring, solvers
     from tests.test_scoring import OBJ, PARAMS, TRAIN, TEST, CHUNK
     assert len(jax.devices()) == 4, jax.devices()
     for method in ("jvp", "per_example"):
