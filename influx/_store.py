@@ -501,7 +501,11 @@ def _prepare_dir(root: Path) -> bool:
             raise StateError(f"cannot create out_dir {str(root)!r} ({e.strerror}); pass a writable "
                              "directory") from None
         return False
-    names = sorted(p.name for p in root.iterdir())
+    try:
+        names = sorted(p.name for p in root.iterdir())
+    except OSError as e:
+        raise StateError(f"cannot read out_dir {str(root)!r} ({e.strerror}); pass a readable, writable "
+                         "directory") from None
     has_manifest = MANIFEST in names
     foreign = [n for n in names if n not in (LOCK, MANIFEST + ".tmp")] if not has_manifest else []
     if foreign:
