@@ -91,9 +91,9 @@ def worker(cfg: dict) -> dict:
     """One configuration (runs in its own process)."""
     import jax
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from influx.influence import _pad_to, _take, chunk_scorer
+    from influx import scoring
+    from influx.influence import chunk_scorer
 
     obj, params = _model(cfg.get("model", "mlp"))
     train, _, source = _data(cfg["n_train"])
@@ -105,27 +105,36 @@ def worker(cfg: dict) -> dict:
     key = jax.random.PRNGKey(1)
     vecs = jax.tree_util.tree_map(
         lambda p: 1e-2 * jax.random.normal(key, (n_test,) + p.shape, p.dtype), params)
-    scale = np.float32(1.0 / n)
-    if ndev > 1:
-        mesh = Mesh(np.array(devices), ("data",))
-        shard, repl = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-        fn = chunk_scorer(obj, cfg["method"], mesh)
-    else:
-        shard = repl = devices[0]
-        fn = chunk_scorer(obj, cfg["method"])
-    params, vecs = jax.device_put(params, repl), jax.device_put(vecs, repl)
+    # the placement influx.scoring.score uses: a mesh over the devices (one device: a one-device mesh)
     c_pad = -(-chunk // ndev) * ndev
-    chunks = [jax.device_put(_pad_to(_take(train, s, s + chunk), c_pad), shard) for s in range(0, n, chunk)]
+    pl = scoring._Placement(obj, cfg["method"], devices, c_pad)
+    p_dev, v_dev, scale = pl.replicate(params), pl.replicate(vecs), pl.replicate(np.float32(1.0 / n))
+    chunks = []
+    for s in range(0, n, chunk):
+        block = scoring._np_tree(scoring._slice(train, s, s + chunk))
+        m = scoring.num_examples(block)
+        chunks.append(pl.put(pl.pieces(lambda a, b, c=block: scoring._slice(c, a, b), m)))
     rss_base = _maxrss_mb()
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(params, vecs, chunks[0], scale))
+    jax.block_until_ready(pl.score(p_dev, v_dev, chunks[0], scale))
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(cfg["repeats"]):
+    plain = None
+    if ndev == 1:  # the former single-device path, plain jit without a mesh, for comparison
+        fn = chunk_scorer(obj, cfg["method"])
+        d0 = devices[0]
+        plain = (fn, jax.device_put(params, d0), jax.device_put(vecs, d0),
+                 [jax.device_put(c, d0) for c in chunks], jax.device_put(np.float32(1.0 / n), d0))
+        jax.block_until_ready(fn(*plain[1:3], plain[3][0], plain[4]))
+    times, plain_times = [], []
+    for _ in range(cfg["repeats"]):  # interleaved, so that load from other jobs hits both alike
         t0 = time.perf_counter()
-        outs = [fn(params, vecs, c, scale) for c in chunks]
-        jax.block_until_ready(outs)
+        jax.block_until_ready([pl.score(p_dev, v_dev, c, scale) for c in chunks])
         times.append(time.perf_counter() - t0)
+        if plain is not None:
+            fn, pp, vv, cc, sc = plain
+            t0 = time.perf_counter()
+            jax.block_until_ready([fn(pp, vv, c, sc) for c in cc])
+            plain_times.append(time.perf_counter() - t0)
     best = min(times)
     from influx.influence import choose_method, forward_flops
 
@@ -134,7 +143,8 @@ def worker(cfg: dict) -> dict:
     return {**cfg, "source": source, "examples_per_s": n / best, "flops_per_example": flops,
             "auto_choice": choose_method(n_test, n_params, flops_per_example=flops), "pass_s": best,
             "first_call_s": first, "peak_rss_mb": _maxrss_mb(), "rss_before_first_call_mb": rss_base,
-            "n_params": n_params}
+            "n_params": n_params,
+            **({"plain_jit_examples_per_s": n / min(plain_times)} if plain_times else {})}
 
 
 def end_to_end(cfg: dict) -> dict:
@@ -173,6 +183,8 @@ def main(argv=None):
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--placement", action="store_true",
+                    help="only compare the one-device mesh of score() with plain jit (2 configurations)")
     ap.add_argument("--from-json", action="store_true",
                     help="only rewrite the README section from benchmarks/results/scoring.json")
     args = ap.parse_args(argv)
@@ -193,6 +205,14 @@ def main(argv=None):
 
     n_train = args.n_train or (512 if args.quick else 1024)
     repeats = args.repeats or 1
+    if args.placement:
+        for method, n_test in (("jvp", 16), ("per_example", 64)):
+            r = _run(dict(method=method, n_test=n_test, devices=1, n_train=n_train, chunk=256,
+                          repeats=args.repeats or 5))
+            print(json.dumps({k: r.get(k) for k in ("method", "n_test", "examples_per_s",
+                                                    "plain_jit_examples_per_s", "error")}), flush=True)
+        print(f"load average: {os.getloadavg()}")
+        return
     chunk = 256
     n_tests = (1, 16, 64) if args.quick else (1, 4, 16, 64, 256)
     dev_counts = (1, 2) if args.quick else (1, 2, 4)

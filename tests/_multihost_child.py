@@ -26,6 +26,7 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 import numpy as np  # noqa: E402
 
 from influx import scoring, solvers  # noqa: E402
+from influx.errors import InfluxError  # noqa: E402
 from tests.conftest import make_problem  # noqa: E402
 
 N_TRAIN, N_TEST, CHUNK = 45, 4, 10  # 10 examples per chunk, padded to 12 over 4 devices
@@ -84,6 +85,23 @@ class Records:
     def __getitem__(self, i):
         self.read.add(int(i))
         return {"image": TRAIN[0][i], "label": TRAIN[1][i]}
+
+
+# process 0's failures (a failed test-side solve, a foreign out_dir) raise the same class on both
+def expect_influx_error(name, **kw):
+    try:
+        scoring.score(obj, params, TRAIN, TEST, **{**OPTS, **kw})
+    except InfluxError as e:
+        messages[name] = f"{type(e).__name__}: {e}"
+    else:
+        messages[name] = "no error"
+
+
+expect_influx_error("solve_fails", solver=solvers.cg(tol=1e-12, max_steps=1))
+if pid == 0:
+    (out / "foreign").mkdir()
+    (out / "foreign" / "scores.npy").write_bytes(b"a user's file")
+expect_influx_error("foreign", out_dir=out / "foreign")
 
 
 # a stream that raises on process 1 only: both raise (process 1 its own error)

@@ -124,8 +124,13 @@ def test_two_processes_match_single_process(tmp_path, reference):
     assert "out of range" in msgs[1]["bad_on_one"], msgs[1]["bad_on_one"]  # its own error
     assert "failed on process(es) [1]" in msgs[0]["bad_on_one"], msgs[0]["bad_on_one"]
     assert "out of range" in msgs[0]["bad_on_one"]
+    for m in msgs:  # process 0's solve / out_dir failure: the same exception class on both
+        solve, foreign = m["solve_fails"], m["foreign"]
+        assert solve.startswith("SolveError: ") and "4 of 4 test-vector solves failed" in solve, solve
+        assert foreign.startswith("StateError: ") and "not created by influx" in foreign, foreign
+    assert (tmp_path / "foreign" / "scores.npy").read_bytes() == b"a user's file"
     assert msgs[1]["stream_one"] == "RuntimeError: simulated crash"
-    assert msgs[0]["stream_one"].startswith("ValueError: influx.scoring.score failed on process(es) [1]")
+    assert msgs[0]["stream_one"].startswith("InputError: influx.scoring.score failed on process(es) [1]")
 
     for pid, m in enumerate(msgs):
         assert m["arrays_info"] == {"process_index": pid, "process_count": 2, "n_train": N_TRAIN,
@@ -144,7 +149,7 @@ def test_two_processes_match_single_process(tmp_path, reference):
     np.testing.assert_array_equal(topk[0], np.argsort(-reference, axis=1, kind="stable")[:, :3])
     np.testing.assert_array_equal(topk[1], np.argsort(reference, axis=1, kind="stable")[:, :3])
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["done_examples"] == N_TRAIN
+    assert manifest["complete"] and manifest["done"] == N_TRAIN
 
     # a random-access source: together the processes read every record of the scoring pass,
     # and neither read all of chunks 1.. (chunk 0 is read whole by each for the input checks)
