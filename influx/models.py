@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from influx.errors import InputError
+
 __all__ = [
     "ACTIVATIONS",
     "CNN",
@@ -42,6 +44,7 @@ __all__ = [
     "TrainResult",
     "apply_fn",
     "init",
+    "minibatch_indices",
     "mlp",
     "objective",
     "train",
@@ -199,8 +202,9 @@ class ConvergedResult(NamedTuple):
 
 
 def _check_int(v, name: str, lo: int) -> int:
+    """Local integer check (until ``influx.validation`` lands): an int ``>= lo`` or InputError."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
     return int(v)
 
 
@@ -215,6 +219,39 @@ def _hashable(f) -> bool:
 # Compiled loops live at module level with the model, loss and optimizer as static
 # arguments, so repeated calls with the same (hashable) objects reuse the compilation;
 # l2, data, seed and tolerance are traced and may change freely.
+
+
+def minibatch_indices(n: int, *, batch_size: int, steps: int, seed=0) -> jax.Array:
+    """The minibatch schedule of :func:`train`: ``(steps, batch_size)`` training indices.
+
+    Epoch ``e`` is the permutation ``jax.random.permutation(k_e, n)`` with
+    ``k_0, k_1, ... = jax.random.split(key, ceil(steps * batch_size / n))`` and
+    ``key = jax.random.key(seed)``; the epochs are concatenated and cut into ``steps``
+    consecutive batches of ``batch_size`` (the last epoch may be used only in part, and a
+    batch may straddle two epochs). Step ``k`` uses rows ``idx[k]``.
+
+    This one function is shared by :func:`train`, the cold-start LOO and subset retraining
+    of :mod:`influx.response` and the metagradients, so all of them see exactly the same
+    data order for the same ``seed``.
+
+    Args:
+      n: number of training examples (a Python int).
+      batch_size: examples per step, ``1 <= batch_size <= n``.
+      steps: number of steps (``>= 1``).
+      seed: an integer, or a JAX PRNG key (may be traced, e.g. inside ``jit``).
+
+    Cost: ``ceil(steps * batch_size / n)`` permutations of ``n``.
+    """
+    n = _check_int(n, "n", 1)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    steps = _check_int(steps, "steps", 1)
+    if batch_size > n:
+        raise InputError(f"batch_size must be <= n = {n}, got {batch_size}")
+    key = seed if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key) \
+        else jax.random.key(seed)
+    n_epochs = -(-steps * batch_size // n)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n_epochs))
+    return perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
 
 
 @partial(jax.jit, static_argnames=("f", "loss_fn", "opt", "steps", "batch_size"))
@@ -236,10 +273,7 @@ def _train_jit(params, x, y, l2, key, *, f, loss_fn, opt, steps, batch_size):
         (p, _), losses = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
         return p, losses
 
-    n_epochs = -(-steps * batch_size // n)
-    keys = jax.random.split(key, n_epochs)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
-    idx = perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
+    idx = minibatch_indices(n, batch_size=batch_size, steps=steps, seed=key)
 
     def body_mb(carry, ib):
         xb = jax.tree_util.tree_map(lambda a: a[ib], x)

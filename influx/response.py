@@ -102,6 +102,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from influx.curvature import chunked_map
+from influx.models import minibatch_indices
 from influx.objective import Objective, check_data, check_like, num_examples, tree_sqnorm
 from influx.solvers._base import Status
 
@@ -454,9 +455,7 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
     if batch_size is None:
         xs = None
     else:
-        n_epochs = -(-steps * batch_size // n)
-        perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n_epochs))
-        xs = perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
+        xs = minibatch_indices(n, batch_size=batch_size, steps=steps, seed=key)
 
     x_train = train[0]
 

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from influx import models  # noqa: E402
+from influx.errors import InputError  # noqa: E402
 
 
 def xent(z, y):
@@ -123,6 +124,33 @@ def test_train_minibatch_seeded_and_regression():
     np.testing.assert_array_equal(ravel_pytree(a.params)[0], ravel_pytree(b.params)[0])
     J = models.objective(m, sq, l2=0.0)
     assert J(a.params, x, y) < 0.2 * J(p0, x, y)
+
+
+def test_minibatch_indices_schedule_and_train_uses_it():
+    """Each epoch is a permutation; train's minibatch run equals a Python loop over the schedule."""
+    idx = np.asarray(models.minibatch_indices(10, batch_size=4, steps=5, seed=7))
+    assert idx.shape == (5, 4)
+    flat = idx.reshape(-1)
+    assert sorted(flat[:10].tolist()) == list(range(10))  # epoch 1 is a permutation
+    assert len(set(flat[10:20].tolist())) == 10
+    same = models.minibatch_indices(10, batch_size=4, steps=5, seed=jax.random.key(7))
+    np.testing.assert_array_equal(idx, same)
+    assert not np.array_equal(idx, models.minibatch_indices(10, batch_size=4, steps=5, seed=8))
+    x, y = _classification(n=10)
+    m = models.mlp(1, 3, 3)
+    p0 = models.init(m, x)
+    opt = optax.sgd(0.1)
+    res = models.train(m, xent, p0, (x, y), l2=0.01, optimizer=opt, steps=5, batch_size=4, seed=7)
+    J = models.objective(m, xent, l2=0.01)
+    p, s = p0, opt.init(p0)
+    for ib in idx:
+        g = jax.grad(J)(p, x[ib], y[ib])
+        u, s = opt.update(g, s, p)
+        p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(ravel_pytree(res.params)[0], ravel_pytree(p)[0], rtol=1e-12)
+    for kw in ({"batch_size": 0, "steps": 1}, {"batch_size": 11, "steps": 1}, {"batch_size": 2, "steps": 0}):
+        with pytest.raises(InputError):
+            models.minibatch_indices(10, **kw)
 
 
 def test_train_bad_args():
