@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from influx.errors import InputError
+from influx.objective import Objective, tree_sqnorm
 
 __all__ = [
     "ACTIVATIONS",
@@ -48,6 +49,7 @@ __all__ = [
     "mlp",
     "objective",
     "train",
+    "train_loop",
     "train_to_convergence",
 ]
 
@@ -151,20 +153,17 @@ def _as_apply(model_or_apply_fn) -> Callable:
     return model_or_apply_fn
 
 
-def _sq_norm(tree) -> jax.Array:
-    return sum(jnp.vdot(l, l).real for l in jax.tree_util.tree_leaves(tree))
-
-
 def objective(model_or_apply_fn, loss_fn: Callable, *, l2: float) -> Callable:
     """``J(params, x, y) = mean(loss_fn(apply_fn(params, x), y)) + l2/2 ||params||^2``.
 
-    ``loss_fn`` returns per-example losses (a (batch,) vector); a scalar is taken as
-    already averaged.
+    The :class:`influx.Objective` ``J`` with the data as two arguments (``l2`` may be a
+    traced value here). ``loss_fn`` returns per-example losses (a (batch,) vector); a
+    scalar is taken as already averaged.
     """
-    f = _as_apply(model_or_apply_fn)
+    data_loss = Objective(_as_apply(model_or_apply_fn), loss_fn).data_loss
 
     def J(params, x, y):
-        return jnp.mean(loss_fn(f(params, x), y)) + 0.5 * l2 * _sq_norm(params)
+        return data_loss(params, (x, y)) + 0.5 * l2 * tree_sqnorm(params)
 
     return J
 
@@ -254,35 +253,52 @@ def minibatch_indices(n: int, *, batch_size: int, steps: int, seed=0) -> jax.Arr
     return perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
 
 
-@partial(jax.jit, static_argnames=("f", "loss_fn", "opt", "steps", "batch_size"))
-def _train_jit(params, x, y, l2, key, *, f, loss_fn, opt, steps, batch_size):
-    J = objective(f, loss_fn, l2=l2)
+def train_loop(apply_fn: Callable, loss_fn: Callable, optimizer, params, data, *, l2, steps: int,
+               batch_size: int | None = None, seed=0, weights=None):
+    """The training loop of :func:`train` as a pure function (jit-, vmap- and grad-able).
+
+    Runs ``steps`` optax updates from ``params`` on the per-step objective
+
+        J_k(theta) = 1/|B_k| sum_{i in B_k} w_i L_i(theta) + l2/2 ||theta||^2
+
+    with ``B_k`` the full batch (``batch_size=None``) or row ``k`` of
+    :func:`minibatch_indices` ``(n, batch_size=batch_size, steps=steps, seed=seed)``, and
+    ``w = weights`` (``(N,)``, default all ones: then ``J_k`` is the plain mean, exactly
+    :func:`train`). It is the one loop behind :func:`train`, the subset retraining of
+    :func:`influx.response.retrain` (``vmap`` over ``weights``) and the metagradients
+    (``grad`` with respect to ``weights``), so all of them replay the same run.
+
+    Returns ``(params, losses)`` with ``losses[k] = J_k`` before step ``k``'s update.
+    Cost: ``steps`` value-and-gradients on the batch; no validation (see :func:`train`).
+    """
+    x, y = data
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
 
-    def update(p, s, xb, yb):
-        val, g = jax.value_and_grad(J)(p, xb, yb)
-        upd, s = opt.update(g, s, p)
-        return optax.apply_updates(p, upd), s, val
+    def J(p, xb, yb, wb):
+        per = loss_fn(apply_fn(p, xb), yb)
+        data_term = jnp.mean(per) if wb is None else jnp.mean(wb * per)
+        return data_term + 0.5 * l2 * tree_sqnorm(p)
 
-    if batch_size is None:
+    def body(carry, ib):
+        p, s = carry
+        if ib is None:
+            xb, yb, wb = x, y, weights
+        else:
+            xb, yb = jax.tree_util.tree_map(lambda a: a[ib], (x, y))
+            wb = None if weights is None else weights[ib]
+        val, g = jax.value_and_grad(J)(p, xb, yb, wb)
+        upd, s = optimizer.update(g, s, p)
+        return (optax.apply_updates(p, upd), s), val
 
-        def body(carry, _):
-            p, s, val = update(*carry, x, y)
-            return (p, s), val
-
-        (p, _), losses = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
-        return p, losses
-
-    idx = minibatch_indices(n, batch_size=batch_size, steps=steps, seed=key)
-
-    def body_mb(carry, ib):
-        xb = jax.tree_util.tree_map(lambda a: a[ib], x)
-        yb = jax.tree_util.tree_map(lambda a: a[ib], y)
-        p, s, val = update(*carry, xb, yb)
-        return (p, s), val
-
-    (p, _), losses = jax.lax.scan(body_mb, (params, opt.init(params)), idx)
+    idx = None if batch_size is None else minibatch_indices(n, batch_size=batch_size, steps=steps, seed=seed)
+    (p, _), losses = jax.lax.scan(body, (params, optimizer.init(params)), idx, length=steps)
     return p, losses
+
+
+@partial(jax.jit, static_argnames=("f", "loss_fn", "opt", "steps", "batch_size"))
+def _train_jit(params, x, y, l2, key, *, f, loss_fn, opt, steps, batch_size):
+    return train_loop(_as_apply(f), loss_fn, opt, params, (x, y), l2=l2, steps=steps, batch_size=batch_size,
+                      seed=key)
 
 
 def train(
@@ -354,7 +370,7 @@ def _float_dtype(params):
 
 
 def _tree_norm(tree) -> jax.Array:
-    return jnp.sqrt(_sq_norm(tree))
+    return jnp.sqrt(tree_sqnorm(tree))
 
 
 @partial(jax.jit, static_argnames=("f", "loss_fn", "memory_size", "max_it"))
