@@ -102,11 +102,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from influx.curvature import chunked_map
+from influx.errors import InputError, SolveError
 from influx.models import minibatch_indices
 from influx.objective import Objective, check_data, check_like, num_examples, tree_sqnorm
 from influx.solvers._base import Status
 
-__all__ = ["Response", "NewtonCG", "newton", "loo", "proximal", "pbrf", "linearized", "DEFAULT_OPTIMIZER"]
+__all__ = ["Response", "ResponseOptions", "NewtonCG", "newton", "loo", "proximal", "pbrf", "respond",
+           "linearized", "DEFAULT_OPTIMIZER"]
 
 _DEFAULT_STEPS = 50
 
@@ -157,36 +159,35 @@ def _check_removed(removed, n: int) -> np.ndarray:
     try:
         arr = np.asarray(removed)
     except Exception as e:  # noqa: BLE001
-        raise TypeError(f"removed: expected a sequence of integer indices, got {removed!r}") from e
+        raise InputError(f"removed: expected a sequence of integer indices, got {removed!r}") from e
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1:
-        raise ValueError(f"removed: expected a 1-D sequence of indices, got shape {arr.shape}")
+        raise InputError(f"removed: expected a 1-D sequence of indices, got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError("removed: empty; pass at least one training index")
+        raise InputError("removed: empty; pass at least one training index")
     if not np.issubdtype(arr.dtype, np.integer):
         integral = np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
         if np.issubdtype(arr.dtype, np.floating) and integral:
             arr = arr.astype(np.int64)
         else:
-            raise TypeError(f"removed: indices must be integers, got dtype {arr.dtype}")
+            raise InputError(f"removed: indices must be integers, got dtype {arr.dtype}")
     bad = arr[(arr < 0) | (arr >= n)]
     if bad.size:
-        raise ValueError(
+        raise InputError(
             f"removed: indices out of range for {n} training examples: {bad[:10].tolist()} "
             f"(need 0 <= index < {n}; negative indices are not accepted)"
         )
     uniq, counts = np.unique(arr, return_counts=True)
     if np.any(counts > 1):
-        raise ValueError(f"removed: duplicated indices {uniq[counts > 1][:10].tolist()}")
+        raise InputError(f"removed: duplicated indices {uniq[counts > 1][:10].tolist()}")
     return arr.astype(np.int32)
 
 
 def _check_int(v, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {v!r}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    """Local positive-integer check (until ``influx.validation`` is merged): InputError."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
     return int(v)
 
 
@@ -194,19 +195,25 @@ def _check_nonneg(v, name: str) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a number, got {v!r}") from e
+        raise InputError(f"{name} must be a number, got {v!r}") from e
     if not np.isfinite(f) or f < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {f}")
+        raise InputError(f"{name} must be finite and >= 0, got {f}")
     return f
+
+
+def _check_on_failure(v) -> str:
+    if v not in ("raise", "nan"):
+        raise InputError(f"on_failure must be 'raise' or 'nan', got {v!r}")
+    return v
 
 
 def _check_optimizer(opt, name: str = "optimizer"):
     if not (hasattr(opt, "init") and hasattr(opt, "update") and callable(opt.update)):
-        raise TypeError(f"{name}: expected an optax GradientTransformation, got {type(opt).__name__}")
+        raise InputError(f"{name}: expected an optax GradientTransformation, got {type(opt).__name__}")
     try:
         hash(opt)
     except TypeError as e:
-        raise TypeError(f"{name}: must be hashable (optax transformations are)") from e
+        raise InputError(f"{name}: must be hashable (optax transformations are)") from e
     return opt
 
 
@@ -248,17 +255,6 @@ def _tree_sub(a, b):
 
 def _take(tree, idx):
     return jax.tree_util.tree_map(lambda a: a[idx], tree)
-
-
-def _needs_value_fn(opt, params) -> bool:
-    """True for optimizers with a line search that stores value/grad in its state (L-BFGS)."""
-    if isinstance(opt, NewtonCG):
-        return True
-    state = jax.eval_shape(opt.init, params)
-    try:
-        return optax.tree.get(state, "value") is not None
-    except (KeyError, ValueError):
-        return False
 
 
 # ------------------------------------------------------------------ Newton-CG
@@ -355,6 +351,149 @@ def newton(*, cg_steps: int = 100, max_backtracks: int = 30, forcing: float = 1e
 DEFAULT_OPTIMIZER = NewtonCG()
 
 
+# ------------------------------------------------------------------ inner solvers as step adapters
+# One small value per kind of inner solver, chosen once (:func:`_step_adapter`); the engine
+# calls ``adapter.init(params)`` and ``adapter(F, theta, state, m, eps, idx, x)``, which
+# returns ``(value, grad, new_theta, new_state)``. ``value`` may be 0 when the solver does
+# not need it (a non-finite objective then shows up in the gradient).
+@dataclasses.dataclass(frozen=True)
+class _FirstOrderStep:
+    """An optax first-order step (``optax.sgd``, ``optax.adam``, ...): gradient only, minibatches ok."""
+
+    opt: Any
+    full_batch_only = False
+
+    def init(self, params):
+        return self.opt.init(params)
+
+    def __call__(self, F, th, st, m, e, idx, x):
+        g = jax.grad(F)(th, m, e, idx, x)
+        upd, st = self.opt.update(g, st, th)
+        leaf = jax.tree_util.tree_leaves(g)[0]
+        return jnp.zeros((), leaf.dtype), g, optax.apply_updates(th, upd), st
+
+
+@dataclasses.dataclass(frozen=True)
+class _LineSearchStep:
+    """An optax optimizer with a line search that keeps value and gradient in its state
+    (``optax.lbfgs``), driven through ``optax.value_and_grad_from_state``. Full batch."""
+
+    opt: Any
+    full_batch_only = True
+
+    def init(self, params):
+        return self.opt.init(params)
+
+    def __call__(self, F, th, st, m, e, idx, x):
+        full = lambda t: F(t, m, e, None, x)
+        v, g = optax.value_and_grad_from_state(full)(th, state=st)
+        upd, st = self.opt.update(g, st, th, value=v, grad=g, value_fn=full)
+        return v, g, optax.apply_updates(th, upd), st
+
+
+@dataclasses.dataclass(frozen=True)
+class _NewtonStep:
+    """:class:`NewtonCG` (full batch)."""
+
+    newton: Any
+    full_batch_only = True
+
+    def init(self, params):
+        return self.newton.init(params)
+
+    def __call__(self, F, th, st, m, e, idx, x):
+        return self.newton.step(lambda t: F(t, m, e, None, x), th, st)
+
+
+def _step_adapter(opt, params):
+    """The step adapter of an inner solver: Newton-CG, line search (state holds ``value``), first order."""
+    if isinstance(opt, NewtonCG):
+        return _NewtonStep(opt)
+    state = jax.eval_shape(opt.init, params)
+    try:
+        has_value = optax.tree.get(state, "value") is not None
+    except (KeyError, ValueError):
+        has_value = False
+    return _LineSearchStep(opt) if has_value else _FirstOrderStep(opt)
+
+
+# ------------------------------------------------------------------ options
+@dataclasses.dataclass(frozen=True)
+class ResponseOptions:
+    """Every option of :func:`loo`, :func:`proximal` and :func:`pbrf`, validated once.
+
+    Frozen and hashable (by value): the public functions build one from their keyword
+    arguments and pass it down; :func:`influx.gaps.decompose` builds its objects' options
+    up front, so a bad option fails before any retraining. The fields are the keyword
+    arguments documented in :func:`loo` (``optimizer=None`` becomes
+    :data:`DEFAULT_OPTIMIZER`; ``tol=None`` stays ``None`` and resolves to the
+    parameters' dtype at the call). Raises :class:`influx.errors.InputError` on a bad value.
+    """
+
+    optimizer: Any = None
+    steps: int = 50
+    damping: float = 0.0
+    epsilon: float | None = None
+    normalization: str = "n"
+    baseline: str = "params"
+    batch_size: int | None = None
+    seed: int = 0
+    chunk_size: int = 64
+    tol: float | None = None
+    keep_params: bool = True
+    measurement: Any = None
+    observe: Callable | None = None
+    warn: bool = True
+    on_failure: str = "raise"
+
+    def __post_init__(self):
+        put = lambda k, v: object.__setattr__(self, k, v)
+        put("optimizer", DEFAULT_OPTIMIZER if self.optimizer is None else _check_optimizer(self.optimizer))
+        put("steps", _check_int(self.steps, "steps", 1))
+        put("damping", _check_nonneg(self.damping, "damping"))
+        if self.epsilon is not None:
+            try:
+                eps = float(self.epsilon)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"epsilon must be a number, got {self.epsilon!r}") from e
+            if not np.isfinite(eps):
+                raise InputError(f"epsilon must be finite, got {self.epsilon!r}")
+            put("epsilon", eps)
+        if self.normalization not in ("n", "n-1"):
+            raise InputError(f"normalization must be 'n' or 'n-1', got {self.normalization!r}")
+        if self.baseline not in ("params", "retrain"):
+            raise InputError(f"baseline must be 'params' or 'retrain', got {self.baseline!r}")
+        if self.normalization == "n-1":
+            if self.baseline == "retrain":
+                raise InputError(
+                    "baseline='retrain' needs normalization='n' (the original training's weights)")
+            if self.epsilon is not None:
+                raise InputError(
+                    "epsilon cannot be combined with normalization='n-1' (it removes the example)")
+        if self.batch_size is not None:
+            put("batch_size", _check_int(self.batch_size, "batch_size", 1))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        put("seed", int(self.seed))
+        put("chunk_size", _check_int(self.chunk_size, "chunk_size", 1))
+        if self.tol is not None:
+            put("tol", _check_nonneg(self.tol, "tol"))
+        if self.observe is not None and not callable(self.observe):
+            raise InputError(f"observe must be callable params -> pytree, got {self.observe!r}")
+        put("keep_params", bool(self.keep_params))
+        put("warn", bool(self.warn))
+        _check_on_failure(self.on_failure)
+        if isinstance(self.optimizer, NewtonCG) and self.batch_size is not None:
+            raise InputError(
+                "optimizer: a line-search optimizer (optax.lbfgs, response.newton) needs the full batch; "
+                "use batch_size=None or a first-order optimizer"
+            )
+
+    def replace(self, **changes) -> ResponseOptions:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
 # ------------------------------------------------------------------ the objective
 def _coefficients(kind, l2, damping):
     """``(bregman, loo, c_norm, c_prox)`` of the unified objective (see :func:`_make_objective`)."""
@@ -438,25 +577,33 @@ def _replicate(x, c: int):
         lambda l: jax.lax.optimization_barrier(jnp.broadcast_to(l, (c,) + l.shape)), x)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("obj", "opt", "steps", "batch_size", "chunk_size", "keep_params", "measure",
-                     "observe", "linesearch", "replicate_bytes"),
-)
-def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, key, *, obj, opt,
-         steps, batch_size, chunk_size, keep_params, measure, observe, linesearch,
-         replicate_bytes=_REPLICATE_BYTES):
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """The static (compile-time) part of one response computation: one compiled :func:`_run`
+    per distinct value. Numbers that may change freely (tolerances, weights, coefficients,
+    the seed) are traced arguments instead."""
+
+    step: Any  # a step adapter (_FirstOrderStep, _LineSearchStep, _NewtonStep)
+    steps: int
+    batch_size: int | None
+    chunk_size: int
+    keep_params: bool
+    measure: Callable
+    observe: Callable | None
+    replicate_bytes: int = _REPLICATE_BYTES
+
+
+@functools.partial(jax.jit, static_argnames=("obj", "program"))
+def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, key, *, obj, program):
+    step, steps, batch_size = program.step, program.steps, program.batch_size
     n = num_examples(train)
+    measure = program.measure
     f = lambda p, t: jax.vmap(lambda ex: measure(p, ex))(t)
     aux = _pbrf_aux(obj, theta_s, train)
     F = _make_objective(obj, theta_s, train, aux, a, coef, n)
     f_s = f(theta_s, test)
-
-    if batch_size is None:
-        xs = None
-    else:
-        xs = minibatch_indices(n, batch_size=batch_size, steps=steps, seed=key)
-
+    # the schedule of influx.models.train: a cold start replays the original run's batches
+    xs = None if batch_size is None else minibatch_indices(n, batch_size=batch_size, steps=steps, seed=key)
     x_train = train[0]
 
     def solve_chunk(args):
@@ -464,23 +611,13 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
         ms, es = args
         c = ms.shape[0]
         # every example of the chunk gets its own copy of the inputs (see _replicate)
-        rep_full = _replicate_ok(x_train, c, 1.0, replicate_bytes)
-        rep = rep_full if batch_size is None else _replicate_ok(x_train, c, batch_size / n, replicate_bytes)
+        budget = program.replicate_bytes
+        rep_full = _replicate_ok(x_train, c, 1.0, budget)
+        rep = rep_full if batch_size is None else _replicate_ok(x_train, c, batch_size / n, budget)
         x_full = _replicate(x_train, c) if rep_full else None
 
         def step_one(th, st, ok, done, m, e, idx, x):
-            full = lambda t: F(t, m, e, None, x)
-            if isinstance(opt, NewtonCG):
-                v, g, th_new, st_new = opt.step(full, th, st)
-            elif linesearch:
-                v, g = optax.value_and_grad_from_state(full)(th, state=st)
-                upd, st_new = opt.update(g, st, th, value=v, grad=g, value_fn=full)
-                th_new = optax.apply_updates(th, upd)
-            else:  # the value is not needed: non-finite values show up in the gradient
-                g = jax.grad(F)(th, m, e, idx, x)
-                v = jnp.zeros((), tol.dtype)
-                upd, st_new = opt.update(g, st, th)
-                th_new = optax.apply_updates(th, upd)
+            v, g, th_new, st_new = step(F, th, st, m, e, idx, x)
             gn = jnp.sqrt(tree_sqnorm(g))
             ok = ok & jnp.isfinite(v) & jnp.isfinite(gn)
             if idx is None:
@@ -505,7 +642,7 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
 
         bcast = lambda t: jax.tree_util.tree_map(lambda l: jnp.broadcast_to(l, (c,) + l.shape), t)
         th0 = bcast(theta0)
-        carry = (th0, jax.vmap(opt.init)(th0), jnp.ones((c,), bool), jnp.zeros((c,), bool),
+        carry = (th0, jax.vmap(step.init)(th0), jnp.ones((c,), bool), jnp.zeros((c,), bool),
                  jnp.zeros((c,), jnp.int32))
         if batch_size is None:
             # full batch: stop as soon as every example of the chunk is frozen or failed
@@ -522,119 +659,140 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
         def final_one(th, ok, m, e, x):
             v, g = jax.value_and_grad(F)(th, m, e, None, x)
             gn = jnp.sqrt(tree_sqnorm(g))
-            ok = ok & jnp.isfinite(v) & jnp.isfinite(gn)
+            raw = f(th, test) - f_s
+            ok = ok & jnp.isfinite(v) & jnp.isfinite(gn) & jnp.all(jnp.isfinite(raw))
             conv = ok & (gn <= tol)
             status = jnp.where(~ok, Status.NONFINITE, jnp.where(conv, Status.CONVERGED, Status.MAX_STEPS))
-            delta = jnp.where(ok, f(th, test) - f_s, jnp.nan)
-            out = {"delta": delta, "grad_norm": gn, "objective": v, "converged": conv, "status": status}
-            if keep_params:
+            out = {"delta": jnp.where(ok, raw, jnp.nan), "grad_norm": gn, "objective": v, "converged": conv,
+                   "status": status}
+            if program.keep_params:
                 out["params"] = th
-            if observe is not None:
-                out["observed"] = observe(th)
+            if program.observe is not None:
+                out["observed"] = program.observe(th)
             return out
 
         out = jax.vmap(final_one, in_axes=(0, 0, 0, 0, None if x_full is None else 0))(th, ok, ms, es, x_full)
         out["steps_taken"] = taken
         return out
 
-    out = chunked_map(solve_chunk, (removed, eps), chunk_size=chunk_size)
+    out = chunked_map(solve_chunk, (removed, eps), chunk_size=program.chunk_size)
     out["f_s"] = f_s
     return out
 
 
 # ------------------------------------------------------------------ the public objects
-def _respond(kind, obj, params, train, removed, *, test, init, optimizer, steps, damping,
-             epsilon, normalization, batch_size, seed, chunk_size, tol, keep_params, measurement,
-             observe, warn, baseline):
+def _resolve_tol(tol, params) -> float:
+    """``tol=None``: what the parameters' dtype can reach, 1e-6 in float64, 1e-4 in float32."""
+    if tol is not None:
+        return tol
+    wide = any(jnp.result_type(l) == jnp.float64 for l in jax.tree_util.tree_leaves(params))
+    return 1e-6 if wide else 1e-4
+
+
+def _respond(kind, obj, params, train, removed, *, test, init, options: ResponseOptions) -> Response:
+    """One response object (``kind``) with validated ``options``; all checks run before the solve."""
     if not isinstance(obj, Objective):
-        raise TypeError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+    if not isinstance(options, ResponseOptions):
+        raise InputError(f"options must be a ResponseOptions, got {type(options).__name__}")
+    o = options
     n = check_data(obj, params, train, name="train")
     removed = _check_removed(removed, n)
-    measure = _check_test(obj, params, test, measurement)
-    steps = _check_int(steps, "steps", 1)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    damping = _check_nonneg(damping, "damping")
-    if tol is None:  # what the parameters' dtype can reach: 1e-6 in float64, 1e-4 in float32
-        leaves = jax.tree_util.tree_leaves(params)
-        wide = any(jnp.result_type(l) == jnp.float64 for l in leaves)
-        tol = 1e-6 if wide else 1e-4
-    tol = _check_nonneg(tol, "tol")
-    optimizer = DEFAULT_OPTIMIZER if optimizer is None else _check_optimizer(optimizer)
-    if observe is not None and not callable(observe):
-        raise TypeError(f"observe must be callable params -> pytree, got {observe!r}")
-    if normalization not in ("n", "n-1"):
-        raise ValueError(f"normalization must be 'n' or 'n-1', got {normalization!r}")
-    if baseline not in ("params", "retrain"):
-        raise ValueError(f"baseline must be 'params' or 'retrain', got {baseline!r}")
+    measure = _check_test(obj, params, test, o.measurement)
+    tol = _resolve_tol(o.tol, params)
+    batch_size = o.batch_size
     if batch_size is not None:
-        batch_size = _check_int(batch_size, "batch_size", 1)
         if batch_size > n:
-            raise ValueError(f"batch_size must be <= the number of training examples {n}, got {batch_size}")
+            raise InputError(f"batch_size must be <= the number of training examples {n}, got {batch_size}")
         if batch_size == n:
             batch_size = None
-    if normalization == "n-1":
-        if baseline == "retrain":
-            raise ValueError("baseline='retrain' needs normalization='n' (the original training's weights)")
-        if epsilon is not None:
-            raise ValueError("epsilon cannot be combined with normalization='n-1' (it removes the example)")
+    if o.normalization == "n-1":
         if n < 2:
-            raise ValueError("normalization='n-1' needs at least 2 training examples")
+            raise InputError("normalization='n-1' needs at least 2 training examples")
         a, eps = 1.0 / (n - 1), -1.0 / (n - 1)
     else:
         a = 1.0 / n
-        eps = -1.0 / n if epsilon is None else float(epsilon)
-        if not np.isfinite(eps):
-            raise ValueError(f"epsilon must be finite, got {epsilon!r}")
+        eps = -1.0 / n if o.epsilon is None else o.epsilon
     cold = init is not None
     if cold:
         init = check_like(params, init, name="init")
-    linesearch = _needs_value_fn(optimizer, params)
-    if linesearch and batch_size is not None:
-        raise ValueError(
+    step = _step_adapter(o.optimizer, params)
+    if step.full_batch_only and batch_size is not None:
+        raise InputError(
             "optimizer: a line-search optimizer (optax.lbfgs, response.newton) needs the full batch; "
             "use batch_size=None or a first-order optimizer"
         )
+    if o.keep_params:
+        _memory_ok(params, removed.size + (o.baseline == "retrain"))
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
     r = removed.size
     rem = jnp.asarray(removed)
     eps_v = jnp.full((r,), eps, dtype)
-    if baseline == "retrain":  # one extra solve with the example's weight unchanged
+    if o.baseline == "retrain":  # one extra solve with the example's weight unchanged
         rem = jnp.concatenate([rem, rem[:1]])
         eps_v = jnp.concatenate([eps_v, jnp.zeros((1,), dtype)])
-    coef = jnp.asarray(_coefficients(kind, obj.l2, damping), dtype)
-    out = _run(
-        params, init if cold else params, tuple(train), tuple(test), rem, eps_v, jnp.asarray(a, dtype),
-        coef, jnp.asarray(tol, dtype), jnp.asarray(-1.0 if cold and not linesearch else tol, dtype),
-        jax.random.key(int(seed)),
-        obj=obj, opt=optimizer, steps=steps, batch_size=batch_size,
-        chunk_size=min(chunk_size, r + (baseline == "retrain")),
-        keep_params=keep_params, measure=measure, observe=observe, linesearch=linesearch,
-        replicate_bytes=_REPLICATE_BYTES,
-    )
+    coef = jnp.asarray(_coefficients(kind, obj.l2, o.damping), dtype)
+    program = _Program(step=step, steps=o.steps, batch_size=batch_size,
+                       chunk_size=min(o.chunk_size, r + (o.baseline == "retrain")),
+                       keep_params=o.keep_params, measure=measure, observe=o.observe,
+                       replicate_bytes=_REPLICATE_BYTES)
+    # a cold start with a first-order optimizer replays the original training step for step (no freezing)
+    freeze_tol = -1.0 if cold and not step.full_batch_only else tol
+    out = _run(params, init if cold else params, tuple(train), tuple(test), rem, eps_v, jnp.asarray(a, dtype),
+               coef, jnp.asarray(tol, dtype), jnp.asarray(freeze_tol, dtype), jax.random.key(o.seed),
+               obj=obj, program=program)
     delta, f_ref = out["delta"], out["f_s"]
+    status = np.asarray(out["status"][:r])
     take = lambda t: jax.tree_util.tree_map(lambda x: x[:r], t)
-    if baseline == "retrain":
+    if o.baseline == "retrain":
+        if int(out["status"][r]) == Status.NONFINITE:
+            _fail(o, kind, f"the baseline retraining (nothing removed) became non-finite; every delta "
+                  f"depends on it ({r} rows)", removed)
+            status = np.full((r,), int(Status.NONFINITE), status.dtype)
         shift = out["delta"][r]
         f_ref = f_ref + shift
         delta = delta[:r] - shift[None]
-    status = np.asarray(out["status"][:r])
     failed = removed[status == Status.NONFINITE]
-    info = {"steps": steps, "optimizer": optimizer, "epsilon": eps, "damping": damping, "tol": tol,
-            "batch_size": batch_size, "seed": seed, "normalization": normalization,
-            "start": "cold" if cold else "warm", "baseline": baseline}
+    if failed.size:
+        _fail(o, kind, f"the objective, its gradient, the iterate or the measurement became non-finite "
+              f"for {failed.size} of {r} removed examples", failed)
+        delta = jnp.where(jnp.asarray(status == Status.NONFINITE)[:, None], jnp.nan, delta)
+    info = {"steps": o.steps, "optimizer": o.optimizer, "epsilon": eps, "damping": o.damping, "tol": tol,
+            "batch_size": batch_size, "seed": o.seed, "normalization": o.normalization,
+            "start": "cold" if cold else "warm", "baseline": o.baseline, "on_failure": o.on_failure,
+            "options": o}
     res = Response(
-        delta=delta, params=take(out["params"]) if keep_params else None,
+        delta=delta, params=take(out["params"]) if o.keep_params else None,
         grad_norm=out["grad_norm"][:r], objective=out["objective"][:r],
-        converged=out["converged"][:r], status=out["status"][:r], removed=removed,
+        converged=out["converged"][:r], status=jnp.asarray(status), removed=removed,
         failed=failed, baseline=f_ref,
-        observed=take(out["observed"]) if observe is not None else None, kind=kind, info=info,
+        observed=take(out["observed"]) if o.observe is not None else None, kind=kind, info=info,
         steps_taken=out["steps_taken"][:r],
     )
-    if baseline == "retrain" and int(out["status"][r]) == Status.NONFINITE:
-        raise FloatingPointError(f"{kind}: the baseline retraining (nothing removed) became non-finite")
-    if warn:
-        _warn(res, kind, tol, steps)
+    if o.warn:
+        _warn(res, kind, tol, o.steps)
     return res
+
+
+def _memory_ok(params, copies: int) -> None:
+    """Refuses ``keep_params=True`` when ``copies`` parameter copies would not fit in memory."""
+    from influx import _memory
+
+    leaves = jax.tree_util.tree_leaves(params)
+    nbytes = copies * sum(int(np.size(l)) * jnp.result_type(l).itemsize for l in leaves)
+    _memory.check_fits(nbytes, what=f"keep_params=True ({copies} parameter copies)",
+                       alternative="keep_params=False (and observe=... for what you need of each solution)")
+
+
+def _fail(o: ResponseOptions, kind: str, what: str, rows) -> None:
+    """The failure policy: ``on_failure="raise"`` raises :class:`SolveError`; ``"nan"`` returns."""
+    if o.on_failure == "raise":
+        rows = np.asarray(rows)
+        raise SolveError(
+            f"{kind}: {what} (removed indices {rows[:20].tolist()}{' ...' if rows.size > 20 else ''}). "
+            "Fix: lower the learning rate, add damping, or use response.newton(); pass on_failure='nan' "
+            "to get NaN rows for the failed removals and their status instead of this error"
+        )
 
 
 def _warn(res: Response, kind: str, tol: float, steps: int) -> None:
@@ -656,6 +814,26 @@ def _warn(res: Response, kind: str, tol: float, steps: int) -> None:
         )
 
 
+def respond(kind: str, obj: Objective, params, train, removed, *, test, init=None,
+            options: ResponseOptions | None = None) -> Response:
+    """The response object ``kind`` (``"loo"``, ``"proximal"`` or ``"pbrf"``) with ``options``.
+
+    The options-object form of :func:`loo`, :func:`proximal` and :func:`pbrf` (which build
+    a :class:`ResponseOptions` from their keyword arguments and call this): useful to
+    validate every option of several objects before running any of them.
+    """
+    if kind not in ("loo", "proximal", "pbrf"):
+        raise InputError(f"kind must be 'loo', 'proximal' or 'pbrf', got {kind!r}")
+    options = ResponseOptions() if options is None else options
+    if kind != "loo" and init is not None:
+        raise InputError(f"{kind} is warm-started at params; init is only for loo")
+    if kind == "loo" and options.damping != 0:
+        raise InputError("loo has no damping (use kind='proximal')")
+    if kind != "loo" and (options.normalization != "n" or options.baseline != "params"):
+        raise InputError(f"{kind}: normalization and baseline are options of loo only")
+    return _respond(kind, obj, params, train, removed, test=test, init=init, options=options)
+
+
 _COMMON_DOC = """
     Args:
       obj: the :class:`influx.Objective` (its ``l2`` is part of every objective).
@@ -672,26 +850,36 @@ _COMMON_DOC = """
         once all its examples have converged (``Response.steps_taken``).
       epsilon: weight added to the removed example's loss (default ``-1/N``, removal).
         A small multiple ``t * (-1/N)`` gives the finite-difference check of influence.
-      batch_size: ``None`` (full batch, default) or minibatches from seeded per-epoch
-        permutations (``seed``), the same for every removed example.
+      batch_size: ``None`` (full batch, default) or minibatches of
+        :func:`influx.models.minibatch_indices` (``seed``), the same for every removed example.
       chunk_size: removed examples solved together by ``vmap`` (bounds memory).
       tol: convergence threshold on the final full-batch gradient norm (default: 1e-6 for
         float64 parameters, 1e-4 for float32); in full-batch
         mode an example is frozen once its gradient norm reaches it.
-      keep_params: return the solutions stacked per removed example.
+      keep_params: return the solutions stacked per removed example (refused with
+        :class:`influx.errors.ResourceError` when the copies would not fit in memory).
       measurement: ``None`` (the test loss), an :data:`influx.measurements` value, or a
         callable ``f(params, (x_t, y_t)) -> scalar`` on one unbatched test example (the
         convention of :func:`influx.influence`).
       observe: ``params -> pytree`` evaluated on each solution inside the program
         (an alternative to keeping the parameters).
-      warn: emit a ``RuntimeWarning`` for non-converged or non-finite solves.
+      warn: emit a ``RuntimeWarning`` for non-converged (or, with ``on_failure="nan"``,
+        non-finite) solves.
+      on_failure: what a failed solve (objective, gradient, iterate or measurement
+        non-finite; status ``NONFINITE``) does: ``"raise"`` (default) raises
+        :class:`influx.errors.SolveError` naming the failed removals and the fix;
+        ``"nan"`` returns their ``delta`` rows as NaN (never 0) with ``status`` and
+        ``failed`` saying which. A solve that is finite but did not reach ``tol`` in
+        ``steps`` is not a failure: it is returned with status ``MAX_STEPS``,
+        ``converged=False`` and a warning.
 
     Returns: :class:`Response` with ``delta`` of shape ``(len(removed), n_test)``.
 
     Raises:
-      ValueError/TypeError: indices out of range or duplicated, a test set without
-      labels for the default measurement, ``steps < 1``, negative ``damping``, a
-      line-search optimizer with minibatches, bad shapes.
+      InputError: indices out of range or duplicated, a test set without labels for the
+      default measurement, ``steps < 1``, negative ``damping``, a line-search optimizer
+      with minibatches, bad shapes -- before any computation.
+      SolveError: a failed solve with ``on_failure="raise"``.
 """
 
 
@@ -700,57 +888,58 @@ def loo(obj: Objective, params, train, removed, *, test, init=None, optimizer=No
         baseline: str = "params", batch_size: int | None = None, seed: int = 0,
         chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
         measurement=None, observe: Callable | None = None,
-        warn: bool = True) -> Response:
+        warn: bool = True, on_failure: str = "raise") -> Response:
     """Leave-one-out retraining (see the module docstring for the objective).
 
     ``init=None``: warm start, minimise ``J_m`` from ``theta_s``. ``init=<pytree>``: cold
     start, retrain from ``init`` -- pass the *same* ``optimizer``, ``steps``,
     ``batch_size`` and ``seed`` as the original training (with :func:`influx.models.train`
-    the minibatch order is identical), so that the only difference is the removed
+    the minibatch order is identical: both use :func:`influx.models.minibatch_indices`),
+    so that the only difference is the removed
     example; then ``baseline="retrain"`` measures against the full-data run of the same
     program instead of ``params`` (cancels the shared optimisation error).
     ``normalization``: ``"n"`` (default, removed weight set to 0, others keep ``1/N``)
     or ``"n-1"`` (mean over the ``N - 1`` remaining examples).
     """
     if init is not None and optimizer is None:
-        raise ValueError(
+        raise InputError(
             "loo: a cold start (init=...) needs the optimizer (and steps) of the original training")
-    return _respond("loo", obj, params, train, removed, test=test, init=init, optimizer=optimizer,
-                    steps=steps, damping=0.0, epsilon=epsilon, normalization=normalization,
-                    batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
-                    keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
-                    baseline=baseline)
+    options = ResponseOptions(optimizer=optimizer, steps=steps, epsilon=epsilon, normalization=normalization,
+                              baseline=baseline, batch_size=batch_size, seed=seed, chunk_size=chunk_size,
+                              tol=tol, keep_params=keep_params, measurement=measurement, observe=observe,
+                              warn=warn, on_failure=on_failure)
+    return _respond("loo", obj, params, train, removed, test=test, init=init, options=options)
 
 
 def proximal(obj: Objective, params, train, removed, *, test, damping: float, optimizer=None,
              steps: int = _DEFAULT_STEPS, epsilon: float | None = None, batch_size: int | None = None,
              seed: int = 0, chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
              measurement=None, observe: Callable | None = None,
-             warn: bool = True) -> Response:
+             warn: bool = True, on_failure: str = "raise") -> Response:
     """Proximal LOO: warm-start ``J_m(theta) + damping/2 ||theta - theta_s||^2`` from ``theta_s``.
     """
-    return _respond("proximal", obj, params, train, removed, test=test, init=None, optimizer=optimizer,
-                    steps=steps, damping=damping, epsilon=epsilon, normalization="n",
-                    batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
-                    keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
-                    baseline="params")
+    options = ResponseOptions(optimizer=optimizer, steps=steps, damping=damping, epsilon=epsilon,
+                              batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
+                              keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
+                              on_failure=on_failure)
+    return _respond("proximal", obj, params, train, removed, test=test, init=None, options=options)
 
 
 def pbrf(obj: Objective, params, train, removed, *, test, damping: float, optimizer=None,
          steps: int = _DEFAULT_STEPS, epsilon: float | None = None, batch_size: int | None = None,
          seed: int = 0, chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
          measurement=None, observe: Callable | None = None,
-         warn: bool = True) -> Response:
+         warn: bool = True, on_failure: str = "raise") -> Response:
     """Proximal Bregman response function (Bae et al. 2022), warm-started at ``theta_s``.
 
     With minibatches the Bregman term is estimated on each batch and the removal term
     ``eps L_m`` is added at every step.
     """
-    return _respond("pbrf", obj, params, train, removed, test=test, init=None, optimizer=optimizer,
-                    steps=steps, damping=damping, epsilon=epsilon, normalization="n",
-                    batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
-                    keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
-                    baseline="params")
+    options = ResponseOptions(optimizer=optimizer, steps=steps, damping=damping, epsilon=epsilon,
+                              batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
+                              keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
+                              on_failure=on_failure)
+    return _respond("pbrf", obj, params, train, removed, test=test, init=None, options=options)
 
 
 for _f in (loo, proximal, pbrf):

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 import influx  # noqa: E402
 from influx import losses, response, solvers  # noqa: E402
+from influx.errors import InputError, SolveError  # noqa: E402
 from tests.conftest import make_problem  # noqa: E402
 
 N, D, L2 = 30, 4, 1e-2
@@ -228,8 +229,11 @@ def test_nonfinite_solves_are_masked_and_reported():
     lr = 6.0 / lam_full
     assert lr * lam_rest < 1.5
     params = _unpack(ridge(*train, N, L2))
+    kw = dict(test=test, optimizer=optax.sgd(lr), steps=600)
+    with pytest.raises(SolveError, match=r"non-finite for 2 of 3 .*\[1, 2\].*on_failure='nan'"):
+        response.loo(obj, params, train, [0, 1, 2], **kw)  # the default policy: raise, naming the rows
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        r = response.loo(obj, params, train, [0, 1, 2], test=test, optimizer=optax.sgd(lr), steps=600)
+        r = response.loo(obj, params, train, [0, 1, 2], on_failure="nan", **kw)
     status = np.asarray(r.status)
     assert status[0] == solvers.Status.CONVERGED
     assert np.all(status[1:] == solvers.Status.NONFINITE)
