@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 import influx  # noqa: E402
 from influx import losses, response, solvers  # noqa: E402
-from influx.errors import InputError, SolveError  # noqa: E402
+from influx.errors import InputError, SolveError  # noqa: E402,F401
 from tests.conftest import make_problem  # noqa: E402
 
 N, D, L2 = 30, 4, 1e-2
