@@ -144,7 +144,7 @@ def test_two_processes_match_single_process(tmp_path, reference):
     np.testing.assert_array_equal(topk[0], np.argsort(-reference, axis=1, kind="stable")[:, :3])
     np.testing.assert_array_equal(topk[1], np.argsort(reference, axis=1, kind="stable")[:, :3])
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["done_examples"] == N_TRAIN
+    assert manifest["complete"] and manifest["done"] == N_TRAIN
 
     # a random-access source: together the processes read every record of the scoring pass,
     # and neither read all of chunks 1.. (chunk 0 is read whole by each for the input checks)

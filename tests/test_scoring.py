@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import influx
-from influx import scoring, solvers
+from influx import _store, scoring, solvers
 from tests.conftest import make_problem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_kill_and_resume_gives_identical_file(tmp_path, reference):
     with pytest.raises(RuntimeError, match="simulated crash"):
         scoring.score(OBJ, PARAMS, crashing(3), TEST, **opts)
     man = json.loads((crash_dir / "manifest.json").read_text())
-    assert man["done_chunks"] == 3 and man["done_examples"] == 3 * CHUNK and not man["complete"]
+    assert man["done_chunks"] == 3 and man["done"] == 3 * CHUNK and not man["complete"]
     resumed = scoring.score(OBJ, PARAMS, crashing(-1), TEST, **opts)
     assert resumed.info["resumed_from"] == 3 * CHUNK and resumed.info["scored"] == N_TRAIN - 3 * CHUNK
     assert resumed.manifest["complete"]
@@ -151,17 +151,17 @@ def test_kill_and_resume_gives_identical_file(tmp_path, reference):
 def test_kill_between_writes_and_commit(tmp_path, monkeypatch):
     """A kill after chunk 3's scores and top-k were written but before the manifest commit."""
     full = scoring.score(OBJ, PARAMS, TRAIN, TEST, out_dir=tmp_path / "full", top_k=3, **OPTS)
-    real = scoring._write_json
+    real = _store._write_manifest
 
     def dies_at_commit(path, d):
         if d.get("done_chunks") == 3:
             raise KeyboardInterrupt("killed")
         real(path, d)
 
-    monkeypatch.setattr(scoring, "_write_json", dies_at_commit)
+    monkeypatch.setattr(_store, "_write_manifest", dies_at_commit)
     with pytest.raises(KeyboardInterrupt):
         scoring.score(OBJ, PARAMS, TRAIN, TEST, out_dir=tmp_path / "crash", top_k=3, **OPTS)
-    monkeypatch.setattr(scoring, "_write_json", real)
+    monkeypatch.setattr(_store, "_write_manifest", real)
     assert json.loads((tmp_path / "crash" / "manifest.json").read_text())["done_chunks"] == 2
     resumed = scoring.score(OBJ, PARAMS, TRAIN, TEST, out_dir=tmp_path / "crash", top_k=3, **OPTS)
     assert resumed.info["resumed_from"] == 2 * CHUNK
@@ -213,7 +213,7 @@ _SHARDED = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     import numpy as np
     sys.path.insert(0, {root!r})
-    from influx import scoring, solvers
+    from influx import _store, scoring, solvers
     from tests.test_scoring import OBJ, PARAMS, TRAIN, TEST, CHUNK
     assert len(jax.devices()) == 4, jax.devices()
     for method in ("jvp", "per_example"):
