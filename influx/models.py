@@ -296,9 +296,9 @@ def train_loop(apply_fn: Callable, loss_fn: Callable, optimizer, params, data, *
 
 
 @partial(jax.jit, static_argnames=("f", "loss_fn", "opt", "steps", "batch_size"))
-def _train_jit(params, x, y, l2, key, *, f, loss_fn, opt, steps, batch_size):
+def _train_jit(params, x, y, l2, key, weights=None, *, f, loss_fn, opt, steps, batch_size):
     return train_loop(_as_apply(f), loss_fn, opt, params, (x, y), l2=l2, steps=steps, batch_size=batch_size,
-                      seed=key)
+                      seed=key, weights=weights)
 
 
 def train(
@@ -312,6 +312,7 @@ def train(
     steps: int,
     batch_size: int | None = None,
     seed: int = 0,
+    weights=None,
 ) -> TrainResult:
     """Minimise ``J(theta) = mean loss + l2/2 ||theta||^2`` with optax, compiled.
 
@@ -325,7 +326,11 @@ def train(
       optimizer: optax transformation; default ``optax.adam(1e-2)``.
       steps: number of updates, all inside one ``lax.scan``.
       batch_size: ``None`` for full batch; else minibatches drawn from seeded
-        per-epoch permutations (fixed by ``seed``, so runs are reproducible).
+        per-epoch permutations (:func:`minibatch_indices`, fixed by ``seed``, so runs are
+        reproducible).
+      weights: optional ``(N,)`` per-example weights ``w_i >= 0``: each step minimises
+        ``1/|B| sum_{i in B} w_i L_i + l2/2 ||theta||^2`` (see :func:`train_loop`); the
+        default (all ones) is the plain mean. Same batches whatever the weights.
 
     Returns ``TrainResult(params, losses)`` (unpacks as ``params, losses``).
     Cost: ``steps`` gradient evaluations on the batch. The loop is compiled once per
@@ -345,6 +350,13 @@ def train(
         if not 1 <= batch_size <= n:
             raise ValueError(f"batch_size must be None or an integer in [1, {n}], got {batch_size!r}")
         batch_size = None if batch_size == n else int(batch_size)
+    if weights is not None:
+        weights = jnp.asarray(weights)
+        if weights.shape != (n,) or not jnp.issubdtype(weights.dtype, jnp.number) \
+                or not bool(jnp.all(jnp.isfinite(weights) & (weights >= 0))):
+            raise InputError(f"weights must be a ({n},) array of finite values >= 0, "
+                             f"got shape {weights.shape}")
+        weights = weights.astype(_float_dtype(params))
     opt = _DEFAULT_OPT if optimizer is None else optimizer
     p, losses = _train_jit(
         params,
@@ -352,6 +364,7 @@ def train(
         y,
         jnp.asarray(l2, _float_dtype(params)),
         jax.random.key(seed),
+        weights,
         f=model_or_apply_fn if isinstance(model_or_apply_fn, nn.Module) else f,
         loss_fn=loss_fn,
         opt=opt,

@@ -108,7 +108,7 @@ from influx.objective import Objective, check_data, check_like, num_examples, tr
 from influx.solvers._base import Status
 
 __all__ = ["Response", "ResponseOptions", "NewtonCG", "newton", "loo", "proximal", "pbrf", "respond",
-           "linearized", "DEFAULT_OPTIMIZER"]
+           "linearized", "DEFAULT_OPTIMIZER", "Retrain", "retrain", "random_subsets", "check_replay"]
 
 _DEFAULT_STEPS = 50
 
@@ -1003,3 +1003,310 @@ def linearized(obj: Objective, params, train, removed, *, test, damping: float, 
               "solver_residual_max": None if info.residual_norm is None
               else float(np.max(info.residual_norm))},
     )
+
+
+# ------------------------------------------------------------------ subset retraining
+class Retrain(NamedTuple):
+    """Result of :func:`retrain` (one row per weight vector).
+
+    Attributes:
+      delta: ``(M, n_test)`` change ``f_t(theta_w) - f_t(theta_1)`` of each test
+        measurement against the all-ones run (NaN rows for failed runs, never 0).
+      measured: ``(M, n_test)`` the measurements ``f_t(theta_w)`` themselves.
+      baseline: ``(n_test,)`` ``f_t(theta_1)``, the all-ones run (the original training).
+      loss: ``(M,)`` final weighted training objective ``1/N sum_i w_i L_i + l2/2 ||theta||^2``
+        (full batch) at each run's final parameters.
+      finite: ``(M,)`` bool, every loss along the run, the final parameters and the
+        measurements are finite.
+      failed: row indices whose run was not finite.
+      params: the final parameters stacked per row (``keep_params=True``), else ``None``.
+      info: settings (steps, batch_size, seed, chunk_size, resumed rows, ...).
+    """
+
+    delta: Any
+    measured: Any
+    baseline: Any
+    loss: Any
+    finite: Any
+    failed: np.ndarray
+    params: Any = None
+    info: dict = {}
+
+
+def random_subsets(n: int, m: int, *, alpha: float, seed: int = 0) -> np.ndarray:
+    """``m`` random training subsets that each drop a fraction ``alpha`` of ``n`` examples.
+
+    Returns an ``(m, n)`` boolean array of *kept* examples (usable directly as
+    :func:`retrain`'s ``weights``): every row keeps exactly ``n - k`` examples, with
+    ``k = max(1, round(alpha n))`` dropped uniformly at random without replacement,
+    independently per row; the same ``seed`` gives the same subsets. (For
+    :func:`influx.metrics.linear_datamodeling_score` pass ``kept=True``.)
+
+    Raises InputError for ``alpha`` outside ``(0, 1)``, ``m < 1``, ``n < 2`` or a ``k``
+    that would drop every example.
+    """
+    n = _check_int(n, "n", 2)
+    m = _check_int(m, "m", 1)
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"alpha must be a number in (0, 1), got {alpha!r}") from e
+    if not 0.0 < a < 1.0:
+        raise InputError(f"alpha (the fraction of examples dropped) must be in (0, 1), got {alpha!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    k = max(1, int(round(a * n)))
+    if k >= n:
+        raise InputError(f"alpha={a} drops all {n} examples; use a smaller alpha")
+    rng = np.random.default_rng(int(seed))
+    order = np.argsort(rng.random((m, n)), axis=1)
+    keep = np.ones((m, n), bool)
+    np.put_along_axis(keep, order[:, :k], False, axis=1)
+    return keep
+
+
+def _check_weights(weights, n: int) -> np.ndarray:
+    try:
+        w = np.asarray(weights)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"weights: expected an (M, {n}) array, got {type(weights).__name__}") from e
+    if w.ndim != 2 or w.shape[1] != n or w.shape[0] < 1:
+        raise InputError(f"weights: expected shape (M, {n}) (one row of per-example weights per run, "
+                         f"M >= 1), got {w.shape}")
+    if w.dtype == bool:
+        w = w.astype(np.float64)
+    if not np.issubdtype(w.dtype, np.number) or np.iscomplexobj(w):
+        raise InputError(f"weights: expected real numbers or booleans, got dtype {w.dtype}")
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError(f"weights: entries must be finite and >= 0 (a 0/1 mask or real weights); "
+                         f"{int(bad.sum())} are not, first at row {r}, column {c}: {w[r, c]!r}")
+    empty = np.flatnonzero(~np.any(w > 0, axis=1))
+    if empty.size:
+        raise InputError(f"weights: rows {empty[:10].tolist()} give every example weight 0 "
+                         "(nothing to train on)")
+    return w
+
+
+@functools.partial(jax.jit, static_argnames=("obj", "opt", "steps", "batch_size", "chunk_size", "keep_params",
+                                             "measure"))
+def _retrain_run(init, train, test, weights, l2, key, *, obj, opt, steps, batch_size, chunk_size, keep_params,
+                 measure):
+    from influx.models import train_loop
+
+    def one(w):
+        p, losses = train_loop(obj.apply_fn, obj.loss_fn, opt, init, train, l2=l2, steps=steps,
+                               batch_size=batch_size, seed=key, weights=w)
+        loss = jnp.mean(w * obj.per_example_loss(p, train)) + 0.5 * l2 * tree_sqnorm(p)
+        meas = jax.vmap(lambda ex: measure(p, ex))(test)
+        finite = (_leaves_finite(p) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(meas))
+                  & jnp.all(jnp.isfinite(losses)))
+        out = {"measured": meas, "loss": loss, "finite": finite}
+        if keep_params:
+            out["params"] = p
+        return out
+
+    return chunked_map(jax.vmap(one), weights, chunk_size=chunk_size)
+
+
+def _digest_tree(tree) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:32]
+
+
+def _probe_optimizer(opt, init) -> str:
+    """A digest of two updates of ``opt`` on a fixed pseudo-gradient: tells optimizers apart
+    (learning rate, schedule, momentum) where their ``repr`` cannot (it names closures)."""
+    leaves, tdef = jax.tree_util.tree_flatten(init)
+    g = jax.tree_util.tree_unflatten(tdef, [jnp.full(jnp.shape(l), 0.01 * (i + 1), jnp.result_type(l))
+                                            for i, l in enumerate(leaves)])
+    s = opt.init(init)
+    u1, s = opt.update(g, s, init)
+    u2, _ = opt.update(g, s, init)
+    return _digest_tree((u1, u2))
+
+
+def retrain(obj: Objective, init_params, train, weights, *, test, optimizer, steps: int,
+            batch_size: int | None = None, seed: int = 0, measurement=None, chunk_size: int = 32,
+            keep_params: bool = False, on_failure: str = "raise", out_dir=None) -> Retrain:
+    """Retrains from ``init_params`` once per row of ``weights`` and measures the test set.
+
+    Row ``r`` of ``weights`` (``(M, N)``: a 0/1 mask of kept examples, e.g. from
+    :func:`random_subsets`, or real weights ``>= 0``) replays the original training run --
+    the same ``optimizer``, ``steps``, minibatches (:func:`influx.models.minibatch_indices`
+    with ``batch_size`` and ``seed``) -- on the weighted objective
+
+        J_w(theta) = 1/|B| sum_{i in B} w_i L_i(theta) + l2/2 ||theta||^2     (each batch B)
+
+    (:func:`influx.models.train_loop`; all ones is exactly :func:`influx.models.train`).
+    A removed example keeps its slot in the batches with weight 0: the other examples'
+    weights do not change (the convention of :func:`loo` with ``normalization="n"``).
+    The runs are ``vmap``-ped ``chunk_size`` at a time inside one compiled program;
+    the all-ones run is computed too (one extra row) and ``delta = f(theta_w) - f(theta_1)``.
+
+    Args:
+      obj: the :class:`influx.Objective` (``l2`` included).
+      init_params: the original initialisation.
+      train: ``(x, y)`` with ``N`` examples.
+      weights: ``(M, N)`` per-example weights (bool or real, finite, ``>= 0``, no all-zero row).
+      test: ``(x, y)`` test set; measurement: as in :func:`loo` (default: test loss).
+      optimizer, steps, batch_size, seed: the original training's (use :func:`check_replay`
+        to verify that they reproduce the trained parameters).
+      chunk_size: runs per ``vmap`` batch (memory: ``chunk_size`` parameter and optimizer
+        state copies plus activations).
+      keep_params: also return every run's final parameters (refused if they do not fit).
+      on_failure: a non-finite run: ``"raise"`` (default, :class:`influx.errors.SolveError`
+        naming the rows) or ``"nan"`` (NaN rows, ``finite``/``failed`` say which).
+      out_dir: a directory for resumable long grids (:mod:`influx._store`): every chunk of
+        rows is committed with a checksum; a killed run resumes at the first uncommitted
+        chunk and gives identical results. Refused with other inputs (data, weights,
+        optimizer, steps, ...) than the ones it was started with. Not with ``keep_params``.
+
+    Cost: ``(M + 1) x steps`` gradient evaluations on the (mini)batch, plus one full-batch
+    loss and one test measurement per run.
+    """
+    if not isinstance(obj, Objective):
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+    n = check_data(obj, init_params, train, name="train")
+    w = _check_weights(weights, n)
+    measure = _check_test(obj, init_params, test, measurement)
+    optimizer = _check_optimizer(optimizer)
+    steps = _check_int(steps, "steps", 1)
+    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    _check_on_failure(on_failure)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    if batch_size is not None:
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        if batch_size > n:
+            raise InputError(f"batch_size must be <= the number of training examples {n}, got {batch_size}")
+        batch_size = None if batch_size == n else batch_size
+    if out_dir is not None and keep_params:
+        raise InputError("retrain: keep_params=True cannot be combined with out_dir "
+                         "(parameters are not stored)")
+    m = w.shape[0]
+    if keep_params:
+        _memory_ok(init_params, m + 1)
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(init_params))
+    w_all = np.concatenate([np.ones((1, n), w.dtype), w]).astype(dtype)  # row 0: the all-ones run
+    l2 = jnp.asarray(obj.l2, dtype)
+    key = jax.random.key(int(seed))
+    static = dict(obj=obj, opt=optimizer, steps=steps, batch_size=batch_size, keep_params=keep_params,
+                  measure=measure)
+    args = (init_params, tuple(train), tuple(test))
+    resumed = 0
+    if out_dir is None:
+        out = _retrain_run(*args, jnp.asarray(w_all), l2, key, chunk_size=min(chunk_size, m + 1), **static)
+        measured, loss, finite = (np.asarray(out[k]) for k in ("measured", "loss", "finite"))
+        params = out.get("params")
+    else:
+        measured, loss, finite, resumed = _retrain_stored(out_dir, args, w_all, l2, key, chunk_size, static,
+                                                          seed=int(seed))
+        params = None
+    base_ok = bool(finite[0])
+    baseline = measured[0]
+    measured, loss, finite = measured[1:], loss[1:], finite[1:].astype(bool)
+    if not base_ok:
+        if on_failure == "raise":
+            raise SolveError("retrain: the all-ones run (the original training) became non-finite; every "
+                             "delta depends on it. Fix: lower the learning rate or check init_params/data")
+        finite = np.zeros_like(finite)
+    failed = np.flatnonzero(~finite)
+    if failed.size and on_failure == "raise":
+        raise SolveError(
+            f"retrain: {failed.size} of {m} runs became non-finite (weight rows {failed[:20].tolist()}"
+            f"{' ...' if failed.size > 20 else ''}). Fix: lower the learning rate; pass on_failure='nan' to "
+            "get NaN rows for them instead of this error")
+    delta = np.where(finite[:, None], measured - baseline[None], np.nan)
+    measured = np.where(finite[:, None], measured, np.nan)
+    info = {"steps": steps, "batch_size": batch_size, "seed": int(seed), "chunk_size": chunk_size,
+            "optimizer": optimizer, "n_train": n, "rows": m, "resumed_rows": resumed,
+            "out_dir": None if out_dir is None else str(out_dir)}
+    if params is not None:
+        params = jax.tree_util.tree_map(lambda a: a[1:], params)
+    return Retrain(delta=delta, measured=measured, baseline=baseline, loss=loss, finite=finite, failed=failed,
+                   params=params, info=info)
+
+
+def _retrain_stored(out_dir, args, w_all, l2, key, chunk_size, static, *, seed):
+    """The chunk loop of :func:`retrain` on a resumable :mod:`influx._store` directory.
+
+    The store's array is ``(M + 1, n_test + 2)``: per row the measurements, the final loss
+    and the finite flag; rows are committed a chunk at a time (the manifest is the commit
+    point), so a resumed run computes only the uncommitted chunks, each with the same
+    compiled program as before (identical results)."""
+    from influx import _store
+
+    init, train, test = args
+    rows, n_test = w_all.shape[0], jax.tree_util.tree_leaves(test)[0].shape[0]
+    f0 = jax.vmap(lambda ex: static["measure"](init, ex))(tuple(test))
+    inputs = {"init": _digest_tree(init), "train": _digest_tree(train), "test": _digest_tree(test),
+              "weights": _digest_tree(w_all), "optimizer": _probe_optimizer(static["opt"], init),
+              "measurement": _digest_tree(f0), "steps": static["steps"], "batch_size": static["batch_size"],
+              "seed": seed, "l2": float(l2), "chunk_size": int(chunk_size), "dtype": str(w_all.dtype)}
+    resumed = 0
+    with _store.open_store(out_dir, kind="retrain", inputs=inputs, shape=(rows, n_test + 2), dtype=np.float64,
+                           axis=0, array="retrain.npy",
+                           space_hint="pass out_dir=None to keep the results in memory") as store:
+        resumed = store.done
+        for start in range(store.done, rows, chunk_size):
+            stop = min(start + chunk_size, rows)
+            out = _retrain_run(init, train, test, jnp.asarray(w_all[start:stop]), l2, key,
+                               chunk_size=chunk_size, **static)
+            block = np.concatenate([np.asarray(out["measured"], np.float64),
+                                    np.asarray(out["loss"], np.float64)[:, None],
+                                    np.asarray(out["finite"], np.float64)[:, None]], axis=1)
+            store.commit(stop, block)
+        if not store.complete:
+            store.finish()
+        data = np.array(store.array)
+    return data[:, :n_test], data[:, n_test], data[:, n_test + 1] > 0.5, resumed
+
+
+def check_replay(obj: Objective, init_params, train, params, *, optimizer, steps: int,
+                 batch_size: int | None = None, seed: int = 0, rtol: float | None = None) -> float:
+    """Checks that the training description reproduces ``params``; returns the relative difference.
+
+    Replays :func:`influx.models.train` from ``init_params`` with all weights 1 (the run
+    :func:`retrain` and the metagradients differentiate or repeat) and compares the result
+    with ``params`` leaf by leaf: ``||replay - params|| / max(||params||, tiny)`` must be
+    ``<= rtol`` (default ``1e-8`` for float64 parameters, ``1e-4`` for float32). Raises
+    :class:`influx.errors.InputError` naming the leaf that differs most, both norms and the
+    settings to check otherwise. Cost: one training run.
+    """
+    from influx import models
+
+    if not isinstance(obj, Objective):
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+    params = check_like(init_params, params, name="params")
+    optimizer = _check_optimizer(optimizer)
+    if rtol is None:
+        wide = any(jnp.result_type(l) == jnp.float64 for l in jax.tree_util.tree_leaves(params))
+        rtol = 1e-8 if wide else 1e-4
+    rtol = _check_nonneg(rtol, "rtol")
+    replay = models.train(obj.apply_fn, obj.loss_fn, init_params, tuple(train), l2=obj.l2,
+                          optimizer=optimizer, steps=steps, batch_size=batch_size, seed=seed).params
+    worst, worst_path, total = -1.0, None, 0.0
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_r = jax.tree_util.tree_leaves(replay)
+    for (path, p), r in zip(flat_p, flat_r):
+        p, r = np.asarray(p, np.float64), np.asarray(r, np.float64)
+        d = float(np.linalg.norm(r - p)) if np.all(np.isfinite(r)) else float("inf")
+        rel = d / max(float(np.linalg.norm(p)), np.finfo(np.float64).tiny)
+        total = max(total, rel)
+        if rel > worst:
+            worst, worst_path = rel, jax.tree_util.keystr(path)
+    if not total <= rtol:
+        raise InputError(
+            f"check_replay: replaying the training (steps={steps}, batch_size={batch_size}, seed={seed}) "
+            f"from init_params with all weights 1 does not reproduce params: leaf {worst_path} differs by "
+            f"{worst:.3g} relative (> rtol={rtol:g}); pass the optimizer object, steps, batch_size and "
+            "seed of the original influx.models.train run (and the same l2, data order and dtype)")
+    return total
