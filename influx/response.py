@@ -957,7 +957,8 @@ def _default_exact_solver(dim: int):
 
 
 def linearized(obj: Objective, params, train, removed, *, test, damping: float, solver=None,
-               epsilon: float | None = None, chunk_size: int = 256, measurement=None) -> Response:
+               epsilon: float | None = None, chunk_size: int = 256, measurement=None,
+               on_failure: str = "raise") -> Response:
     """First-order solution of the PBRF: ``delta_t = -eps g_t^T (G + (l2 + damping) I)^-1 g_m``.
 
     ``G`` is the Gauss-Newton matrix of the data term at ``theta_s``, ``g_t`` the gradient
@@ -965,43 +966,75 @@ def linearized(obj: Objective, params, train, removed, *, test, damping: float, 
     defaults to ``-1/N`` (then ``delta`` is exactly the GNH influence score
     :func:`influx.influence`, which computes it). ``solver`` defaults to an exact one:
     ``influx.solvers.direct()`` up to 4096 parameters, converged CG beyond; pass a
-    practical solver to get the influence it would give. A non-converged solve warns.
+    practical solver to get the influence it would give.
+
+    Failure policy: a test point whose solve did not converge (or whose column is not
+    finite) is a failed solve; ``on_failure="raise"`` (default) raises
+    :class:`influx.errors.SolveError` naming the test points, the worst residual and the
+    fix; ``"nan"`` returns those ``delta`` columns as NaN (never 0), every row's status
+    ``MAX_STEPS`` and the failed test indices in ``info["failed_test"]``.
 
     Cost: that of :func:`influx.influence` (``n_test`` solves and one pass over the
     training set). ``params``, ``grad_norm`` and ``objective`` of the result are
     ``None``/NaN (nothing is minimised).
     """
+    import inspect
+
     from influx.influence import influence
 
     if not isinstance(obj, Objective):
-        raise TypeError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
     n = check_data(obj, params, train, name="train")
     removed = _check_removed(removed, n)
     f = _check_test(obj, params, test, measurement)
     damping = _check_nonneg(damping, "damping")
     chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    eps = -1.0 / n if epsilon is None else float(epsilon)
+    _check_on_failure(on_failure)
+    try:
+        eps = -1.0 / n if epsilon is None else float(epsilon)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"epsilon must be a number, got {epsilon!r}") from e
     if not np.isfinite(eps):
-        raise ValueError(f"epsilon must be finite, got {epsilon!r}")
+        raise InputError(f"epsilon must be finite, got {epsilon!r}")
     if solver is None:
         dim = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
         solver = _default_exact_solver(dim)
-    scores, info = influence(obj, params, tuple(train), tuple(test), kind="gnh", damping=damping,
-                             solver=solver, measurement=measurement, chunk_size=chunk_size,
-                             return_info=True)
-    delta = (-eps * n) * scores[:, jnp.asarray(removed)].T
+    kw = {}
+    if "on_failure" in inspect.signature(influence).parameters:  # the policy is applied here, per column
+        kw["on_failure"] = "nan"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # reported below, with the policy
+        scores, info = influence(obj, params, tuple(train), tuple(test), kind="gnh", damping=damping,
+                                 solver=solver, measurement=measurement, chunk_size=chunk_size,
+                                 return_info=True, **kw)
+    delta = (-eps * n) * np.asarray(scores)[:, np.asarray(removed)].T
     r = removed.size
-    ok = bool(np.all(info.converged)) if info.converged is not None else True
+    bad_t = ~np.all(np.isfinite(delta), axis=0)
+    if info.converged is not None:
+        bad_t |= ~np.asarray(info.converged, bool).reshape(-1)
+    failed_t = np.flatnonzero(bad_t)
+    res_max = None if info.residual_norm is None else float(np.nanmax(np.asarray(info.residual_norm)))
+    if failed_t.size:
+        worst = res_max if res_max is not None else float("nan")
+        more = " ..." if failed_t.size > 20 else ""
+        msg = (f"linearized: the solve of {failed_t.size} of {bad_t.size} test points did not converge "
+               f"(test indices {failed_t[:20].tolist()}{more}; worst relative residual {worst:.3g}, "
+               f"solver {solver!r})")
+        if on_failure == "raise":
+            raise SolveError(msg + ". Fix: raise the solver's max_steps, add damping, or use the exact "
+                             "default solver (solver=None); pass on_failure='nan' for NaN columns instead")
+        warnings.warn(msg + "; their delta columns are NaN", RuntimeWarning, stacklevel=2)
+        delta[:, failed_t] = np.nan
+    ok = not failed_t.size
     nan = jnp.full((r,), jnp.nan, delta.dtype)
     return Response(
-        delta=delta, params=None, grad_norm=nan, objective=nan,
+        delta=jnp.asarray(delta), params=None, grad_norm=nan, objective=nan,
         converged=np.full((r,), ok),
         status=np.full((r,), Status.CONVERGED if ok else Status.MAX_STEPS),
         removed=removed, failed=np.zeros((0,), np.int32),
         baseline=jax.vmap(lambda ex: f(params, ex))(tuple(test)), kind="linearized",
-        info={"epsilon": eps, "damping": damping, "solver": repr(solver),
-              "solver_residual_max": None if info.residual_norm is None
-              else float(np.max(info.residual_norm))},
+        info={"epsilon": eps, "damping": damping, "solver": repr(solver), "solver_residual_max": res_max,
+              "failed_test": failed_t, "on_failure": on_failure},
     )
 
 

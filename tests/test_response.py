@@ -483,3 +483,42 @@ def test_retrain_resumes_identically_after_interruption(mlp, tmp_path, monkeypat
     np.testing.assert_array_equal(again.delta, full.delta)
     with pytest.raises(ValueError, match="optimizer"):  # other inputs: refused, naming what differs
         response.retrain(obj, init, train, w, out_dir=tmp_path / "b", **{**kw, "optimizer": optax.sgd(0.01)})
+
+
+def test_linearized_failed_solves_raise_or_are_nan_columns(mlp):
+    obj, params, train, test = mlp
+    rough = solvers.cg(tol=1e-12, max_steps=1)
+    with pytest.raises(SolveError, match=r"linearized: the solve of \d+ of 6 test points did not converge"):
+        response.linearized(obj, params, train, [0, 1], test=test, damping=0.01, solver=rough)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        r = response.linearized(obj, params, train, [0, 1], test=test, damping=0.01, solver=rough,
+                                on_failure="nan")
+    bad = r.info["failed_test"]
+    assert bad.size > 0 and np.all(np.isnan(np.asarray(r.delta)[:, bad]))
+    assert not np.any(np.asarray(r.delta) == 0.0)  # a failed solve is never a 0 score
+    assert np.all(np.asarray(r.status) == solvers.Status.MAX_STEPS)
+
+
+def test_response_options_value_and_validation():
+    a = response.ResponseOptions(steps=5, damping=0.1)
+    b = response.ResponseOptions(steps=5, damping=0.1)
+    assert a == b and hash(a) == hash(b) and a.optimizer is response.DEFAULT_OPTIMIZER
+    assert a.replace(damping=0.2) != a
+    for bad, match in ((dict(damping=-1.0), "damping"), (dict(steps=0), "steps"),
+                       (dict(on_failure="zero"), "on_failure"), (dict(normalization="x"), "normalization"),
+                       (dict(batch_size=4), "full batch"), (dict(epsilon=float("inf")), "epsilon"),
+                       (dict(optimizer=3), "optimizer"), (dict(chunk_size=True), "chunk_size")):
+        with pytest.raises(InputError, match=match):
+            response.ResponseOptions(**bad)
+
+
+def test_respond_with_options_equals_keyword_form(lin):
+    obj, train, test, _, params = lin
+    opts = response.ResponseOptions(optimizer=NEWTON, steps=6, damping=0.05, tol=1e-10, warn=False)
+    a = response.respond("pbrf", obj, params, train, [0, 3], test=test, options=opts)
+    b = response.pbrf(obj, params, train, [0, 3], test=test, damping=0.05, optimizer=NEWTON, steps=6,
+                      tol=1e-10, warn=False)
+    np.testing.assert_array_equal(np.asarray(a.delta), np.asarray(b.delta))
+    assert a.info["options"] == opts
+    with pytest.raises(InputError, match="damping"):
+        response.respond("loo", obj, params, train, [0], test=test, options=opts)
