@@ -41,13 +41,19 @@ Engine. The removed example enters only through a weight vector (the objective k
 static shapes), so one solve is a pure function of ``(m, eps)``. ``chunk_size`` removed
 examples are solved together: one loop over the optax steps whose body is the step
 ``vmap``-ped over the chunk (full batch: a ``lax.while_loop`` that stops as soon as every
-example of the chunk has converged or failed; minibatches from seeded per-epoch
-permutations shared by every removed example, "same data order": a ``lax.scan`` over all
-``steps``), with ``lax.map`` over the chunks -- all one compiled program.
+example of the chunk has converged or failed; minibatches from
+:func:`influx.models.minibatch_indices`, the schedule of :func:`influx.models.train`,
+shared by every removed example, "same data order": a ``lax.scan`` over all ``steps``),
+with ``lax.map`` over the chunks -- all one compiled program. The options of a call are
+one frozen, hashable :class:`ResponseOptions` (built once by :func:`loo`, :func:`proximal`
+and :func:`pbrf` from their keyword arguments, or passed to :func:`respond`); the static
+part of the compiled program is one ``_Program`` value.
 
-Inner solvers: any optax optimizer -- first-order (``optax.adam``, ``optax.sgd``; the
-only choice with minibatches) or L-BFGS (``optax.lbfgs()``, full batch; its line search
-is driven through ``optax.value_and_grad_from_state``) -- or the second-order
+Inner solvers (each wrapped once in a small step adapter with ``init`` and one ``step``,
+so the engine has no per-solver branches): any optax optimizer -- first-order
+(``optax.adam``, ``optax.sgd``; the only choice with minibatches) or L-BFGS
+(``optax.lbfgs()``, full batch; its line search is driven through
+``optax.value_and_grad_from_state``) -- or the second-order
 :func:`newton` (the default, :class:`NewtonCG`: truncated Newton steps, CG on exact
 Hessian-vector products of the objective itself, Armijo backtracking), which reaches
 ``||grad|| ~ 1e-12`` in float64 in 5-20 steps on small problems and compiles about twice
@@ -75,9 +81,17 @@ objective, its value, ``converged = grad_norm <= tol``, and a status code
 (:class:`influx.solvers.Status`), and the number of steps that updated it. When the
 gradient or the iterate becomes non-finite (or the objective, checked every step by the
 line-search solvers and at the end by all), that example stops at its last finite
-iterate and is marked ``NONFINITE`` (its ``delta`` row is NaN); the others continue. A
-``RuntimeWarning`` names the removed indices that failed or did not converge (``warn=False``
-silences it).
+iterate and is marked ``NONFINITE``; the others continue. Failure policy
+(``on_failure``): by default a ``NONFINITE`` solve raises :class:`influx.errors.SolveError`
+naming the removed indices and the fix; with ``on_failure="nan"`` its ``delta`` row is NaN
+(never 0) and ``status``/``failed`` say which. A finite solve that did not reach ``tol``
+is not a failure: status ``MAX_STEPS`` and a ``RuntimeWarning`` (``warn=False`` silences
+it).
+
+Subset retraining (:func:`retrain`, :func:`random_subsets`, :func:`check_replay`): the
+original training run (:func:`influx.models.train_loop`) repeated from the original
+initialisation with per-example weights, ``vmap``-ped over ``M`` weight vectors; the
+ground truth for group attribution (LDS) and resumable on disk (``out_dir``).
 
 Cost: ``len(removed) x steps`` gradient evaluations of the objective on the (mini)batch
 (L-BFGS: plus line-search evaluations; Newton: up to ``cg_steps`` Hessian-vector products
