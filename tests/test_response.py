@@ -522,3 +522,27 @@ def test_respond_with_options_equals_keyword_form(lin):
     assert a.info["options"] == opts
     with pytest.raises(InputError, match="damping"):
         response.respond("loo", obj, params, train, [0], test=test, options=opts)
+
+
+def test_failed_baseline_retraining_fails_every_row():
+    """baseline='retrain': every delta depends on the full-data run; when it diverges, no row is valid."""
+    obj, train, test = linear_problem(big=30.0)
+    a = _aug(train[0])
+    lr = 6.0 / (np.linalg.eigvalsh(a.T @ a / N)[-1] + L2)  # the full-data run diverges, without 0 it does not
+    params = _unpack(ridge(*train, N, L2))
+    init = jax.tree_util.tree_map(jnp.zeros_like, params)
+    kw = dict(test=test, init=init, optimizer=optax.sgd(lr), steps=300, baseline="retrain", warn=False)
+    with pytest.raises(SolveError, match="baseline retraining"):
+        response.loo(obj, params, train, [0, 1], **kw)
+    r = response.loo(obj, params, train, [0, 1], on_failure="nan", **kw)
+    assert np.all(np.isnan(np.asarray(r.delta))) and r.failed.tolist() == [0, 1]
+    assert np.all(np.asarray(r.status) == solvers.Status.NONFINITE)
+
+
+def test_second_identical_call_compiles_nothing(lin):
+    obj, train, test, _, params = lin
+    kw = dict(test=test, damping=0.05, optimizer=NEWTON, steps=4, tol=1e-10, warn=False)
+    response.pbrf(obj, params, train, [0, 3], **kw)
+    before = response._run._cache_size()
+    response.pbrf(obj, params, train, [0, 3], **{**kw, "tol": 1e-9, "damping": 0.1})  # traced numbers only
+    assert response._run._cache_size() == before
