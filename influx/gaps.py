@@ -38,6 +38,7 @@ each object's configuration next to its unconverged or failed solves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import warnings
@@ -274,10 +275,6 @@ def decompose(obj: Objective, init_params, params, train, test, removed, *, damp
     Cost: ``len(removed) x (train_steps + 3 x steps)`` (mini)batch gradient evaluations
     (Newton steps cost a few HVPs more) and two influence computations.
     """
-    import inspect
-
-    from influx.influence import influence
-
     if train_optimizer is None or train_steps is None:
         raise InputError("decompose: train_optimizer and train_steps (the original training) are "
                          "required for the cold-start LOO")
@@ -298,56 +295,96 @@ def decompose(obj: Objective, init_params, params, train, test, removed, *, damp
                                           batch_size=train_batch_size, seed=seed, baseline=baseline, **common)
     warm_opts = _response.ResponseOptions(optimizer=optimizer, steps=steps, **common)
     prox_opts = warm_opts.replace(damping=damping)
-    opt = warm_opts.optimizer
-    exact_chunk = _response._check_int(chunk_size, "chunk_size", 1)
 
-    objs = {}
-    objs["cold_loo"] = _response.respond("loo", obj, params, train, removed, test=test, init=init_params,
-                                         options=cold_opts)
-    objs["warm_loo"] = _response.respond("loo", obj, params, train, removed, test=test, options=warm_opts)
-    objs["proximal"] = _response.respond("proximal", obj, params, train, removed, test=test,
-                                         options=prox_opts)
-    objs["pbrf"] = _response.respond("pbrf", obj, params, train, removed, test=test, options=prox_opts)
-    objs["linearized"] = _response.linearized(obj, params, train, removed, test=test, damping=damping,
-                                              solver=exact_solver, measurement=measurement,
-                                              chunk_size=exact_chunk, on_failure=on_failure)
+    run = functools.partial(_response.respond, obj=obj, params=params, train=train, removed=removed,
+                            test=test)
+    objs = {"cold_loo": run("loo", init=init_params, options=cold_opts),
+            "warm_loo": run("loo", options=warm_opts),
+            "proximal": run("proximal", options=prox_opts),
+            "pbrf": run("pbrf", options=prox_opts),
+            "linearized": _response.linearized(obj, params, train, removed, test=test, damping=damping,
+                                               solver=exact_solver, measurement=measurement,
+                                               chunk_size=cold_opts.chunk_size, on_failure=on_failure)}
+    deltas = {k: np.asarray(v.delta, np.float64) for k, v in objs.items()}
+    deltas["influence"], inf_diag = _practical(obj, params, train, test, removed, damping=damping,
+                                               solver=solver, measurement=measurement, on_failure=on_failure)
+    deltas, rows, dropped_test = _drop_failed(deltas)
+
+    warm_cfg = f"{_describe(warm_opts.optimizer)}, {steps} steps, tol {tol:g}"
+    configs = {"cold_loo": f"{_describe(train_optimizer)}, {train_steps} steps, "
+                           f"batch_size {train_batch_size}, seed {seed}, baseline {baseline}",
+               "warm_loo": warm_cfg, "proximal": f"{warm_cfg}, damping {damping:g}",
+               "pbrf": f"{warm_cfg}, damping {damping:g}"}
+    diagnostics = {k: _diag(objs[k], cfg) for k, cfg in configs.items()}
+    lin = objs["linearized"]
+    diagnostics["linearized"] = {"config": f"{lin.info['solver']}, damping {damping:g}",
+                                 "solver": lin.info["solver"],
+                                 "fraction_converged": float(np.mean(lin.converged)),
+                                 "failed_test": np.asarray(lin.info["failed_test"]).tolist()}
+    diagnostics["influence"] = inf_diag
+    settings = {"damping": float(damping), "steps": steps, "optimizer": _describe(warm_opts.optimizer),
+                "train_optimizer": _describe(train_optimizer), "train_steps": train_steps,
+                "train_batch_size": train_batch_size, "seed": seed, "baseline": baseline,
+                "n_train": n, "l2": obj.l2, "tol": tol, "solver": _describe(solver),
+                "measurement": repr(measurement) if measurement is not None else "loss",
+                "on_failure": on_failure}
+    return GapDecomposition(deltas=deltas, terms=_terms(deltas),
+                            vs_cold={k: _corr(v, deltas["cold_loo"]) for k, v in deltas.items()},
+                            vs_pbrf={k: _corr(v, deltas["pbrf"]) for k, v in deltas.items()},
+                            removed=removed[rows], dropped=removed[~rows], diagnostics=diagnostics,
+                            settings=settings, notes=_notes(diagnostics), dropped_test=dropped_test)
+
+
+def _practical(obj, params, train, test, removed, *, damping, solver, measurement, on_failure):
+    """Object (f), influence with the practical solver, as ``(n_removed, n_test)``, and its diagnostics.
+
+    It is the practical solver's answer, converged or not: that inexactness is the solver
+    error being measured (noted with its residual). Non-finite values are failures.
+    """
+    import inspect
+
+    from influx.influence import influence
+
     kw = {"on_failure": "nan"} if "on_failure" in inspect.signature(influence).parameters else {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        scores, inf_info = influence(obj, params, tuple(train), tuple(test), kind="gnh", damping=damping,
-                                     solver=solver, measurement=measurement, return_info=True, **kw)
-    practical_warning = "; ".join(" ".join(str(w.message).split()) for w in caught) or None
-    deltas = {k: np.asarray(v.delta, np.float64) for k, v in objs.items()}
-    deltas["influence"] = np.asarray(scores, np.float64)[:, removed].T  # eps = -1/N already
-    # (f) is the practical solver's answer, converged or not: that inexactness is the solver
-    # error being measured (noted below with its residual). Non-finite values are failures.
-    inf_bad = ~np.all(np.isfinite(deltas["influence"]), axis=0)
-    inf_unconv = np.zeros_like(inf_bad) if inf_info.converged is None \
-        else ~np.asarray(inf_info.converged, bool).reshape(-1)
-    inf_worst = (float("nan") if inf_info.residual_norm is None
-                 else float(np.nanmax(np.asarray(inf_info.residual_norm))))
-    if inf_bad.any():
+        scores, info = influence(obj, params, tuple(train), tuple(test), kind="gnh", damping=damping,
+                                 solver=solver, measurement=measurement, return_info=True, **kw)
+    delta = np.asarray(scores, np.float64)[:, removed].T  # eps = -1/N already
+    bad = ~np.all(np.isfinite(delta), axis=0)
+    unconv = np.zeros_like(bad) if info.converged is None else ~np.asarray(info.converged, bool).reshape(-1)
+    worst = float("nan") if info.residual_norm is None else float(np.nanmax(np.asarray(info.residual_norm)))
+    if bad.any():
         if on_failure == "raise":
             raise SolveError(
                 f"decompose: the practical solver {_describe(solver)} gave non-finite scores for "
-                f"{int(inf_bad.sum())} of {inf_bad.size} test points (worst relative residual "
-                f"{inf_worst:.3g}). "
+                f"{int(bad.sum())} of {bad.size} test points (worst relative residual {worst:.3g}). "
                 "Fix: add damping or choose another solver; pass on_failure='nan' to drop those test points")
-        deltas["influence"][:, inf_bad] = np.nan
+        delta[:, bad] = np.nan
+    diag = {"config": f"{_describe(solver)}, damping {damping:g}", "solver": _describe(solver),
+            "warning": "; ".join(" ".join(str(w.message).split()) for w in caught) or None,
+            "failed_test": np.flatnonzero(bad).tolist(), "unconverged_test": int(unconv.sum()),
+            "worst_residual": worst}
+    return delta, diag
 
-    # drop failed test points (columns), then failed removed examples (rows) from every object
+
+def _drop_failed(deltas: dict):
+    """Drops failed test points (columns with no finite entry in some object), then removed
+    examples (rows) with a non-finite entry, from every object; returns them and the masks."""
     cols = np.ones(deltas["cold_loo"].shape[1], bool)
     for d in deltas.values():
         cols &= np.any(np.isfinite(d), axis=0)
-    dropped_test = np.flatnonzero(~cols)
-    rows = np.ones(len(removed), bool)
+    rows = np.ones(deltas["cold_loo"].shape[0], bool)
     for d in deltas.values():
         rows &= np.all(np.isfinite(d[:, cols]), axis=1)
-    dropped = removed[~rows]
     if not rows.any() or not cols.any():
         raise SolveError("decompose: every removed example or every test point failed (non-finite or "
                          "unconverged) in some object; see the notes of on_failure='nan' runs")
-    deltas = {k: v[rows][:, cols] for k, v in deltas.items()}
+    return {k: v[rows][:, cols] for k, v in deltas.items()}, rows, np.flatnonzero(~cols)
+
+
+def _terms(deltas: dict) -> tuple:
+    """The five :class:`GapTerm` (differences of consecutive objects) with their scales."""
     cold_scale = float(np.mean(np.abs(deltas["cold_loo"])))
     terms = []
     for name, upper, lower in zip(TERMS, OBJECTS[:-1], OBJECTS[1:]):
@@ -359,29 +396,4 @@ def decompose(obj: Objective, init_params, params, train, test, removed, *, damp
                              mean_abs / cold_scale if cold_scale > 0 else float("nan"),
                              c["pearson"], c["spearman"],
                              mean_abs / pair_scale if pair_scale > 0 else float("nan")))
-    vs_cold = {k: _corr(v, deltas["cold_loo"]) for k, v in deltas.items()}
-    vs_pbrf = {k: _corr(v, deltas["pbrf"]) for k, v in deltas.items()}
-    warm_cfg = f"{_describe(opt)}, {steps} steps, tol {tol:g}"
-    configs = {"cold_loo": f"{_describe(train_optimizer)}, {train_steps} steps, "
-                           f"batch_size {train_batch_size}, seed {seed}, baseline {baseline}",
-               "warm_loo": warm_cfg, "proximal": f"{warm_cfg}, damping {damping:g}",
-               "pbrf": f"{warm_cfg}, damping {damping:g}"}
-    diagnostics = {k: _diag(objs[k], cfg) for k, cfg in configs.items()}
-    lin = objs["linearized"]
-    diagnostics["linearized"] = {"config": f"{lin.info['solver']}, damping {damping:g}",
-                                 "solver": lin.info["solver"],
-                                 "fraction_converged": float(np.mean(lin.converged)),
-                                 "failed_test": np.asarray(lin.info["failed_test"]).tolist()}
-    diagnostics["influence"] = {"config": f"{_describe(solver)}, damping {damping:g}",
-                                "solver": _describe(solver), "warning": practical_warning,
-                                "failed_test": np.flatnonzero(inf_bad).tolist(),
-                                "unconverged_test": int(inf_unconv.sum()), "worst_residual": inf_worst}
-    settings = {"damping": float(damping), "steps": steps, "optimizer": _describe(opt),
-                "train_optimizer": _describe(train_optimizer), "train_steps": train_steps,
-                "train_batch_size": train_batch_size, "seed": seed, "baseline": baseline,
-                "n_train": n, "l2": obj.l2, "tol": tol, "solver": _describe(solver),
-                "measurement": repr(measurement) if measurement is not None else "loss",
-                "on_failure": on_failure}
-    return GapDecomposition(deltas=deltas, terms=tuple(terms), vs_cold=vs_cold, vs_pbrf=vs_pbrf,
-                            removed=removed[rows], dropped=dropped, diagnostics=diagnostics,
-                            settings=settings, notes=_notes(diagnostics), dropped_test=dropped_test)
+    return tuple(terms)
