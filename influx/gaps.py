@@ -278,17 +278,8 @@ def decompose(obj: Objective, init_params, params, train, test, removed, *, damp
     if train_optimizer is None or train_steps is None:
         raise InputError("decompose: train_optimizer and train_steps (the original training) are "
                          "required for the cold-start LOO")
-    if not isinstance(obj, Objective):
-        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
-    # every check before the first (costly) retraining
-    n = check_data(obj, params, train, name="train")
-    removed = _response._check_removed(removed, n)
-    _response._check_test(obj, params, test, measurement)
-    check_like(params, init_params, name="init_params")
-    damping = _response._check_nonneg(damping, "damping")
-    if train_batch_size is not None and _response._check_int(train_batch_size, "train_batch_size", 1) > n:
-        raise InputError(f"train_batch_size must be <= the number of training examples {n}, "
-                         f"got {train_batch_size}")
+    n, removed, damping = _check_inputs(obj, init_params, params, train, test, removed, damping=damping,
+                                        measurement=measurement, train_batch_size=train_batch_size)
     common = dict(chunk_size=chunk_size, measurement=measurement, warn=False, keep_params=False, tol=tol,
                   on_failure=on_failure)
     cold_opts = _response.ResponseOptions(optimizer=train_optimizer, steps=train_steps,
@@ -333,6 +324,21 @@ def decompose(obj: Objective, init_params, params, train, test, removed, *, damp
                             vs_pbrf={k: _corr(v, deltas["pbrf"]) for k, v in deltas.items()},
                             removed=removed[rows], dropped=removed[~rows], diagnostics=diagnostics,
                             settings=settings, notes=_notes(diagnostics), dropped_test=dropped_test)
+
+
+def _check_inputs(obj, init_params, params, train, test, removed, *, damping, measurement, train_batch_size):
+    """Every data check of :func:`decompose`, before the first (costly) retraining."""
+    if not isinstance(obj, Objective):
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+    n = check_data(obj, params, train, name="train")
+    removed = _response._check_removed(removed, n)
+    _response._check_test(obj, params, test, measurement)
+    check_like(params, init_params, name="init_params")
+    damping = _response._check_nonneg(damping, "damping")
+    if train_batch_size is not None and _response._check_int(train_batch_size, "train_batch_size", 1) > n:
+        raise InputError(f"train_batch_size must be <= the number of training examples {n}, "
+                         f"got {train_batch_size}")
+    return n, removed, damping
 
 
 def _practical(obj, params, train, test, removed, *, damping, solver, measurement, on_failure):

@@ -609,6 +609,9 @@ class _Program:
 
 @functools.partial(jax.jit, static_argnames=("obj", "program"))
 def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, key, *, obj, program):
+    """The compiled engine (module docstring): every chunk of removed examples solved by one loop
+    over steps with the step adapter vmapped inside. Its closures share the traced objective and
+    data, hence one function a little over 80 lines."""
     step, steps, batch_size = program.step, program.steps, program.batch_size
     n = num_examples(train)
     measure = program.measure
@@ -704,7 +707,8 @@ def _resolve_tol(tol, params) -> float:
 
 
 def _respond(kind, obj, params, train, removed, *, test, init, options: ResponseOptions) -> Response:
-    """One response object (``kind``) with validated ``options``; all checks run before the solve."""
+    """One response object (``kind``) with validated ``options``; all checks run before the solve
+    (checks, the compiled run, the failure policy and the result: kept together, ~80 lines)."""
     if not isinstance(obj, Objective):
         raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
     if not isinstance(options, ResponseOptions):
@@ -1235,25 +1239,10 @@ def retrain(obj: Objective, init_params, train, weights, *, test, optimizer, ste
     Cost: ``(M + 1) x steps`` gradient evaluations on the (mini)batch, plus one full-batch
     loss and one test measurement per run.
     """
-    if not isinstance(obj, Objective):
-        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
-    n = check_data(obj, init_params, train, name="train")
-    w = _check_weights(weights, n)
-    measure = _check_test(obj, init_params, test, measurement)
-    optimizer = _check_optimizer(optimizer)
-    steps = _check_int(steps, "steps", 1)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    _check_on_failure(on_failure)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise InputError(f"seed must be an integer, got {seed!r}")
-    if batch_size is not None:
-        batch_size = _check_int(batch_size, "batch_size", 1)
-        if batch_size > n:
-            raise InputError(f"batch_size must be <= the number of training examples {n}, got {batch_size}")
-        batch_size = None if batch_size == n else batch_size
-    if out_dir is not None and keep_params:
-        raise InputError("retrain: keep_params=True cannot be combined with out_dir "
-                         "(parameters are not stored)")
+    n, w, measure, optimizer, steps, batch_size, chunk_size = _check_retrain(
+        obj, init_params, train, weights, test=test, optimizer=optimizer, steps=steps, batch_size=batch_size,
+        seed=seed, measurement=measurement, chunk_size=chunk_size, keep_params=keep_params,
+        on_failure=on_failure, out_dir=out_dir)
     m = w.shape[0]
     if keep_params:
         _memory_ok(init_params, m + 1)
@@ -1296,6 +1285,31 @@ def retrain(obj: Objective, init_params, train, weights, *, test, optimizer, ste
         params = jax.tree_util.tree_map(lambda a: a[1:], params)
     return Retrain(delta=delta, measured=measured, baseline=baseline, loss=loss, finite=finite, failed=failed,
                    params=params, info=info)
+
+
+def _check_retrain(obj, init_params, train, weights, *, test, optimizer, steps, batch_size, seed, measurement,
+                   chunk_size, keep_params, on_failure, out_dir):
+    """Every check of :func:`retrain`'s arguments, before any work or side effect."""
+    if not isinstance(obj, Objective):
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+    n = check_data(obj, init_params, train, name="train")
+    w = _check_weights(weights, n)
+    measure = _check_test(obj, init_params, test, measurement)
+    optimizer = _check_optimizer(optimizer)
+    steps = _check_int(steps, "steps", 1)
+    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    _check_on_failure(on_failure)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    if batch_size is not None:
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        if batch_size > n:
+            raise InputError(f"batch_size must be <= the number of training examples {n}, got {batch_size}")
+        batch_size = None if batch_size == n else batch_size
+    if out_dir is not None and keep_params:
+        raise InputError("retrain: keep_params=True cannot be combined with out_dir "
+                         "(parameters are not stored)")
+    return n, w, measure, optimizer, steps, batch_size, chunk_size
 
 
 def _retrain_stored(out_dir, args, w_all, l2, key, chunk_size, static, *, seed):
