@@ -93,9 +93,8 @@ def bench_one(obj, params, train, test, removed, *, kind, opt, steps, damping, r
     measure = _bind_measurement(obj, None)
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
     coef = jnp.asarray(response._coefficients(kind, obj.l2, damping if kind == "pbrf" else 0.0), dtype)
-    lbfgs = response._needs_value_fn(opt, params)
-    args_const = dict(obj=obj, opt=opt, steps=steps, batch_size=batch_size, chunk_size=1, keep_params=False,
-                      measure=measure, observe=None, linesearch=lbfgs)
+    program = response._Program(step=response._step_adapter(opt, params), steps=steps, batch_size=batch_size,
+                                chunk_size=1, keep_params=False, measure=measure, observe=None)
     a = jnp.asarray(1.0 / n, dtype)
     eps1 = jnp.full((1,), -1.0 / n, dtype)
     tol = jnp.asarray(0.0, dtype)  # as in the vmapped call
@@ -104,7 +103,7 @@ def bench_one(obj, params, train, test, removed, *, kind, opt, steps, damping, r
 
     def single(m):
         return response._run(params, params, train, test, m, eps1, a, coef, tol, tol, key,
-                             **args_const)["delta"]
+                             obj=obj, program=program)["delta"]
 
     t0 = time.perf_counter()
     jax.block_until_ready(single(rems[0]))
@@ -125,11 +124,8 @@ def bench_one(obj, params, train, test, removed, *, kind, opt, steps, damping, r
 
     if batch_size is None:
         batches = [None] * steps
-    else:  # the data order of response._run: seeded per-epoch permutations (seed 0)
-        n_epochs = -(-steps * batch_size // n)
-        perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n_epochs))
-        order = perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
-        batches = list(order)
+    else:  # the data order of response._run and models.train (seed 0)
+        batches = list(models.minibatch_indices(n, batch_size=batch_size, steps=steps, seed=key))
     # XLA's count of the FLOPs of one solve's step (the gradient of its objective on one
     # batch; the optimizer update is not counted): the arithmetic every variant must do
     idx0 = None if batch_size is None else batches[0]

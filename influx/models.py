@@ -34,6 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from influx.errors import InputError
+from influx.objective import Objective, tree_sqnorm
+
 __all__ = [
     "ACTIVATIONS",
     "CNN",
@@ -42,9 +45,11 @@ __all__ = [
     "TrainResult",
     "apply_fn",
     "init",
+    "minibatch_indices",
     "mlp",
     "objective",
     "train",
+    "train_loop",
     "train_to_convergence",
 ]
 
@@ -148,20 +153,17 @@ def _as_apply(model_or_apply_fn) -> Callable:
     return model_or_apply_fn
 
 
-def _sq_norm(tree) -> jax.Array:
-    return sum(jnp.vdot(l, l).real for l in jax.tree_util.tree_leaves(tree))
-
-
 def objective(model_or_apply_fn, loss_fn: Callable, *, l2: float) -> Callable:
     """``J(params, x, y) = mean(loss_fn(apply_fn(params, x), y)) + l2/2 ||params||^2``.
 
-    ``loss_fn`` returns per-example losses (a (batch,) vector); a scalar is taken as
-    already averaged.
+    The :class:`influx.Objective` ``J`` with the data as two arguments (``l2`` may be a
+    traced value here). ``loss_fn`` returns per-example losses (a (batch,) vector); a
+    scalar is taken as already averaged.
     """
-    f = _as_apply(model_or_apply_fn)
+    data_loss = Objective(_as_apply(model_or_apply_fn), loss_fn).data_loss
 
     def J(params, x, y):
-        return jnp.mean(loss_fn(f(params, x), y)) + 0.5 * l2 * _sq_norm(params)
+        return data_loss(params, (x, y)) + 0.5 * l2 * tree_sqnorm(params)
 
     return J
 
@@ -199,8 +201,9 @@ class ConvergedResult(NamedTuple):
 
 
 def _check_int(v, name: str, lo: int) -> int:
+    """Local integer check (until ``influx.validation`` lands): an int ``>= lo`` or InputError."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
     return int(v)
 
 
@@ -217,38 +220,85 @@ def _hashable(f) -> bool:
 # l2, data, seed and tolerance are traced and may change freely.
 
 
-@partial(jax.jit, static_argnames=("f", "loss_fn", "opt", "steps", "batch_size"))
-def _train_jit(params, x, y, l2, key, *, f, loss_fn, opt, steps, batch_size):
-    J = objective(f, loss_fn, l2=l2)
+def minibatch_indices(n: int, *, batch_size: int, steps: int, seed=0) -> jax.Array:
+    """The minibatch schedule of :func:`train`: ``(steps, batch_size)`` training indices.
+
+    Epoch ``e`` is the permutation ``jax.random.permutation(k_e, n)`` with
+    ``k_0, k_1, ... = jax.random.split(key, ceil(steps * batch_size / n))`` and
+    ``key = jax.random.key(seed)``; the epochs are concatenated and cut into ``steps``
+    consecutive batches of ``batch_size`` (the last epoch may be used only in part, and a
+    batch may straddle two epochs). Step ``k`` uses rows ``idx[k]``.
+
+    This one function is shared by :func:`train`, the cold-start LOO and subset retraining
+    of :mod:`influx.response` and the metagradients, so all of them see exactly the same
+    data order for the same ``seed``.
+
+    Args:
+      n: number of training examples (a Python int).
+      batch_size: examples per step, ``1 <= batch_size <= n``.
+      steps: number of steps (``>= 1``).
+      seed: an integer, or a JAX PRNG key (may be traced, e.g. inside ``jit``).
+
+    Cost: ``ceil(steps * batch_size / n)`` permutations of ``n``.
+    """
+    n = _check_int(n, "n", 1)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    steps = _check_int(steps, "steps", 1)
+    if batch_size > n:
+        raise InputError(f"batch_size must be <= n = {n}, got {batch_size}")
+    key = seed if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key) \
+        else jax.random.key(seed)
+    n_epochs = -(-steps * batch_size // n)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n_epochs))
+    return perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
+
+
+def train_loop(apply_fn: Callable, loss_fn: Callable, optimizer, params, data, *, l2, steps: int,
+               batch_size: int | None = None, seed=0, weights=None):
+    """The training loop of :func:`train` as a pure function (jit-, vmap- and grad-able).
+
+    Runs ``steps`` optax updates from ``params`` on the per-step objective
+
+        J_k(theta) = 1/|B_k| sum_{i in B_k} w_i L_i(theta) + l2/2 ||theta||^2
+
+    with ``B_k`` the full batch (``batch_size=None``) or row ``k`` of
+    :func:`minibatch_indices` ``(n, batch_size=batch_size, steps=steps, seed=seed)``, and
+    ``w = weights`` (``(N,)``, default all ones: then ``J_k`` is the plain mean, exactly
+    :func:`train`). It is the one loop behind :func:`train`, the subset retraining of
+    :func:`influx.response.retrain` (``vmap`` over ``weights``) and the metagradients
+    (``grad`` with respect to ``weights``), so all of them replay the same run.
+
+    Returns ``(params, losses)`` with ``losses[k] = J_k`` before step ``k``'s update.
+    Cost: ``steps`` value-and-gradients on the batch; no validation (see :func:`train`).
+    """
+    x, y = data
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
 
-    def update(p, s, xb, yb):
-        val, g = jax.value_and_grad(J)(p, xb, yb)
-        upd, s = opt.update(g, s, p)
-        return optax.apply_updates(p, upd), s, val
+    def J(p, xb, yb, wb):
+        per = loss_fn(apply_fn(p, xb), yb)
+        data_term = jnp.mean(per) if wb is None else jnp.mean(wb * per)
+        return data_term + 0.5 * l2 * tree_sqnorm(p)
 
-    if batch_size is None:
+    def body(carry, ib):
+        p, s = carry
+        if ib is None:
+            xb, yb, wb = x, y, weights
+        else:
+            xb, yb = jax.tree_util.tree_map(lambda a: a[ib], (x, y))
+            wb = None if weights is None else weights[ib]
+        val, g = jax.value_and_grad(J)(p, xb, yb, wb)
+        upd, s = optimizer.update(g, s, p)
+        return (optax.apply_updates(p, upd), s), val
 
-        def body(carry, _):
-            p, s, val = update(*carry, x, y)
-            return (p, s), val
-
-        (p, _), losses = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
-        return p, losses
-
-    n_epochs = -(-steps * batch_size // n)
-    keys = jax.random.split(key, n_epochs)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
-    idx = perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
-
-    def body_mb(carry, ib):
-        xb = jax.tree_util.tree_map(lambda a: a[ib], x)
-        yb = jax.tree_util.tree_map(lambda a: a[ib], y)
-        p, s, val = update(*carry, xb, yb)
-        return (p, s), val
-
-    (p, _), losses = jax.lax.scan(body_mb, (params, opt.init(params)), idx)
+    idx = None if batch_size is None else minibatch_indices(n, batch_size=batch_size, steps=steps, seed=seed)
+    (p, _), losses = jax.lax.scan(body, (params, optimizer.init(params)), idx, length=steps)
     return p, losses
+
+
+@partial(jax.jit, static_argnames=("f", "loss_fn", "opt", "steps", "batch_size"))
+def _train_jit(params, x, y, l2, key, weights=None, *, f, loss_fn, opt, steps, batch_size):
+    return train_loop(_as_apply(f), loss_fn, opt, params, (x, y), l2=l2, steps=steps, batch_size=batch_size,
+                      seed=key, weights=weights)
 
 
 def train(
@@ -262,6 +312,7 @@ def train(
     steps: int,
     batch_size: int | None = None,
     seed: int = 0,
+    weights=None,
 ) -> TrainResult:
     """Minimise ``J(theta) = mean loss + l2/2 ||theta||^2`` with optax, compiled.
 
@@ -275,7 +326,11 @@ def train(
       optimizer: optax transformation; default ``optax.adam(1e-2)``.
       steps: number of updates, all inside one ``lax.scan``.
       batch_size: ``None`` for full batch; else minibatches drawn from seeded
-        per-epoch permutations (fixed by ``seed``, so runs are reproducible).
+        per-epoch permutations (:func:`minibatch_indices`, fixed by ``seed``, so runs are
+        reproducible).
+      weights: optional ``(N,)`` per-example weights ``w_i >= 0``: each step minimises
+        ``1/|B| sum_{i in B} w_i L_i + l2/2 ||theta||^2`` (see :func:`train_loop`); the
+        default (all ones) is the plain mean. Same batches whatever the weights.
 
     Returns ``TrainResult(params, losses)`` (unpacks as ``params, losses``).
     Cost: ``steps`` gradient evaluations on the batch. The loop is compiled once per
@@ -295,6 +350,13 @@ def train(
         if not 1 <= batch_size <= n:
             raise ValueError(f"batch_size must be None or an integer in [1, {n}], got {batch_size!r}")
         batch_size = None if batch_size == n else int(batch_size)
+    if weights is not None:
+        weights = jnp.asarray(weights)
+        if weights.shape != (n,) or not jnp.issubdtype(weights.dtype, jnp.number) \
+                or not bool(jnp.all(jnp.isfinite(weights) & (weights >= 0))):
+            raise InputError(f"weights must be a ({n},) array of finite values >= 0, "
+                             f"got shape {weights.shape}")
+        weights = weights.astype(_float_dtype(params))
     opt = _DEFAULT_OPT if optimizer is None else optimizer
     p, losses = _train_jit(
         params,
@@ -302,6 +364,7 @@ def train(
         y,
         jnp.asarray(l2, _float_dtype(params)),
         jax.random.key(seed),
+        weights,
         f=model_or_apply_fn if isinstance(model_or_apply_fn, nn.Module) else f,
         loss_fn=loss_fn,
         opt=opt,
@@ -320,7 +383,7 @@ def _float_dtype(params):
 
 
 def _tree_norm(tree) -> jax.Array:
-    return jnp.sqrt(_sq_norm(tree))
+    return jnp.sqrt(tree_sqnorm(tree))
 
 
 @partial(jax.jit, static_argnames=("f", "loss_fn", "memory_size", "max_it"))

@@ -41,13 +41,19 @@ Engine. The removed example enters only through a weight vector (the objective k
 static shapes), so one solve is a pure function of ``(m, eps)``. ``chunk_size`` removed
 examples are solved together: one loop over the optax steps whose body is the step
 ``vmap``-ped over the chunk (full batch: a ``lax.while_loop`` that stops as soon as every
-example of the chunk has converged or failed; minibatches from seeded per-epoch
-permutations shared by every removed example, "same data order": a ``lax.scan`` over all
-``steps``), with ``lax.map`` over the chunks -- all one compiled program.
+example of the chunk has converged or failed; minibatches from
+:func:`influx.models.minibatch_indices`, the schedule of :func:`influx.models.train`,
+shared by every removed example, "same data order": a ``lax.scan`` over all ``steps``),
+with ``lax.map`` over the chunks -- all one compiled program. The options of a call are
+one frozen, hashable :class:`ResponseOptions` (built once by :func:`loo`, :func:`proximal`
+and :func:`pbrf` from their keyword arguments, or passed to :func:`respond`); the static
+part of the compiled program is one ``_Program`` value.
 
-Inner solvers: any optax optimizer -- first-order (``optax.adam``, ``optax.sgd``; the
-only choice with minibatches) or L-BFGS (``optax.lbfgs()``, full batch; its line search
-is driven through ``optax.value_and_grad_from_state``) -- or the second-order
+Inner solvers (each wrapped once in a small step adapter with ``init`` and one ``step``,
+so the engine has no per-solver branches): any optax optimizer -- first-order
+(``optax.adam``, ``optax.sgd``; the only choice with minibatches) or L-BFGS
+(``optax.lbfgs()``, full batch; its line search is driven through
+``optax.value_and_grad_from_state``) -- or the second-order
 :func:`newton` (the default, :class:`NewtonCG`: truncated Newton steps, CG on exact
 Hessian-vector products of the objective itself, Armijo backtracking), which reaches
 ``||grad|| ~ 1e-12`` in float64 in 5-20 steps on small problems and compiles about twice
@@ -75,9 +81,17 @@ objective, its value, ``converged = grad_norm <= tol``, and a status code
 (:class:`influx.solvers.Status`), and the number of steps that updated it. When the
 gradient or the iterate becomes non-finite (or the objective, checked every step by the
 line-search solvers and at the end by all), that example stops at its last finite
-iterate and is marked ``NONFINITE`` (its ``delta`` row is NaN); the others continue. A
-``RuntimeWarning`` names the removed indices that failed or did not converge (``warn=False``
-silences it).
+iterate and is marked ``NONFINITE``; the others continue. Failure policy
+(``on_failure``): by default a ``NONFINITE`` solve raises :class:`influx.errors.SolveError`
+naming the removed indices and the fix; with ``on_failure="nan"`` its ``delta`` row is NaN
+(never 0) and ``status``/``failed`` say which. A finite solve that did not reach ``tol``
+is not a failure: status ``MAX_STEPS`` and a ``RuntimeWarning`` (``warn=False`` silences
+it).
+
+Subset retraining (:func:`retrain`, :func:`random_subsets`, :func:`check_replay`): the
+original training run (:func:`influx.models.train_loop`) repeated from the original
+initialisation with per-example weights, ``vmap``-ped over ``M`` weight vectors; the
+ground truth for group attribution (LDS) and resumable on disk (``out_dir``).
 
 Cost: ``len(removed) x steps`` gradient evaluations of the objective on the (mini)batch
 (L-BFGS: plus line-search evaluations; Newton: up to ``cg_steps`` Hessian-vector products
@@ -102,10 +116,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from influx.curvature import chunked_map
+from influx.errors import InputError, SolveError
+from influx.models import minibatch_indices
 from influx.objective import Objective, check_data, check_like, num_examples, tree_sqnorm
 from influx.solvers._base import Status
 
-__all__ = ["Response", "NewtonCG", "newton", "loo", "proximal", "pbrf", "linearized", "DEFAULT_OPTIMIZER"]
+__all__ = ["Response", "ResponseOptions", "NewtonCG", "newton", "loo", "proximal", "pbrf", "respond",
+           "linearized", "DEFAULT_OPTIMIZER", "Retrain", "retrain", "random_subsets", "check_replay"]
 
 _DEFAULT_STEPS = 50
 
@@ -156,36 +173,35 @@ def _check_removed(removed, n: int) -> np.ndarray:
     try:
         arr = np.asarray(removed)
     except Exception as e:  # noqa: BLE001
-        raise TypeError(f"removed: expected a sequence of integer indices, got {removed!r}") from e
+        raise InputError(f"removed: expected a sequence of integer indices, got {removed!r}") from e
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1:
-        raise ValueError(f"removed: expected a 1-D sequence of indices, got shape {arr.shape}")
+        raise InputError(f"removed: expected a 1-D sequence of indices, got shape {arr.shape}")
     if arr.size == 0:
-        raise ValueError("removed: empty; pass at least one training index")
+        raise InputError("removed: empty; pass at least one training index")
     if not np.issubdtype(arr.dtype, np.integer):
         integral = np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
         if np.issubdtype(arr.dtype, np.floating) and integral:
             arr = arr.astype(np.int64)
         else:
-            raise TypeError(f"removed: indices must be integers, got dtype {arr.dtype}")
+            raise InputError(f"removed: indices must be integers, got dtype {arr.dtype}")
     bad = arr[(arr < 0) | (arr >= n)]
     if bad.size:
-        raise ValueError(
+        raise InputError(
             f"removed: indices out of range for {n} training examples: {bad[:10].tolist()} "
             f"(need 0 <= index < {n}; negative indices are not accepted)"
         )
     uniq, counts = np.unique(arr, return_counts=True)
     if np.any(counts > 1):
-        raise ValueError(f"removed: duplicated indices {uniq[counts > 1][:10].tolist()}")
+        raise InputError(f"removed: duplicated indices {uniq[counts > 1][:10].tolist()}")
     return arr.astype(np.int32)
 
 
 def _check_int(v, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {v!r}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    """Local positive-integer check (until ``influx.validation`` is merged): InputError."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
     return int(v)
 
 
@@ -193,19 +209,25 @@ def _check_nonneg(v, name: str) -> float:
     try:
         f = float(v)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a number, got {v!r}") from e
+        raise InputError(f"{name} must be a number, got {v!r}") from e
     if not np.isfinite(f) or f < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {f}")
+        raise InputError(f"{name} must be finite and >= 0, got {f}")
     return f
+
+
+def _check_on_failure(v) -> str:
+    if v not in ("raise", "nan"):
+        raise InputError(f"on_failure must be 'raise' or 'nan', got {v!r}")
+    return v
 
 
 def _check_optimizer(opt, name: str = "optimizer"):
     if not (hasattr(opt, "init") and hasattr(opt, "update") and callable(opt.update)):
-        raise TypeError(f"{name}: expected an optax GradientTransformation, got {type(opt).__name__}")
+        raise InputError(f"{name}: expected an optax GradientTransformation, got {type(opt).__name__}")
     try:
         hash(opt)
     except TypeError as e:
-        raise TypeError(f"{name}: must be hashable (optax transformations are)") from e
+        raise InputError(f"{name}: must be hashable (optax transformations are)") from e
     return opt
 
 
@@ -247,17 +269,6 @@ def _tree_sub(a, b):
 
 def _take(tree, idx):
     return jax.tree_util.tree_map(lambda a: a[idx], tree)
-
-
-def _needs_value_fn(opt, params) -> bool:
-    """True for optimizers with a line search that stores value/grad in its state (L-BFGS)."""
-    if isinstance(opt, NewtonCG):
-        return True
-    state = jax.eval_shape(opt.init, params)
-    try:
-        return optax.tree.get(state, "value") is not None
-    except (KeyError, ValueError):
-        return False
 
 
 # ------------------------------------------------------------------ Newton-CG
@@ -354,6 +365,149 @@ def newton(*, cg_steps: int = 100, max_backtracks: int = 30, forcing: float = 1e
 DEFAULT_OPTIMIZER = NewtonCG()
 
 
+# ------------------------------------------------------------------ inner solvers as step adapters
+# One small value per kind of inner solver, chosen once (:func:`_step_adapter`); the engine
+# calls ``adapter.init(params)`` and ``adapter(F, theta, state, m, eps, idx, x)``, which
+# returns ``(value, grad, new_theta, new_state)``. ``value`` may be 0 when the solver does
+# not need it (a non-finite objective then shows up in the gradient).
+@dataclasses.dataclass(frozen=True)
+class _FirstOrderStep:
+    """An optax first-order step (``optax.sgd``, ``optax.adam``, ...): gradient only, minibatches ok."""
+
+    opt: Any
+    full_batch_only = False
+
+    def init(self, params):
+        return self.opt.init(params)
+
+    def __call__(self, F, th, st, m, e, idx, x):
+        g = jax.grad(F)(th, m, e, idx, x)
+        upd, st = self.opt.update(g, st, th)
+        leaf = jax.tree_util.tree_leaves(g)[0]
+        return jnp.zeros((), leaf.dtype), g, optax.apply_updates(th, upd), st
+
+
+@dataclasses.dataclass(frozen=True)
+class _LineSearchStep:
+    """An optax optimizer with a line search that keeps value and gradient in its state
+    (``optax.lbfgs``), driven through ``optax.value_and_grad_from_state``. Full batch."""
+
+    opt: Any
+    full_batch_only = True
+
+    def init(self, params):
+        return self.opt.init(params)
+
+    def __call__(self, F, th, st, m, e, idx, x):
+        full = lambda t: F(t, m, e, None, x)
+        v, g = optax.value_and_grad_from_state(full)(th, state=st)
+        upd, st = self.opt.update(g, st, th, value=v, grad=g, value_fn=full)
+        return v, g, optax.apply_updates(th, upd), st
+
+
+@dataclasses.dataclass(frozen=True)
+class _NewtonStep:
+    """:class:`NewtonCG` (full batch)."""
+
+    newton: Any
+    full_batch_only = True
+
+    def init(self, params):
+        return self.newton.init(params)
+
+    def __call__(self, F, th, st, m, e, idx, x):
+        return self.newton.step(lambda t: F(t, m, e, None, x), th, st)
+
+
+def _step_adapter(opt, params):
+    """The step adapter of an inner solver: Newton-CG, line search (state holds ``value``), first order."""
+    if isinstance(opt, NewtonCG):
+        return _NewtonStep(opt)
+    state = jax.eval_shape(opt.init, params)
+    try:
+        has_value = optax.tree.get(state, "value") is not None
+    except (KeyError, ValueError):
+        has_value = False
+    return _LineSearchStep(opt) if has_value else _FirstOrderStep(opt)
+
+
+# ------------------------------------------------------------------ options
+@dataclasses.dataclass(frozen=True)
+class ResponseOptions:
+    """Every option of :func:`loo`, :func:`proximal` and :func:`pbrf`, validated once.
+
+    Frozen and hashable (by value): the public functions build one from their keyword
+    arguments and pass it down; :func:`influx.gaps.decompose` builds its objects' options
+    up front, so a bad option fails before any retraining. The fields are the keyword
+    arguments documented in :func:`loo` (``optimizer=None`` becomes
+    :data:`DEFAULT_OPTIMIZER`; ``tol=None`` stays ``None`` and resolves to the
+    parameters' dtype at the call). Raises :class:`influx.errors.InputError` on a bad value.
+    """
+
+    optimizer: Any = None
+    steps: int = 50
+    damping: float = 0.0
+    epsilon: float | None = None
+    normalization: str = "n"
+    baseline: str = "params"
+    batch_size: int | None = None
+    seed: int = 0
+    chunk_size: int = 64
+    tol: float | None = None
+    keep_params: bool = True
+    measurement: Any = None
+    observe: Callable | None = None
+    warn: bool = True
+    on_failure: str = "raise"
+
+    def __post_init__(self):
+        put = lambda k, v: object.__setattr__(self, k, v)
+        put("optimizer", DEFAULT_OPTIMIZER if self.optimizer is None else _check_optimizer(self.optimizer))
+        put("steps", _check_int(self.steps, "steps", 1))
+        put("damping", _check_nonneg(self.damping, "damping"))
+        if self.epsilon is not None:
+            try:
+                eps = float(self.epsilon)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"epsilon must be a number, got {self.epsilon!r}") from e
+            if not np.isfinite(eps):
+                raise InputError(f"epsilon must be finite, got {self.epsilon!r}")
+            put("epsilon", eps)
+        if self.normalization not in ("n", "n-1"):
+            raise InputError(f"normalization must be 'n' or 'n-1', got {self.normalization!r}")
+        if self.baseline not in ("params", "retrain"):
+            raise InputError(f"baseline must be 'params' or 'retrain', got {self.baseline!r}")
+        if self.normalization == "n-1":
+            if self.baseline == "retrain":
+                raise InputError(
+                    "baseline='retrain' needs normalization='n' (the original training's weights)")
+            if self.epsilon is not None:
+                raise InputError(
+                    "epsilon cannot be combined with normalization='n-1' (it removes the example)")
+        if self.batch_size is not None:
+            put("batch_size", _check_int(self.batch_size, "batch_size", 1))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        put("seed", int(self.seed))
+        put("chunk_size", _check_int(self.chunk_size, "chunk_size", 1))
+        if self.tol is not None:
+            put("tol", _check_nonneg(self.tol, "tol"))
+        if self.observe is not None and not callable(self.observe):
+            raise InputError(f"observe must be callable params -> pytree, got {self.observe!r}")
+        put("keep_params", bool(self.keep_params))
+        put("warn", bool(self.warn))
+        _check_on_failure(self.on_failure)
+        if isinstance(self.optimizer, NewtonCG) and self.batch_size is not None:
+            raise InputError(
+                "optimizer: a line-search optimizer (optax.lbfgs, response.newton) needs the full batch; "
+                "use batch_size=None or a first-order optimizer"
+            )
+
+    def replace(self, **changes) -> ResponseOptions:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
 # ------------------------------------------------------------------ the objective
 def _coefficients(kind, l2, damping):
     """``(bregman, loo, c_norm, c_prox)`` of the unified objective (see :func:`_make_objective`)."""
@@ -437,27 +591,36 @@ def _replicate(x, c: int):
         lambda l: jax.lax.optimization_barrier(jnp.broadcast_to(l, (c,) + l.shape)), x)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("obj", "opt", "steps", "batch_size", "chunk_size", "keep_params", "measure",
-                     "observe", "linesearch", "replicate_bytes"),
-)
-def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, key, *, obj, opt,
-         steps, batch_size, chunk_size, keep_params, measure, observe, linesearch,
-         replicate_bytes=_REPLICATE_BYTES):
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """The static (compile-time) part of one response computation: one compiled :func:`_run`
+    per distinct value. Numbers that may change freely (tolerances, weights, coefficients,
+    the seed) are traced arguments instead."""
+
+    step: Any  # a step adapter (_FirstOrderStep, _LineSearchStep, _NewtonStep)
+    steps: int
+    batch_size: int | None
+    chunk_size: int
+    keep_params: bool
+    measure: Callable
+    observe: Callable | None
+    replicate_bytes: int = _REPLICATE_BYTES
+
+
+@functools.partial(jax.jit, static_argnames=("obj", "program"))
+def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, key, *, obj, program):
+    """The compiled engine (module docstring): every chunk of removed examples solved by one loop
+    over steps with the step adapter vmapped inside. Its closures share the traced objective and
+    data, hence one function a little over 80 lines."""
+    step, steps, batch_size = program.step, program.steps, program.batch_size
     n = num_examples(train)
+    measure = program.measure
     f = lambda p, t: jax.vmap(lambda ex: measure(p, ex))(t)
     aux = _pbrf_aux(obj, theta_s, train)
     F = _make_objective(obj, theta_s, train, aux, a, coef, n)
     f_s = f(theta_s, test)
-
-    if batch_size is None:
-        xs = None
-    else:
-        n_epochs = -(-steps * batch_size // n)
-        perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, n_epochs))
-        xs = perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
-
+    # the schedule of influx.models.train: a cold start replays the original run's batches
+    xs = None if batch_size is None else minibatch_indices(n, batch_size=batch_size, steps=steps, seed=key)
     x_train = train[0]
 
     def solve_chunk(args):
@@ -465,23 +628,13 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
         ms, es = args
         c = ms.shape[0]
         # every example of the chunk gets its own copy of the inputs (see _replicate)
-        rep_full = _replicate_ok(x_train, c, 1.0, replicate_bytes)
-        rep = rep_full if batch_size is None else _replicate_ok(x_train, c, batch_size / n, replicate_bytes)
+        budget = program.replicate_bytes
+        rep_full = _replicate_ok(x_train, c, 1.0, budget)
+        rep = rep_full if batch_size is None else _replicate_ok(x_train, c, batch_size / n, budget)
         x_full = _replicate(x_train, c) if rep_full else None
 
         def step_one(th, st, ok, done, m, e, idx, x):
-            full = lambda t: F(t, m, e, None, x)
-            if isinstance(opt, NewtonCG):
-                v, g, th_new, st_new = opt.step(full, th, st)
-            elif linesearch:
-                v, g = optax.value_and_grad_from_state(full)(th, state=st)
-                upd, st_new = opt.update(g, st, th, value=v, grad=g, value_fn=full)
-                th_new = optax.apply_updates(th, upd)
-            else:  # the value is not needed: non-finite values show up in the gradient
-                g = jax.grad(F)(th, m, e, idx, x)
-                v = jnp.zeros((), tol.dtype)
-                upd, st_new = opt.update(g, st, th)
-                th_new = optax.apply_updates(th, upd)
+            v, g, th_new, st_new = step(F, th, st, m, e, idx, x)
             gn = jnp.sqrt(tree_sqnorm(g))
             ok = ok & jnp.isfinite(v) & jnp.isfinite(gn)
             if idx is None:
@@ -506,7 +659,7 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
 
         bcast = lambda t: jax.tree_util.tree_map(lambda l: jnp.broadcast_to(l, (c,) + l.shape), t)
         th0 = bcast(theta0)
-        carry = (th0, jax.vmap(opt.init)(th0), jnp.ones((c,), bool), jnp.zeros((c,), bool),
+        carry = (th0, jax.vmap(step.init)(th0), jnp.ones((c,), bool), jnp.zeros((c,), bool),
                  jnp.zeros((c,), jnp.int32))
         if batch_size is None:
             # full batch: stop as soon as every example of the chunk is frozen or failed
@@ -523,119 +676,141 @@ def _run(theta_s, theta0, train, test, removed, eps, a, coef, tol, freeze_tol, k
         def final_one(th, ok, m, e, x):
             v, g = jax.value_and_grad(F)(th, m, e, None, x)
             gn = jnp.sqrt(tree_sqnorm(g))
-            ok = ok & jnp.isfinite(v) & jnp.isfinite(gn)
+            raw = f(th, test) - f_s
+            ok = ok & jnp.isfinite(v) & jnp.isfinite(gn) & jnp.all(jnp.isfinite(raw))
             conv = ok & (gn <= tol)
             status = jnp.where(~ok, Status.NONFINITE, jnp.where(conv, Status.CONVERGED, Status.MAX_STEPS))
-            delta = jnp.where(ok, f(th, test) - f_s, jnp.nan)
-            out = {"delta": delta, "grad_norm": gn, "objective": v, "converged": conv, "status": status}
-            if keep_params:
+            out = {"delta": jnp.where(ok, raw, jnp.nan), "grad_norm": gn, "objective": v, "converged": conv,
+                   "status": status}
+            if program.keep_params:
                 out["params"] = th
-            if observe is not None:
-                out["observed"] = observe(th)
+            if program.observe is not None:
+                out["observed"] = program.observe(th)
             return out
 
         out = jax.vmap(final_one, in_axes=(0, 0, 0, 0, None if x_full is None else 0))(th, ok, ms, es, x_full)
         out["steps_taken"] = taken
         return out
 
-    out = chunked_map(solve_chunk, (removed, eps), chunk_size=chunk_size)
+    out = chunked_map(solve_chunk, (removed, eps), chunk_size=program.chunk_size)
     out["f_s"] = f_s
     return out
 
 
 # ------------------------------------------------------------------ the public objects
-def _respond(kind, obj, params, train, removed, *, test, init, optimizer, steps, damping,
-             epsilon, normalization, batch_size, seed, chunk_size, tol, keep_params, measurement,
-             observe, warn, baseline):
+def _resolve_tol(tol, params) -> float:
+    """``tol=None``: what the parameters' dtype can reach, 1e-6 in float64, 1e-4 in float32."""
+    if tol is not None:
+        return tol
+    wide = any(jnp.result_type(l) == jnp.float64 for l in jax.tree_util.tree_leaves(params))
+    return 1e-6 if wide else 1e-4
+
+
+def _respond(kind, obj, params, train, removed, *, test, init, options: ResponseOptions) -> Response:
+    """One response object (``kind``) with validated ``options``; all checks run before the solve
+    (checks, the compiled run, the failure policy and the result: kept together, ~80 lines)."""
     if not isinstance(obj, Objective):
-        raise TypeError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+    if not isinstance(options, ResponseOptions):
+        raise InputError(f"options must be a ResponseOptions, got {type(options).__name__}")
+    o = options
     n = check_data(obj, params, train, name="train")
     removed = _check_removed(removed, n)
-    measure = _check_test(obj, params, test, measurement)
-    steps = _check_int(steps, "steps", 1)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    damping = _check_nonneg(damping, "damping")
-    if tol is None:  # what the parameters' dtype can reach: 1e-6 in float64, 1e-4 in float32
-        leaves = jax.tree_util.tree_leaves(params)
-        wide = any(jnp.result_type(l) == jnp.float64 for l in leaves)
-        tol = 1e-6 if wide else 1e-4
-    tol = _check_nonneg(tol, "tol")
-    optimizer = DEFAULT_OPTIMIZER if optimizer is None else _check_optimizer(optimizer)
-    if observe is not None and not callable(observe):
-        raise TypeError(f"observe must be callable params -> pytree, got {observe!r}")
-    if normalization not in ("n", "n-1"):
-        raise ValueError(f"normalization must be 'n' or 'n-1', got {normalization!r}")
-    if baseline not in ("params", "retrain"):
-        raise ValueError(f"baseline must be 'params' or 'retrain', got {baseline!r}")
+    measure = _check_test(obj, params, test, o.measurement)
+    tol = _resolve_tol(o.tol, params)
+    batch_size = o.batch_size
     if batch_size is not None:
-        batch_size = _check_int(batch_size, "batch_size", 1)
         if batch_size > n:
-            raise ValueError(f"batch_size must be <= the number of training examples {n}, got {batch_size}")
+            raise InputError(f"batch_size must be <= the number of training examples {n}, got {batch_size}")
         if batch_size == n:
             batch_size = None
-    if normalization == "n-1":
-        if baseline == "retrain":
-            raise ValueError("baseline='retrain' needs normalization='n' (the original training's weights)")
-        if epsilon is not None:
-            raise ValueError("epsilon cannot be combined with normalization='n-1' (it removes the example)")
+    if o.normalization == "n-1":
         if n < 2:
-            raise ValueError("normalization='n-1' needs at least 2 training examples")
+            raise InputError("normalization='n-1' needs at least 2 training examples")
         a, eps = 1.0 / (n - 1), -1.0 / (n - 1)
     else:
         a = 1.0 / n
-        eps = -1.0 / n if epsilon is None else float(epsilon)
-        if not np.isfinite(eps):
-            raise ValueError(f"epsilon must be finite, got {epsilon!r}")
+        eps = -1.0 / n if o.epsilon is None else o.epsilon
     cold = init is not None
     if cold:
         init = check_like(params, init, name="init")
-    linesearch = _needs_value_fn(optimizer, params)
-    if linesearch and batch_size is not None:
-        raise ValueError(
+    step = _step_adapter(o.optimizer, params)
+    if step.full_batch_only and batch_size is not None:
+        raise InputError(
             "optimizer: a line-search optimizer (optax.lbfgs, response.newton) needs the full batch; "
             "use batch_size=None or a first-order optimizer"
         )
+    if o.keep_params:
+        _memory_ok(params, removed.size + (o.baseline == "retrain"))
     dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
     r = removed.size
     rem = jnp.asarray(removed)
     eps_v = jnp.full((r,), eps, dtype)
-    if baseline == "retrain":  # one extra solve with the example's weight unchanged
+    if o.baseline == "retrain":  # one extra solve with the example's weight unchanged
         rem = jnp.concatenate([rem, rem[:1]])
         eps_v = jnp.concatenate([eps_v, jnp.zeros((1,), dtype)])
-    coef = jnp.asarray(_coefficients(kind, obj.l2, damping), dtype)
-    out = _run(
-        params, init if cold else params, tuple(train), tuple(test), rem, eps_v, jnp.asarray(a, dtype),
-        coef, jnp.asarray(tol, dtype), jnp.asarray(-1.0 if cold and not linesearch else tol, dtype),
-        jax.random.key(int(seed)),
-        obj=obj, opt=optimizer, steps=steps, batch_size=batch_size,
-        chunk_size=min(chunk_size, r + (baseline == "retrain")),
-        keep_params=keep_params, measure=measure, observe=observe, linesearch=linesearch,
-        replicate_bytes=_REPLICATE_BYTES,
-    )
+    coef = jnp.asarray(_coefficients(kind, obj.l2, o.damping), dtype)
+    program = _Program(step=step, steps=o.steps, batch_size=batch_size,
+                       chunk_size=min(o.chunk_size, r + (o.baseline == "retrain")),
+                       keep_params=o.keep_params, measure=measure, observe=o.observe,
+                       replicate_bytes=_REPLICATE_BYTES)
+    # a cold start with a first-order optimizer replays the original training step for step (no freezing)
+    freeze_tol = -1.0 if cold and not step.full_batch_only else tol
+    out = _run(params, init if cold else params, tuple(train), tuple(test), rem, eps_v, jnp.asarray(a, dtype),
+               coef, jnp.asarray(tol, dtype), jnp.asarray(freeze_tol, dtype), jax.random.key(o.seed),
+               obj=obj, program=program)
     delta, f_ref = out["delta"], out["f_s"]
+    status = np.asarray(out["status"][:r])
     take = lambda t: jax.tree_util.tree_map(lambda x: x[:r], t)
-    if baseline == "retrain":
+    if o.baseline == "retrain":
+        if int(out["status"][r]) == Status.NONFINITE:
+            _fail(o, kind, f"the baseline retraining (nothing removed) became non-finite; every delta "
+                  f"depends on it ({r} rows)", removed)
+            status = np.full((r,), int(Status.NONFINITE), status.dtype)
         shift = out["delta"][r]
         f_ref = f_ref + shift
         delta = delta[:r] - shift[None]
-    status = np.asarray(out["status"][:r])
     failed = removed[status == Status.NONFINITE]
-    info = {"steps": steps, "optimizer": optimizer, "epsilon": eps, "damping": damping, "tol": tol,
-            "batch_size": batch_size, "seed": seed, "normalization": normalization,
-            "start": "cold" if cold else "warm", "baseline": baseline}
+    if failed.size:
+        _fail(o, kind, f"the objective, its gradient, the iterate or the measurement became non-finite "
+              f"for {failed.size} of {r} removed examples", failed)
+        delta = jnp.where(jnp.asarray(status == Status.NONFINITE)[:, None], jnp.nan, delta)
+    info = {"steps": o.steps, "optimizer": o.optimizer, "epsilon": eps, "damping": o.damping, "tol": tol,
+            "batch_size": batch_size, "seed": o.seed, "normalization": o.normalization,
+            "start": "cold" if cold else "warm", "baseline": o.baseline, "on_failure": o.on_failure,
+            "options": o}
     res = Response(
-        delta=delta, params=take(out["params"]) if keep_params else None,
+        delta=delta, params=take(out["params"]) if o.keep_params else None,
         grad_norm=out["grad_norm"][:r], objective=out["objective"][:r],
-        converged=out["converged"][:r], status=out["status"][:r], removed=removed,
+        converged=out["converged"][:r], status=jnp.asarray(status), removed=removed,
         failed=failed, baseline=f_ref,
-        observed=take(out["observed"]) if observe is not None else None, kind=kind, info=info,
+        observed=take(out["observed"]) if o.observe is not None else None, kind=kind, info=info,
         steps_taken=out["steps_taken"][:r],
     )
-    if baseline == "retrain" and int(out["status"][r]) == Status.NONFINITE:
-        raise FloatingPointError(f"{kind}: the baseline retraining (nothing removed) became non-finite")
-    if warn:
-        _warn(res, kind, tol, steps)
+    if o.warn:
+        _warn(res, kind, tol, o.steps)
     return res
+
+
+def _memory_ok(params, copies: int) -> None:
+    """Refuses ``keep_params=True`` when ``copies`` parameter copies would not fit in memory."""
+    from influx import _memory
+
+    leaves = jax.tree_util.tree_leaves(params)
+    nbytes = copies * sum(int(np.size(l)) * jnp.result_type(l).itemsize for l in leaves)
+    _memory.check_fits(nbytes, what=f"keep_params=True ({copies} parameter copies)",
+                       alternative="keep_params=False (and observe=... for what you need of each solution)")
+
+
+def _fail(o: ResponseOptions, kind: str, what: str, rows) -> None:
+    """The failure policy: ``on_failure="raise"`` raises :class:`SolveError`; ``"nan"`` returns."""
+    if o.on_failure == "raise":
+        rows = np.asarray(rows)
+        raise SolveError(
+            f"{kind}: {what} (removed indices {rows[:20].tolist()}{' ...' if rows.size > 20 else ''}). "
+            "Fix: lower the learning rate, add damping, or use response.newton(); pass on_failure='nan' "
+            "to get NaN rows for the failed removals and their status instead of this error"
+        )
 
 
 def _warn(res: Response, kind: str, tol: float, steps: int) -> None:
@@ -657,6 +832,26 @@ def _warn(res: Response, kind: str, tol: float, steps: int) -> None:
         )
 
 
+def respond(kind: str, obj: Objective, params, train, removed, *, test, init=None,
+            options: ResponseOptions | None = None) -> Response:
+    """The response object ``kind`` (``"loo"``, ``"proximal"`` or ``"pbrf"``) with ``options``.
+
+    The options-object form of :func:`loo`, :func:`proximal` and :func:`pbrf` (which build
+    a :class:`ResponseOptions` from their keyword arguments and call this): useful to
+    validate every option of several objects before running any of them.
+    """
+    if kind not in ("loo", "proximal", "pbrf"):
+        raise InputError(f"kind must be 'loo', 'proximal' or 'pbrf', got {kind!r}")
+    options = ResponseOptions() if options is None else options
+    if kind != "loo" and init is not None:
+        raise InputError(f"{kind} is warm-started at params; init is only for loo")
+    if kind == "loo" and options.damping != 0:
+        raise InputError("loo has no damping (use kind='proximal')")
+    if kind != "loo" and (options.normalization != "n" or options.baseline != "params"):
+        raise InputError(f"{kind}: normalization and baseline are options of loo only")
+    return _respond(kind, obj, params, train, removed, test=test, init=init, options=options)
+
+
 _COMMON_DOC = """
     Args:
       obj: the :class:`influx.Objective` (its ``l2`` is part of every objective).
@@ -673,26 +868,36 @@ _COMMON_DOC = """
         once all its examples have converged (``Response.steps_taken``).
       epsilon: weight added to the removed example's loss (default ``-1/N``, removal).
         A small multiple ``t * (-1/N)`` gives the finite-difference check of influence.
-      batch_size: ``None`` (full batch, default) or minibatches from seeded per-epoch
-        permutations (``seed``), the same for every removed example.
+      batch_size: ``None`` (full batch, default) or minibatches of
+        :func:`influx.models.minibatch_indices` (``seed``), the same for every removed example.
       chunk_size: removed examples solved together by ``vmap`` (bounds memory).
       tol: convergence threshold on the final full-batch gradient norm (default: 1e-6 for
         float64 parameters, 1e-4 for float32); in full-batch
         mode an example is frozen once its gradient norm reaches it.
-      keep_params: return the solutions stacked per removed example.
+      keep_params: return the solutions stacked per removed example (refused with
+        :class:`influx.errors.ResourceError` when the copies would not fit in memory).
       measurement: ``None`` (the test loss), an :data:`influx.measurements` value, or a
         callable ``f(params, (x_t, y_t)) -> scalar`` on one unbatched test example (the
         convention of :func:`influx.influence`).
       observe: ``params -> pytree`` evaluated on each solution inside the program
         (an alternative to keeping the parameters).
-      warn: emit a ``RuntimeWarning`` for non-converged or non-finite solves.
+      warn: emit a ``RuntimeWarning`` for non-converged (or, with ``on_failure="nan"``,
+        non-finite) solves.
+      on_failure: what a failed solve (objective, gradient, iterate or measurement
+        non-finite; status ``NONFINITE``) does: ``"raise"`` (default) raises
+        :class:`influx.errors.SolveError` naming the failed removals and the fix;
+        ``"nan"`` returns their ``delta`` rows as NaN (never 0) with ``status`` and
+        ``failed`` saying which. A solve that is finite but did not reach ``tol`` in
+        ``steps`` is not a failure: it is returned with status ``MAX_STEPS``,
+        ``converged=False`` and a warning.
 
     Returns: :class:`Response` with ``delta`` of shape ``(len(removed), n_test)``.
 
     Raises:
-      ValueError/TypeError: indices out of range or duplicated, a test set without
-      labels for the default measurement, ``steps < 1``, negative ``damping``, a
-      line-search optimizer with minibatches, bad shapes.
+      InputError: indices out of range or duplicated, a test set without labels for the
+      default measurement, ``steps < 1``, negative ``damping``, a line-search optimizer
+      with minibatches, bad shapes -- before any computation.
+      SolveError: a failed solve with ``on_failure="raise"``.
 """
 
 
@@ -701,57 +906,58 @@ def loo(obj: Objective, params, train, removed, *, test, init=None, optimizer=No
         baseline: str = "params", batch_size: int | None = None, seed: int = 0,
         chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
         measurement=None, observe: Callable | None = None,
-        warn: bool = True) -> Response:
+        warn: bool = True, on_failure: str = "raise") -> Response:
     """Leave-one-out retraining (see the module docstring for the objective).
 
     ``init=None``: warm start, minimise ``J_m`` from ``theta_s``. ``init=<pytree>``: cold
     start, retrain from ``init`` -- pass the *same* ``optimizer``, ``steps``,
     ``batch_size`` and ``seed`` as the original training (with :func:`influx.models.train`
-    the minibatch order is identical), so that the only difference is the removed
+    the minibatch order is identical: both use :func:`influx.models.minibatch_indices`),
+    so that the only difference is the removed
     example; then ``baseline="retrain"`` measures against the full-data run of the same
     program instead of ``params`` (cancels the shared optimisation error).
     ``normalization``: ``"n"`` (default, removed weight set to 0, others keep ``1/N``)
     or ``"n-1"`` (mean over the ``N - 1`` remaining examples).
     """
     if init is not None and optimizer is None:
-        raise ValueError(
+        raise InputError(
             "loo: a cold start (init=...) needs the optimizer (and steps) of the original training")
-    return _respond("loo", obj, params, train, removed, test=test, init=init, optimizer=optimizer,
-                    steps=steps, damping=0.0, epsilon=epsilon, normalization=normalization,
-                    batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
-                    keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
-                    baseline=baseline)
+    options = ResponseOptions(optimizer=optimizer, steps=steps, epsilon=epsilon, normalization=normalization,
+                              baseline=baseline, batch_size=batch_size, seed=seed, chunk_size=chunk_size,
+                              tol=tol, keep_params=keep_params, measurement=measurement, observe=observe,
+                              warn=warn, on_failure=on_failure)
+    return _respond("loo", obj, params, train, removed, test=test, init=init, options=options)
 
 
 def proximal(obj: Objective, params, train, removed, *, test, damping: float, optimizer=None,
              steps: int = _DEFAULT_STEPS, epsilon: float | None = None, batch_size: int | None = None,
              seed: int = 0, chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
              measurement=None, observe: Callable | None = None,
-             warn: bool = True) -> Response:
+             warn: bool = True, on_failure: str = "raise") -> Response:
     """Proximal LOO: warm-start ``J_m(theta) + damping/2 ||theta - theta_s||^2`` from ``theta_s``.
     """
-    return _respond("proximal", obj, params, train, removed, test=test, init=None, optimizer=optimizer,
-                    steps=steps, damping=damping, epsilon=epsilon, normalization="n",
-                    batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
-                    keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
-                    baseline="params")
+    options = ResponseOptions(optimizer=optimizer, steps=steps, damping=damping, epsilon=epsilon,
+                              batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
+                              keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
+                              on_failure=on_failure)
+    return _respond("proximal", obj, params, train, removed, test=test, init=None, options=options)
 
 
 def pbrf(obj: Objective, params, train, removed, *, test, damping: float, optimizer=None,
          steps: int = _DEFAULT_STEPS, epsilon: float | None = None, batch_size: int | None = None,
          seed: int = 0, chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
          measurement=None, observe: Callable | None = None,
-         warn: bool = True) -> Response:
+         warn: bool = True, on_failure: str = "raise") -> Response:
     """Proximal Bregman response function (Bae et al. 2022), warm-started at ``theta_s``.
 
     With minibatches the Bregman term is estimated on each batch and the removal term
     ``eps L_m`` is added at every step.
     """
-    return _respond("pbrf", obj, params, train, removed, test=test, init=None, optimizer=optimizer,
-                    steps=steps, damping=damping, epsilon=epsilon, normalization="n",
-                    batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
-                    keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
-                    baseline="params")
+    options = ResponseOptions(optimizer=optimizer, steps=steps, damping=damping, epsilon=epsilon,
+                              batch_size=batch_size, seed=seed, chunk_size=chunk_size, tol=tol,
+                              keep_params=keep_params, measurement=measurement, observe=observe, warn=warn,
+                              on_failure=on_failure)
+    return _respond("pbrf", obj, params, train, removed, test=test, init=None, options=options)
 
 
 for _f in (loo, proximal, pbrf):
@@ -769,7 +975,8 @@ def _default_exact_solver(dim: int):
 
 
 def linearized(obj: Objective, params, train, removed, *, test, damping: float, solver=None,
-               epsilon: float | None = None, chunk_size: int = 256, measurement=None) -> Response:
+               epsilon: float | None = None, chunk_size: int = 256, measurement=None,
+               on_failure: str = "raise") -> Response:
     """First-order solution of the PBRF: ``delta_t = -eps g_t^T (G + (l2 + damping) I)^-1 g_m``.
 
     ``G`` is the Gauss-Newton matrix of the data term at ``theta_s``, ``g_t`` the gradient
@@ -777,41 +984,406 @@ def linearized(obj: Objective, params, train, removed, *, test, damping: float, 
     defaults to ``-1/N`` (then ``delta`` is exactly the GNH influence score
     :func:`influx.influence`, which computes it). ``solver`` defaults to an exact one:
     ``influx.solvers.direct()`` up to 4096 parameters, converged CG beyond; pass a
-    practical solver to get the influence it would give. A non-converged solve warns.
+    practical solver to get the influence it would give.
+
+    Failure policy: a test point whose solve did not converge (or whose column is not
+    finite) is a failed solve; ``on_failure="raise"`` (default) raises
+    :class:`influx.errors.SolveError` naming the test points, the worst residual and the
+    fix; ``"nan"`` returns those ``delta`` columns as NaN (never 0), every row's status
+    ``MAX_STEPS`` and the failed test indices in ``info["failed_test"]``.
 
     Cost: that of :func:`influx.influence` (``n_test`` solves and one pass over the
     training set). ``params``, ``grad_norm`` and ``objective`` of the result are
     ``None``/NaN (nothing is minimised).
     """
+    import inspect
+
     from influx.influence import influence
 
     if not isinstance(obj, Objective):
-        raise TypeError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
     n = check_data(obj, params, train, name="train")
     removed = _check_removed(removed, n)
     f = _check_test(obj, params, test, measurement)
     damping = _check_nonneg(damping, "damping")
     chunk_size = _check_int(chunk_size, "chunk_size", 1)
-    eps = -1.0 / n if epsilon is None else float(epsilon)
+    _check_on_failure(on_failure)
+    try:
+        eps = -1.0 / n if epsilon is None else float(epsilon)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"epsilon must be a number, got {epsilon!r}") from e
     if not np.isfinite(eps):
-        raise ValueError(f"epsilon must be finite, got {epsilon!r}")
+        raise InputError(f"epsilon must be finite, got {epsilon!r}")
     if solver is None:
         dim = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
         solver = _default_exact_solver(dim)
-    scores, info = influence(obj, params, tuple(train), tuple(test), kind="gnh", damping=damping,
-                             solver=solver, measurement=measurement, chunk_size=chunk_size,
-                             return_info=True)
-    delta = (-eps * n) * scores[:, jnp.asarray(removed)].T
+    kw = {}
+    if "on_failure" in inspect.signature(influence).parameters:  # the policy is applied here, per column
+        kw["on_failure"] = "nan"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # reported below, with the policy
+        scores, info = influence(obj, params, tuple(train), tuple(test), kind="gnh", damping=damping,
+                                 solver=solver, measurement=measurement, chunk_size=chunk_size,
+                                 return_info=True, **kw)
+    delta = (-eps * n) * np.asarray(scores)[:, np.asarray(removed)].T
     r = removed.size
-    ok = bool(np.all(info.converged)) if info.converged is not None else True
+    bad_t = ~np.all(np.isfinite(delta), axis=0)
+    if info.converged is not None:
+        bad_t |= ~np.asarray(info.converged, bool).reshape(-1)
+    failed_t = np.flatnonzero(bad_t)
+    res_max = None if info.residual_norm is None else float(np.nanmax(np.asarray(info.residual_norm)))
+    if failed_t.size:
+        worst = res_max if res_max is not None else float("nan")
+        more = " ..." if failed_t.size > 20 else ""
+        msg = (f"linearized: the solve of {failed_t.size} of {bad_t.size} test points did not converge "
+               f"(test indices {failed_t[:20].tolist()}{more}; worst relative residual {worst:.3g}, "
+               f"solver {solver!r})")
+        if on_failure == "raise":
+            raise SolveError(msg + ". Fix: raise the solver's max_steps, add damping, or use the exact "
+                             "default solver (solver=None); pass on_failure='nan' for NaN columns instead")
+        warnings.warn(msg + "; their delta columns are NaN", RuntimeWarning, stacklevel=2)
+        delta[:, failed_t] = np.nan
+    ok = not failed_t.size
     nan = jnp.full((r,), jnp.nan, delta.dtype)
     return Response(
-        delta=delta, params=None, grad_norm=nan, objective=nan,
+        delta=jnp.asarray(delta), params=None, grad_norm=nan, objective=nan,
         converged=np.full((r,), ok),
         status=np.full((r,), Status.CONVERGED if ok else Status.MAX_STEPS),
         removed=removed, failed=np.zeros((0,), np.int32),
         baseline=jax.vmap(lambda ex: f(params, ex))(tuple(test)), kind="linearized",
-        info={"epsilon": eps, "damping": damping, "solver": repr(solver),
-              "solver_residual_max": None if info.residual_norm is None
-              else float(np.max(info.residual_norm))},
+        info={"epsilon": eps, "damping": damping, "solver": repr(solver), "solver_residual_max": res_max,
+              "failed_test": failed_t, "on_failure": on_failure},
     )
+
+
+# ------------------------------------------------------------------ subset retraining
+class Retrain(NamedTuple):
+    """Result of :func:`retrain` (one row per weight vector).
+
+    Attributes:
+      delta: ``(M, n_test)`` change ``f_t(theta_w) - f_t(theta_1)`` of each test
+        measurement against the all-ones run (NaN rows for failed runs, never 0).
+      measured: ``(M, n_test)`` the measurements ``f_t(theta_w)`` themselves.
+      baseline: ``(n_test,)`` ``f_t(theta_1)``, the all-ones run (the original training).
+      loss: ``(M,)`` final weighted training objective ``1/N sum_i w_i L_i + l2/2 ||theta||^2``
+        (full batch) at each run's final parameters.
+      finite: ``(M,)`` bool, every loss along the run, the final parameters and the
+        measurements are finite.
+      failed: row indices whose run was not finite.
+      params: the final parameters stacked per row (``keep_params=True``), else ``None``.
+      info: settings (steps, batch_size, seed, chunk_size, resumed rows, ...).
+    """
+
+    delta: Any
+    measured: Any
+    baseline: Any
+    loss: Any
+    finite: Any
+    failed: np.ndarray
+    params: Any = None
+    info: dict = {}
+
+
+def random_subsets(n: int, m: int, *, alpha: float, seed: int = 0) -> np.ndarray:
+    """``m`` random training subsets that each drop a fraction ``alpha`` of ``n`` examples.
+
+    Returns an ``(m, n)`` boolean array of *kept* examples (usable directly as
+    :func:`retrain`'s ``weights``): every row keeps exactly ``n - k`` examples, with
+    ``k = max(1, round(alpha n))`` dropped uniformly at random without replacement,
+    independently per row; the same ``seed`` gives the same subsets. (For
+    :func:`influx.metrics.linear_datamodeling_score` pass ``kept=True``.)
+
+    Raises InputError for ``alpha`` outside ``(0, 1)``, ``m < 1``, ``n < 2`` or a ``k``
+    that would drop every example.
+    """
+    n = _check_int(n, "n", 2)
+    m = _check_int(m, "m", 1)
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"alpha must be a number in (0, 1), got {alpha!r}") from e
+    if not 0.0 < a < 1.0:
+        raise InputError(f"alpha (the fraction of examples dropped) must be in (0, 1), got {alpha!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    k = max(1, int(round(a * n)))
+    if k >= n:
+        raise InputError(f"alpha={a} drops all {n} examples; use a smaller alpha")
+    rng = np.random.default_rng(int(seed))
+    order = np.argsort(rng.random((m, n)), axis=1)
+    keep = np.ones((m, n), bool)
+    np.put_along_axis(keep, order[:, :k], False, axis=1)
+    return keep
+
+
+def _check_weights(weights, n: int) -> np.ndarray:
+    try:
+        w = np.asarray(weights)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"weights: expected an (M, {n}) array, got {type(weights).__name__}") from e
+    if w.ndim != 2 or w.shape[1] != n or w.shape[0] < 1:
+        raise InputError(f"weights: expected shape (M, {n}) (one row of per-example weights per run, "
+                         f"M >= 1), got {w.shape}")
+    if w.dtype == bool:
+        w = w.astype(np.float64)
+    if not np.issubdtype(w.dtype, np.number) or np.iscomplexobj(w):
+        raise InputError(f"weights: expected real numbers or booleans, got dtype {w.dtype}")
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError(f"weights: entries must be finite and >= 0 (a 0/1 mask or real weights); "
+                         f"{int(bad.sum())} are not, first at row {r}, column {c}: {w[r, c]!r}")
+    empty = np.flatnonzero(~np.any(w > 0, axis=1))
+    if empty.size:
+        raise InputError(f"weights: rows {empty[:10].tolist()} give every example weight 0 "
+                         "(nothing to train on)")
+    return w
+
+
+@functools.partial(jax.jit, static_argnames=("obj", "opt", "steps", "batch_size", "chunk_size", "keep_params",
+                                             "measure", "replicate_bytes"))
+def _retrain_run(init, train, test, weights, l2, key, *, obj, opt, steps, batch_size, chunk_size, keep_params,
+                 measure, replicate_bytes=_REPLICATE_BYTES):
+    from influx.models import train_loop
+
+    x, y = train
+
+    def one(w, xr):
+        data = (x if xr is None else xr, y)
+        p, losses = train_loop(obj.apply_fn, obj.loss_fn, opt, init, data, l2=l2, steps=steps,
+                               batch_size=batch_size, seed=key, weights=w)
+        loss = jnp.mean(w * obj.per_example_loss(p, data)) + 0.5 * l2 * tree_sqnorm(p)
+        meas = jax.vmap(lambda ex: measure(p, ex))(test)
+        finite = (_leaves_finite(p) & jnp.isfinite(loss) & jnp.all(jnp.isfinite(meas))
+                  & jnp.all(jnp.isfinite(losses)))
+        out = {"measured": meas, "loss": loss, "finite": finite}
+        if keep_params:
+            out["params"] = p
+        return out
+
+    def chunk(ws):
+        c = ws.shape[0]
+        # full batch on the CPU: each run gets its own copy of the inputs (see _replicate)
+        if batch_size is None and _replicate_ok(x, c, 1.0, replicate_bytes):
+            return jax.vmap(one)(ws, _replicate(x, c))
+        return jax.vmap(one, in_axes=(0, None))(ws, None)
+
+    return chunked_map(chunk, weights, chunk_size=chunk_size)
+
+
+#: Largest total size of the per-run input copies of full-batch :func:`retrain` on the CPU
+#: (:func:`_replicate`): measured on the digits MLP (128 runs, 47 MB of copies) it turns a
+#: 0.3-0.4x slowdown of the vmapped program against the loop into a speed-up.
+_RETRAIN_REPLICATE_BYTES = 64 * 2**20
+
+
+def _digest_tree(tree) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:32]
+
+
+def _probe_optimizer(opt, init) -> str:
+    """A digest of two updates of ``opt`` on a fixed pseudo-gradient: tells optimizers apart
+    (learning rate, schedule, momentum) where their ``repr`` cannot (it names closures)."""
+    leaves, tdef = jax.tree_util.tree_flatten(init)
+    g = jax.tree_util.tree_unflatten(tdef, [jnp.full(jnp.shape(l), 0.01 * (i + 1), jnp.result_type(l))
+                                            for i, l in enumerate(leaves)])
+    s = opt.init(init)
+    u1, s = opt.update(g, s, init)
+    u2, _ = opt.update(g, s, init)
+    return _digest_tree((u1, u2))
+
+
+def retrain(obj: Objective, init_params, train, weights, *, test, optimizer, steps: int,
+            batch_size: int | None = None, seed: int = 0, measurement=None, chunk_size: int = 32,
+            keep_params: bool = False, on_failure: str = "raise", out_dir=None) -> Retrain:
+    """Retrains from ``init_params`` once per row of ``weights`` and measures the test set.
+
+    Row ``r`` of ``weights`` (``(M, N)``: a 0/1 mask of kept examples, e.g. from
+    :func:`random_subsets`, or real weights ``>= 0``) replays the original training run --
+    the same ``optimizer``, ``steps``, minibatches (:func:`influx.models.minibatch_indices`
+    with ``batch_size`` and ``seed``) -- on the weighted objective
+
+        J_w(theta) = 1/|B| sum_{i in B} w_i L_i(theta) + l2/2 ||theta||^2     (each batch B)
+
+    (:func:`influx.models.train_loop`; all ones is exactly :func:`influx.models.train`).
+    A removed example keeps its slot in the batches with weight 0: the other examples'
+    weights do not change (the convention of :func:`loo` with ``normalization="n"``).
+    The runs are ``vmap``-ped ``chunk_size`` at a time inside one compiled program;
+    the all-ones run is computed too (one extra row) and ``delta = f(theta_w) - f(theta_1)``.
+
+    Args:
+      obj: the :class:`influx.Objective` (``l2`` included).
+      init_params: the original initialisation.
+      train: ``(x, y)`` with ``N`` examples.
+      weights: ``(M, N)`` per-example weights (bool or real, finite, ``>= 0``, no all-zero row).
+      test: ``(x, y)`` test set; measurement: as in :func:`loo` (default: test loss).
+      optimizer, steps, batch_size, seed: the original training's (use :func:`check_replay`
+        to verify that they reproduce the trained parameters).
+      chunk_size: runs per ``vmap`` batch (memory: ``chunk_size`` parameter and optimizer
+        state copies plus activations).
+      keep_params: also return every run's final parameters (refused if they do not fit).
+      on_failure: a non-finite run: ``"raise"`` (default, :class:`influx.errors.SolveError`
+        naming the rows) or ``"nan"`` (NaN rows, ``finite``/``failed`` say which).
+      out_dir: a directory for resumable long grids (:mod:`influx._store`): every chunk of
+        rows is committed with a checksum; a killed run resumes at the first uncommitted
+        chunk and gives identical results. Refused with other inputs (data, weights,
+        optimizer, steps, ...) than the ones it was started with. Not with ``keep_params``.
+
+    Cost: ``(M + 1) x steps`` gradient evaluations on the (mini)batch, plus one full-batch
+    loss and one test measurement per run.
+    """
+    n, w, measure, optimizer, steps, batch_size, chunk_size = _check_retrain(
+        obj, init_params, train, weights, test=test, optimizer=optimizer, steps=steps, batch_size=batch_size,
+        seed=seed, measurement=measurement, chunk_size=chunk_size, keep_params=keep_params,
+        on_failure=on_failure, out_dir=out_dir)
+    m = w.shape[0]
+    if keep_params:
+        _memory_ok(init_params, m + 1)
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(init_params))
+    w_all = np.concatenate([np.ones((1, n), w.dtype), w]).astype(dtype)  # row 0: the all-ones run
+    l2 = jnp.asarray(obj.l2, dtype)
+    key = jax.random.key(int(seed))
+    static = dict(obj=obj, opt=optimizer, steps=steps, batch_size=batch_size, keep_params=keep_params,
+                  measure=measure, replicate_bytes=_RETRAIN_REPLICATE_BYTES)
+    args = (init_params, tuple(train), tuple(test))
+    resumed = 0
+    if out_dir is None:
+        out = _retrain_run(*args, jnp.asarray(w_all), l2, key, chunk_size=min(chunk_size, m + 1), **static)
+        measured, loss, finite = (np.asarray(out[k]) for k in ("measured", "loss", "finite"))
+        params = out.get("params")
+    else:
+        measured, loss, finite, resumed = _retrain_stored(out_dir, args, w_all, l2, key, chunk_size, static,
+                                                          seed=int(seed))
+        params = None
+    base_ok = bool(finite[0])
+    baseline = measured[0]
+    measured, loss, finite = measured[1:], loss[1:], finite[1:].astype(bool)
+    if not base_ok:
+        if on_failure == "raise":
+            raise SolveError("retrain: the all-ones run (the original training) became non-finite; every "
+                             "delta depends on it. Fix: lower the learning rate or check init_params/data")
+        finite = np.zeros_like(finite)
+    failed = np.flatnonzero(~finite)
+    if failed.size and on_failure == "raise":
+        raise SolveError(
+            f"retrain: {failed.size} of {m} runs became non-finite (weight rows {failed[:20].tolist()}"
+            f"{' ...' if failed.size > 20 else ''}). Fix: lower the learning rate; pass on_failure='nan' to "
+            "get NaN rows for them instead of this error")
+    delta = np.where(finite[:, None], measured - baseline[None], np.nan)
+    measured = np.where(finite[:, None], measured, np.nan)
+    info = {"steps": steps, "batch_size": batch_size, "seed": int(seed), "chunk_size": chunk_size,
+            "optimizer": optimizer, "n_train": n, "rows": m, "resumed_rows": resumed,
+            "out_dir": None if out_dir is None else str(out_dir)}
+    if params is not None:
+        params = jax.tree_util.tree_map(lambda a: a[1:], params)
+    return Retrain(delta=delta, measured=measured, baseline=baseline, loss=loss, finite=finite, failed=failed,
+                   params=params, info=info)
+
+
+def _check_retrain(obj, init_params, train, weights, *, test, optimizer, steps, batch_size, seed, measurement,
+                   chunk_size, keep_params, on_failure, out_dir):
+    """Every check of :func:`retrain`'s arguments, before any work or side effect."""
+    if not isinstance(obj, Objective):
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+    n = check_data(obj, init_params, train, name="train")
+    w = _check_weights(weights, n)
+    measure = _check_test(obj, init_params, test, measurement)
+    optimizer = _check_optimizer(optimizer)
+    steps = _check_int(steps, "steps", 1)
+    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    _check_on_failure(on_failure)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    if batch_size is not None:
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        if batch_size > n:
+            raise InputError(f"batch_size must be <= the number of training examples {n}, got {batch_size}")
+        batch_size = None if batch_size == n else batch_size
+    if out_dir is not None and keep_params:
+        raise InputError("retrain: keep_params=True cannot be combined with out_dir "
+                         "(parameters are not stored)")
+    return n, w, measure, optimizer, steps, batch_size, chunk_size
+
+
+def _retrain_stored(out_dir, args, w_all, l2, key, chunk_size, static, *, seed):
+    """The chunk loop of :func:`retrain` on a resumable :mod:`influx._store` directory.
+
+    The store's array is ``(M + 1, n_test + 2)``: per row the measurements, the final loss
+    and the finite flag; rows are committed a chunk at a time (the manifest is the commit
+    point), so a resumed run computes only the uncommitted chunks, each with the same
+    compiled program as before (identical results)."""
+    from influx import _store
+
+    init, train, test = args
+    rows, n_test = w_all.shape[0], jax.tree_util.tree_leaves(test)[0].shape[0]
+    f0 = jax.vmap(lambda ex: static["measure"](init, ex))(tuple(test))
+    inputs = {"init": _digest_tree(init), "train": _digest_tree(train), "test": _digest_tree(test),
+              "weights": _digest_tree(w_all), "optimizer": _probe_optimizer(static["opt"], init),
+              "measurement": _digest_tree(f0), "steps": static["steps"], "batch_size": static["batch_size"],
+              "seed": seed, "l2": float(l2), "chunk_size": int(chunk_size), "dtype": str(w_all.dtype)}
+    resumed = 0
+    with _store.open_store(out_dir, kind="retrain", inputs=inputs, shape=(rows, n_test + 2), dtype=np.float64,
+                           axis=0, array="retrain.npy",
+                           space_hint="pass out_dir=None to keep the results in memory") as store:
+        resumed = store.done
+        for start in range(store.done, rows, chunk_size):
+            stop = min(start + chunk_size, rows)
+            out = _retrain_run(init, train, test, jnp.asarray(w_all[start:stop]), l2, key,
+                               chunk_size=chunk_size, **static)
+            block = np.concatenate([np.asarray(out["measured"], np.float64),
+                                    np.asarray(out["loss"], np.float64)[:, None],
+                                    np.asarray(out["finite"], np.float64)[:, None]], axis=1)
+            store.commit(stop, block)
+        if not store.complete:
+            store.finish()
+        data = np.array(store.array)
+    return data[:, :n_test], data[:, n_test], data[:, n_test + 1] > 0.5, resumed
+
+
+def check_replay(obj: Objective, init_params, train, params, *, optimizer, steps: int,
+                 batch_size: int | None = None, seed: int = 0, rtol: float | None = None) -> float:
+    """Checks that the training description reproduces ``params``; returns the relative difference.
+
+    Replays :func:`influx.models.train` from ``init_params`` with all weights 1 (the run
+    :func:`retrain` and the metagradients differentiate or repeat) and compares the result
+    with ``params`` leaf by leaf: ``||replay - params|| / max(||params||, tiny)`` must be
+    ``<= rtol`` (default ``1e-8`` for float64 parameters, ``1e-4`` for float32). Raises
+    :class:`influx.errors.InputError` naming the leaf that differs most, both norms and the
+    settings to check otherwise. Cost: one training run.
+    """
+    from influx import models
+
+    if not isinstance(obj, Objective):
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+    params = check_like(init_params, params, name="params")
+    optimizer = _check_optimizer(optimizer)
+    if rtol is None:
+        wide = any(jnp.result_type(l) == jnp.float64 for l in jax.tree_util.tree_leaves(params))
+        rtol = 1e-8 if wide else 1e-4
+    rtol = _check_nonneg(rtol, "rtol")
+    replay = models.train(obj.apply_fn, obj.loss_fn, init_params, tuple(train), l2=obj.l2,
+                          optimizer=optimizer, steps=steps, batch_size=batch_size, seed=seed).params
+    worst, worst_path, total = -1.0, None, 0.0
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_r = jax.tree_util.tree_leaves(replay)
+    for (path, p), r in zip(flat_p, flat_r):
+        p, r = np.asarray(p, np.float64), np.asarray(r, np.float64)
+        d = float(np.linalg.norm(r - p)) if np.all(np.isfinite(r)) else float("inf")
+        rel = d / max(float(np.linalg.norm(p)), np.finfo(np.float64).tiny)
+        total = max(total, rel)
+        if rel > worst:
+            worst, worst_path = rel, jax.tree_util.keystr(path)
+    if not total <= rtol:
+        raise InputError(
+            f"check_replay: replaying the training (steps={steps}, batch_size={batch_size}, seed={seed}) "
+            f"from init_params with all weights 1 does not reproduce params: leaf {worst_path} differs by "
+            f"{worst:.3g} relative (> rtol={rtol:g}); pass the optimizer object, steps, batch_size and "
+            "seed of the original influx.models.train run (and the same l2, data order and dtype)")
+    return total

@@ -11,6 +11,7 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 
 from influx import gaps, models, response, solvers  # noqa: E402
+from influx.errors import InputError  # noqa: E402
 from tests.test_response import NEWTON, mlp_problem  # noqa: E402
 
 TRAIN_OPT = optax.adam(2e-2)
@@ -67,3 +68,47 @@ def test_requires_original_training(decomposition):
     _, obj, init, params, train, test = decomposition
     with pytest.raises(ValueError, match="train_optimizer"):
         gaps.decompose(obj, init, params, train, test, [0], damping=0.1)
+
+
+def test_relative_to_the_compared_objects(decomposition):
+    g = decomposition[0]
+    for t in g.terms:
+        scale = 0.5 * (np.mean(np.abs(g.deltas[t.upper])) + np.mean(np.abs(g.deltas[t.lower])))
+        assert t.relative_objects == pytest.approx(t.mean_abs / scale, rel=1e-12)
+        assert t.relative == pytest.approx(t.mean_abs / np.mean(np.abs(g.deltas["cold_loo"])), rel=1e-12)
+    assert "relative to its objects" in str(g)
+    d = json.loads(g.to_json())
+    assert d["terms"][0]["relative_objects"] == pytest.approx(g.terms[0].relative_objects)
+
+
+def test_notes_name_the_configuration(decomposition):
+    g = decomposition[0]
+    # the rough practical solver (max_steps=3) is noted with its configuration and residual
+    (note,) = [n for n in g.notes if n.startswith("influence (")]
+    assert "max_steps=3" in note and "damping 0.05" in note and "residual" in note
+    _, obj, init, params, train, test = decomposition
+    g1 = gaps.decompose(obj, init, params, train, test, REMOVED, damping=0.05, solver=solvers.direct(),
+                        optimizer=NEWTON, steps=1, train_optimizer=TRAIN_OPT, train_steps=150)
+    warm = [n for n in g1.notes if n.startswith("warm_loo (")]
+    assert len(warm) == 1 and "1 steps, tol 1e-08" in warm[0] and "of 3 solves converged" in warm[0]
+    assert g1.diagnostics["warm_loo"]["config"] in warm[0]
+    assert "Notes:" in str(g1)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(damping=-1.0), "damping"), (dict(steps=0), "steps"), (dict(tol=-1.0), "tol"),
+    (dict(on_failure="zero"), "on_failure"), (dict(removed=[0, 99]), "out of range"),
+    (dict(train_batch_size=1000), "train_batch_size"), (dict(chunk_size=0), "chunk_size"),
+])
+def test_bad_options_raise_before_any_retraining(decomposition, monkeypatch, bad, match):
+    _, obj, init, params, train, test = decomposition
+
+    def no_run(*a, **k):
+        raise AssertionError("a retraining ran before the bad option was refused")
+
+    monkeypatch.setattr(response, "_run", no_run)
+    kw = dict(damping=0.05, optimizer=NEWTON, steps=30, train_optimizer=TRAIN_OPT, train_steps=150)
+    removed = bad.pop("removed", REMOVED)
+    kw.update(bad)
+    with pytest.raises(InputError, match=match):
+        gaps.decompose(obj, init, params, train, test, removed, **kw)

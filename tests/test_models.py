@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from influx import models  # noqa: E402
+from influx.errors import InputError  # noqa: E402
 
 
 def xent(z, y):
@@ -125,6 +126,33 @@ def test_train_minibatch_seeded_and_regression():
     assert J(a.params, x, y) < 0.2 * J(p0, x, y)
 
 
+def test_minibatch_indices_schedule_and_train_uses_it():
+    """Each epoch is a permutation; train's minibatch run equals a Python loop over the schedule."""
+    idx = np.asarray(models.minibatch_indices(10, batch_size=4, steps=5, seed=7))
+    assert idx.shape == (5, 4)
+    flat = idx.reshape(-1)
+    assert sorted(flat[:10].tolist()) == list(range(10))  # epoch 1 is a permutation
+    assert len(set(flat[10:20].tolist())) == 10
+    same = models.minibatch_indices(10, batch_size=4, steps=5, seed=jax.random.key(7))
+    np.testing.assert_array_equal(idx, same)
+    assert not np.array_equal(idx, models.minibatch_indices(10, batch_size=4, steps=5, seed=8))
+    x, y = _classification(n=10)
+    m = models.mlp(1, 3, 3)
+    p0 = models.init(m, x)
+    opt = optax.sgd(0.1)
+    res = models.train(m, xent, p0, (x, y), l2=0.01, optimizer=opt, steps=5, batch_size=4, seed=7)
+    J = models.objective(m, xent, l2=0.01)
+    p, s = p0, opt.init(p0)
+    for ib in idx:
+        g = jax.grad(J)(p, x[ib], y[ib])
+        u, s = opt.update(g, s, p)
+        p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(ravel_pytree(res.params)[0], ravel_pytree(p)[0], rtol=1e-12)
+    for kw in ({"batch_size": 0, "steps": 1}, {"batch_size": 11, "steps": 1}, {"batch_size": 2, "steps": 0}):
+        with pytest.raises(InputError):
+            models.minibatch_indices(10, **kw)
+
+
 def test_train_bad_args():
     x, y = _classification(n=10)
     m = models.mlp(1, 3, 3)
@@ -139,6 +167,29 @@ def test_train_bad_args():
         models.train(m, xent, p, (x, y), l2=-1.0, steps=1)
     with pytest.raises(TypeError, match="model_or_apply_fn"):
         models.train(3, xent, p, (x, y), l2=0.0, steps=1)
+    for w in (np.ones(9), -np.ones(10), np.full(10, np.nan)):
+        with pytest.raises(InputError, match="weights"):
+            models.train(m, xent, p, (x, y), l2=0.0, steps=1, weights=w)
+
+
+def test_train_weights_are_the_weighted_mean():
+    """weights w: each step descends 1/|B| sum w_i L_i + l2/2 ||theta||^2 (all ones: plain train)."""
+    x, y = _classification(n=12)
+    m = models.mlp(1, 3, 3)
+    p0 = models.init(m, x)
+    opt = optax.sgd(0.1)
+    w = np.random.default_rng(0).uniform(0, 2, size=12)
+    res = models.train(m, xent, p0, (x, y), l2=0.01, optimizer=opt, steps=3, weights=w)
+    f = models.apply_fn(m)
+    J = lambda p: jnp.mean(w * xent(f(p, x), y)) + 0.005 * sum(
+        jnp.vdot(a, a) for a in jax.tree_util.tree_leaves(p))
+    p = p0
+    for _ in range(3):
+        p = jax.tree_util.tree_map(lambda a, g: a - 0.1 * g, p, jax.grad(J)(p))
+    np.testing.assert_allclose(ravel_pytree(res.params)[0], ravel_pytree(p)[0], rtol=1e-12)
+    ones = models.train(m, xent, p0, (x, y), l2=0.01, optimizer=opt, steps=3, weights=np.ones(12))
+    plain = models.train(m, xent, p0, (x, y), l2=0.01, optimizer=opt, steps=3)
+    np.testing.assert_allclose(ravel_pytree(ones.params)[0], ravel_pytree(plain.params)[0], rtol=1e-14)
 
 
 def test_lbfgs_refinement_reaches_tight_gradient_norm():

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 import influx  # noqa: E402
 from influx import losses, response, solvers  # noqa: E402
+from influx.errors import InputError, SolveError  # noqa: E402,F401
 from tests.conftest import make_problem  # noqa: E402
 
 N, D, L2 = 30, 4, 1e-2
@@ -228,8 +229,11 @@ def test_nonfinite_solves_are_masked_and_reported():
     lr = 6.0 / lam_full
     assert lr * lam_rest < 1.5
     params = _unpack(ridge(*train, N, L2))
+    kw = dict(test=test, optimizer=optax.sgd(lr), steps=600)
+    with pytest.raises(SolveError, match=r"non-finite for 2 of 3 .*\[1, 2\].*on_failure='nan'"):
+        response.loo(obj, params, train, [0, 1, 2], **kw)  # the default policy: raise, naming the rows
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        r = response.loo(obj, params, train, [0, 1, 2], test=test, optimizer=optax.sgd(lr), steps=600)
+        r = response.loo(obj, params, train, [0, 1, 2], on_failure="nan", **kw)
     status = np.asarray(r.status)
     assert status[0] == solvers.Status.CONVERGED
     assert np.all(status[1:] == solvers.Status.NONFINITE)
@@ -340,3 +344,205 @@ def test_replicated_inputs_equal_shared_inputs(mlp, monkeypatch, batch_size):
     np.testing.assert_allclose(np.asarray(rep.delta), np.asarray(shared.delta), rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(np.asarray(rep.grad_norm), np.asarray(shared.grad_norm), rtol=1e-9)
     assert np.all(np.asarray(rep.steps_taken) == 15)
+
+
+# ------------------------------------------------------------------ subset retraining
+RT_OPT = optax.sgd(0.05, momentum=0.9)  # one instance: calls share compiled programs
+
+
+def _single_run(obj, init, train, test, w, **kw):
+    """One models.train retraining with weights w, measured on the test losses."""
+    from influx import models
+
+    p = models.train(obj.apply_fn, obj.loss_fn, init, train, l2=obj.l2, optimizer=RT_OPT, weights=w,
+                     **kw).params
+    return np.asarray(obj.per_example_loss(p, test)), p
+
+
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_retrain_vmapped_equals_loop_of_single_trainings(mlp, batch_size):
+    obj, init, train, test = mlp
+    n = train[0].shape[0]
+    masks = response.random_subsets(n, 4, alpha=0.25, seed=1)
+    real = np.random.default_rng(0).uniform(0.0, 2.0, size=(1, n))  # real weights work too
+    w = np.concatenate([masks, real])
+    kw = dict(steps=20, batch_size=batch_size, seed=3)
+    r = response.retrain(obj, init, train, w, test=test, optimizer=RT_OPT, chunk_size=2, keep_params=True,
+                         **kw)
+    base, _ = _single_run(obj, init, train, test, None, **kw)
+    loop = np.stack([_single_run(obj, init, train, test, row, **kw)[0] for row in w])
+    assert r.delta.shape == (5, test[0].shape[0]) and r.finite.all() and r.failed.size == 0
+    np.testing.assert_allclose(r.baseline, base, rtol=1e-10)
+    np.testing.assert_allclose(r.measured, loop, rtol=1e-10)
+    np.testing.assert_allclose(r.delta, loop - base[None], rtol=1e-8, atol=1e-13)
+    assert np.all(np.abs(r.delta) > 0)  # removing examples changes the test losses
+    _, p_last = _single_run(obj, init, train, test, w[-1], **kw)
+    np.testing.assert_allclose(np.asarray(r.params[0]["w"][-1]), np.asarray(p_last[0]["w"]), rtol=1e-10)
+
+
+def test_retrain_all_ones_replays_the_original_training(mlp):
+    from influx import models
+
+    obj, init, train, test = mlp
+    n = train[0].shape[0]
+    kw = dict(optimizer=RT_OPT, steps=20, batch_size=8, seed=3)
+    params = models.train(obj.apply_fn, obj.loss_fn, init, train, l2=obj.l2, **kw).params
+    r = response.retrain(obj, init, train, np.ones((2, n), bool), test=test, keep_params=True, **kw)
+    np.testing.assert_allclose(np.asarray(r.delta), 0.0, atol=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(r.params)):
+        np.testing.assert_allclose(np.asarray(b[0]), np.asarray(a), rtol=1e-10, atol=1e-14)
+    assert response.check_replay(obj, init, train, params, **kw) <= 1e-12
+    with pytest.raises(InputError, match=r"does not reproduce params: leaf \[\d\]\['(w|b)'\] differs by"):
+        response.check_replay(obj, init, train, params, **{**kw, "seed": 4})
+    with pytest.raises(InputError, match="does not reproduce"):
+        response.check_replay(obj, init, train, params, **{**kw, "steps": 19})
+
+
+def test_random_subsets():
+    s = response.random_subsets(50, 7, alpha=0.1, seed=2)
+    assert s.shape == (7, 50) and s.dtype == bool
+    assert np.all(s.sum(axis=1) == 45)
+    np.testing.assert_array_equal(s, response.random_subsets(50, 7, alpha=0.1, seed=2))
+    assert not np.array_equal(s, response.random_subsets(50, 7, alpha=0.1, seed=3))
+    assert len({tuple(row) for row in s}) == 7  # independent rows
+    for alpha in (0.0, 1.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(InputError, match="alpha"):
+            response.random_subsets(50, 7, alpha=alpha)
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        (np.ones((3, 5)), r"shape \(M, 24\)"),
+        (np.ones(24), r"shape \(M, 24\)"),
+        (np.full((2, 24), -1.0), ">= 0"),
+        (np.full((2, 24), np.nan), "finite"),
+        (np.zeros((2, 24)), "weight 0"),
+    ],
+)
+def test_retrain_bad_input(mlp, weights, match):
+    obj, init, train, test = mlp
+    with pytest.raises(InputError, match=match):
+        response.retrain(obj, init, train, weights, test=test, optimizer=RT_OPT, steps=2)
+
+
+def test_retrain_bad_options(mlp, tmp_path):
+    obj, init, train, test = mlp
+    w = np.ones((2, 24))
+    kw = dict(test=test, optimizer=RT_OPT, steps=2)
+    for bad, match in ((dict(steps=0), "steps"), (dict(batch_size=25), "batch_size"),
+                       (dict(on_failure="zero"), "on_failure"), (dict(chunk_size=0), "chunk_size"),
+                       (dict(keep_params=True, out_dir=tmp_path / "d"), "keep_params")):
+        with pytest.raises(InputError, match=match):
+            response.retrain(obj, init, train, w, **{**kw, **bad})
+    assert not (tmp_path / "d").exists()  # refused before any side effect
+
+
+def test_retrain_nonfinite_rows_raise_or_are_nan(mlp):
+    obj, init, train, test = mlp
+    n = train[0].shape[0]
+    w = np.ones((3, n))
+    w[1] = 1e8  # this run diverges
+    kw = dict(test=test, optimizer=optax.sgd(0.05), steps=30)
+    with pytest.raises(SolveError, match=r"1 of 3 runs became non-finite \(weight rows \[1\]"):
+        response.retrain(obj, init, train, w, **kw)
+    r = response.retrain(obj, init, train, w, on_failure="nan", **kw)
+    assert r.failed.tolist() == [1] and r.finite.tolist() == [True, False, True]
+    assert np.all(np.isnan(r.delta[1])) and np.all(np.isfinite(r.delta[[0, 2]]))
+
+
+def test_retrain_resumes_identically_after_interruption(mlp, tmp_path, monkeypatch):
+    from influx import _store
+
+    obj, init, train, test = mlp
+    n = train[0].shape[0]
+    w = response.random_subsets(n, 6, alpha=0.2, seed=0)
+    kw = dict(test=test, optimizer=RT_OPT, steps=10, batch_size=8, chunk_size=2)
+    full = response.retrain(obj, init, train, w, out_dir=tmp_path / "a", **kw)
+    mem = response.retrain(obj, init, train, w, **kw)
+    np.testing.assert_allclose(full.delta, mem.delta, rtol=1e-10, atol=1e-14)
+
+    real_commit, calls = _store.Store.commit, []
+
+    def flaky(self, stop, block=None, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after two committed chunks
+        calls.append(stop)
+        return real_commit(self, stop, block, **k)
+
+    monkeypatch.setattr(_store.Store, "commit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        response.retrain(obj, init, train, w, out_dir=tmp_path / "b", **kw)
+    monkeypatch.setattr(_store.Store, "commit", real_commit)
+    resumed = response.retrain(obj, init, train, w, out_dir=tmp_path / "b", **kw)
+    assert resumed.info["resumed_rows"] == 4
+    np.testing.assert_array_equal(resumed.delta, full.delta)
+    np.testing.assert_array_equal(resumed.loss, full.loss)
+    again = response.retrain(obj, init, train, w, out_dir=tmp_path / "b", **kw)  # complete: nothing to do
+    assert again.info["resumed_rows"] == 7
+    np.testing.assert_array_equal(again.delta, full.delta)
+    with pytest.raises(ValueError, match="optimizer"):  # other inputs: refused, naming what differs
+        response.retrain(obj, init, train, w, out_dir=tmp_path / "b", **{**kw, "optimizer": optax.sgd(0.01)})
+
+
+def test_linearized_failed_solves_raise_or_are_nan_columns(mlp):
+    obj, params, train, test = mlp
+    rough = solvers.cg(tol=1e-12, max_steps=1)
+    with pytest.raises(SolveError, match=r"linearized: the solve of \d+ of 6 test points did not converge"):
+        response.linearized(obj, params, train, [0, 1], test=test, damping=0.01, solver=rough)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        r = response.linearized(obj, params, train, [0, 1], test=test, damping=0.01, solver=rough,
+                                on_failure="nan")
+    bad = r.info["failed_test"]
+    assert bad.size > 0 and np.all(np.isnan(np.asarray(r.delta)[:, bad]))
+    assert not np.any(np.asarray(r.delta) == 0.0)  # a failed solve is never a 0 score
+    assert np.all(np.asarray(r.status) == solvers.Status.MAX_STEPS)
+
+
+def test_response_options_value_and_validation():
+    a = response.ResponseOptions(steps=5, damping=0.1)
+    b = response.ResponseOptions(steps=5, damping=0.1)
+    assert a == b and hash(a) == hash(b) and a.optimizer is response.DEFAULT_OPTIMIZER
+    assert a.replace(damping=0.2) != a
+    for bad, match in ((dict(damping=-1.0), "damping"), (dict(steps=0), "steps"),
+                       (dict(on_failure="zero"), "on_failure"), (dict(normalization="x"), "normalization"),
+                       (dict(batch_size=4), "full batch"), (dict(epsilon=float("inf")), "epsilon"),
+                       (dict(optimizer=3), "optimizer"), (dict(chunk_size=True), "chunk_size")):
+        with pytest.raises(InputError, match=match):
+            response.ResponseOptions(**bad)
+
+
+def test_respond_with_options_equals_keyword_form(lin):
+    obj, train, test, _, params = lin
+    opts = response.ResponseOptions(optimizer=NEWTON, steps=6, damping=0.05, tol=1e-10, warn=False)
+    a = response.respond("pbrf", obj, params, train, [0, 3], test=test, options=opts)
+    b = response.pbrf(obj, params, train, [0, 3], test=test, damping=0.05, optimizer=NEWTON, steps=6,
+                      tol=1e-10, warn=False)
+    np.testing.assert_array_equal(np.asarray(a.delta), np.asarray(b.delta))
+    assert a.info["options"] == opts
+    with pytest.raises(InputError, match="damping"):
+        response.respond("loo", obj, params, train, [0], test=test, options=opts)
+
+
+def test_failed_baseline_retraining_fails_every_row():
+    """baseline='retrain': every delta depends on the full-data run; when it diverges, no row is valid."""
+    obj, train, test = linear_problem(big=30.0)
+    a = _aug(train[0])
+    lr = 6.0 / (np.linalg.eigvalsh(a.T @ a / N)[-1] + L2)  # the full-data run diverges, without 0 it does not
+    params = _unpack(ridge(*train, N, L2))
+    init = jax.tree_util.tree_map(jnp.zeros_like, params)
+    kw = dict(test=test, init=init, optimizer=optax.sgd(lr), steps=300, baseline="retrain", warn=False)
+    with pytest.raises(SolveError, match="baseline retraining"):
+        response.loo(obj, params, train, [0, 1], **kw)
+    r = response.loo(obj, params, train, [0, 1], on_failure="nan", **kw)
+    assert np.all(np.isnan(np.asarray(r.delta))) and r.failed.tolist() == [0, 1]
+    assert np.all(np.asarray(r.status) == solvers.Status.NONFINITE)
+
+
+def test_second_identical_call_compiles_nothing(lin):
+    obj, train, test, _, params = lin
+    kw = dict(test=test, damping=0.05, optimizer=NEWTON, steps=4, tol=1e-10, warn=False)
+    response.pbrf(obj, params, train, [0, 3], **kw)
+    before = response._run._cache_size()
+    response.pbrf(obj, params, train, [0, 3], **{**kw, "tol": 1e-9, "damping": 0.1})  # traced numbers only
+    assert response._run._cache_size() == before

@@ -182,7 +182,7 @@ class GapsResult:
                                                       for o in OBJECTS[1:])))
             c_rows.append((r.label, "PBRF (pearson)", *(r.corr_pbrf.get(o, {}).get("pearson")
                                                        for o in OBJECTS[1:])))
-        notes = sorted({n for r in self.rows for n in r.notes})
+        notes = sorted({f"{r.label}: {n}" for r in self.rows for n in r.notes})  # which configuration
         return (
             f"### Gap decomposition (Bae et al. 2022): damping={cfg.damping:g}, "
             f"practical solver={cfg.solver}, "
@@ -295,8 +295,6 @@ def _one_config(cfg: GapsConfig, ds, width: int, steps: int) -> GapsRow:
         g = _decompose(cfg, obj, init, params, train, test, removed, solver, opt, steps)
     for w in caught:
         notes.append(_note(str(w.message)))
-    if g.diagnostics.get("influence", {}).get("warning"):
-        notes.append(_note("practical solver: " + g.diagnostics["influence"]["warning"]))
     if len(g.dropped):
         notes.append(f"{len(g.dropped)} removed examples dropped (non-finite solve)")
     deltas = {k: np.asarray(v, np.float64) for k, v in g.deltas.items()}
@@ -305,11 +303,7 @@ def _one_config(cfg: GapsConfig, ds, width: int, steps: int) -> GapsRow:
     keep = ("pearson", "spearman")
     corr_loo = {o: {k: float(g.vs_cold[o][k]) for k in keep} for o in OBJECTS}
     corr_pbrf = {o: {k: float(g.vs_pbrf[o][k]) for k in keep} for o in OBJECTS}
-    conv = {k: v.get("fraction_converged") for k, v in g.diagnostics.items()
-            if v.get("fraction_converged") is not None}
-    for k, v in conv.items():
-        if v < 1 and k != "cold_loo":
-            notes.append(f"{k}: {v:.0%} of solves converged")
+    notes.extend(g.notes)  # each names the object's configuration (solver, steps, tol)
     return GapsRow(
         dataset=ds.name, task=ds.task, width=width, steps=steps, n_params=n_params, grad_norm=grad_norm,
         train_loss=float(jnp.mean(obj.per_example_loss(params, train))),

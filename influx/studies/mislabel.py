@@ -249,7 +249,8 @@ def _run(cfg: MislabelConfig, dtype) -> MislabelResult:
                 scores = np.random.default_rng(cfg.seed + 1).random(n)
             else:  # pbrf
                 r = response.pbrf(obj, params, train, np.arange(n), test=train, damping=cfg.damping,
-                                  steps=cfg.pbrf_steps, keep_params=False, warn=False)
+                                  steps=cfg.pbrf_steps, keep_params=False, warn=False,
+                                  on_failure="nan")  # non-finite rows are ranked last below
                 scores = np.diagonal(np.asarray(r.delta))
                 note = f"{float(np.mean(np.asarray(r.converged))):.0%} converged"
             scores = np.asarray(scores, dtype=np.float64)
