@@ -168,7 +168,8 @@ def _check_int(v, name: str, lo: int) -> int:
 def _check_batch_size(batch_size, n: int):
     if batch_size is None:
         return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n:
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+            or not 1 <= batch_size <= n):
         raise InputError(f"batch_size must be None or an integer in [1, {n}], got {batch_size!r}")
     return None if batch_size == n else int(batch_size)
 
@@ -206,7 +207,8 @@ def _replay_mismatch(theta, params) -> tuple[float, str]:
     """Worst relative difference ``||theta - params|| / ||params||`` over leaves, and where."""
     p_def, t_def = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(theta)
     if p_def != t_def:
-        raise InputError(f"params: pytree structure differs from init_params.\n  init: {t_def}\n  params: {p_def}")
+        raise InputError("params: pytree structure differs from init_params.\n"
+                         f"  init: {t_def}\n  params: {p_def}")
     worst, where = 0.0, ""
     paths = jax.tree_util.tree_flatten_with_path(params)[0]
     for (path, p), t in zip(paths, jax.tree_util.tree_leaves(theta)):

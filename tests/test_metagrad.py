@@ -116,8 +116,8 @@ def test_measurement_and_label_free_test():
     for m in (2, 11):
         e = np.zeros(n)
         e[m] = h
-        out = [obj.apply_fn(_weighted_train(obj, p0, train, 1 + s * e, kw["optimizer"], 10, None), test[0])[:, 1]
-               for s in (1, -1)]
+        out = [obj.apply_fn(_weighted_train(obj, p0, train, 1 + s * e, kw["optimizer"], 10, None),
+                            test[0])[:, 1] for s in (1, -1)]
         np.testing.assert_allclose(S[:, m], -(out[0] - out[1]) / (2 * h), rtol=1e-6, atol=1e-9)
 
 
@@ -127,11 +127,11 @@ def test_convex_converged_equals_hessian_influence():
     lin = dataclasses.replace(lin, l2=0.1)
     test = (x[:4] + 0.3, y[:4])
     opt = optax.sgd(1.0)
-    S, info = influx.metagradients(lin, lp0, (x, y), test, optimizer=opt, steps=400, return_info=True)
+    S, info = influx.metagradients(lin, lp0, (x, y), test, optimizer=opt, steps=300, return_info=True)
     ref = influx.influence(lin, info.params, (x, y), test, kind="hessian", damping=0.0,
                            solver=influx.solvers.direct())
     err = np.abs(S - ref).max() / np.abs(ref).max()
-    assert err < 1e-8, err
+    assert err < 1e-12, err  # measured 3e-16 at 300 steps, 7e-10 at 100
     # too short a run is not converged: the two differ (the comparison can fail)
     short = influx.metagradients(lin, lp0, (x, y), test, optimizer=opt, steps=5)
     assert np.abs(short - ref).max() / np.abs(ref).max() > 1e-3
@@ -180,11 +180,13 @@ def test_non_finite_values_are_errors_or_nan_rows():
     kw = dict(optimizer=OPTIMIZERS["sgd"], steps=5)
 
     def f(params, ex):  # finite value, NaN gradient: sqrt at 0
-        return obj.loss_fn(obj.apply_fn(params, ex[0][None]), ex[1][None])[0] + jnp.sqrt(0.0 * params[0]["b"][0])
+        loss = obj.loss_fn(obj.apply_fn(params, ex[0][None]), ex[1][None])[0]
+        return loss + jnp.sqrt(0.0 * params[0]["b"][0])
 
     with pytest.raises(SolveError, match="backward pass"):
         influx.metagradients(obj, p0, train, test, measurement=f, **kw)
-    S, info = influx.metagradients(obj, p0, train, test, measurement=f, on_failure="nan", return_info=True, **kw)
+    S, info = influx.metagradients(obj, p0, train, test, measurement=f, on_failure="nan",
+                                   return_info=True, **kw)
     assert info.failed.all() and np.isnan(S).all()
     with pytest.raises(SolveError, match="diverged"):
         influx.metagradients(obj, p0, train, test, optimizer=optax.sgd(1e200), steps=30)
