@@ -48,7 +48,7 @@ import optax
 from influx.errors import InputError, SolveError
 from influx.objective import Objective, check_data, tree_sqnorm
 
-__all__ = ["MetagradInfo", "metagradients", "minibatch_indices", "replay", "segment_length"]
+__all__ = ["MetagradInfo", "metagradients", "minibatch_indices", "replay", "segment_length", "trajectory"]
 
 
 # ------------------------------------------------------------------ the schedule
@@ -243,6 +243,52 @@ def replay(obj: Objective, init_params, train, weights=None, *, optimizer, steps
     x, y = jax.tree_util.tree_map(jnp.asarray, tuple(train))
     return _replay_jit(init_params, x, y, w, jax.random.key(seed), obj=obj, opt=opt, steps=steps,
                        batch_size=batch_size, segment=segment_length(steps, remat))
+
+
+@partial(jax.jit, static_argnames=("obj", "opt", "steps", "batch_size", "every"))
+def _trajectory_jit(init, x, y, key, *, obj, opt, steps, batch_size, every):
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    w = jnp.ones((n,), _float_dtype(init))
+    idx = None if batch_size is None else minibatch_indices(n, batch_size=batch_size, steps=steps, seed=key)
+    xs = jnp.arange(steps) if idx is None else idx
+
+    def body(carry, ib):
+        if idx is None:
+            return _step(obj, opt, carry, w, x, y), None
+        return _step(obj, opt, carry, w[ib], _take(x, ib), _take(y, ib)), None
+
+    def segment(c, sx):
+        c = jax.lax.scan(body, c, sx)[0]
+        return c, c[0]
+
+    k = steps // every
+    full = jax.tree_util.tree_map(lambda a: a[: k * every].reshape((k, every) + a.shape[1:]), xs)
+    carry, stacked = jax.lax.scan(segment, (init, opt.init(init)), full)
+    if steps > k * every:
+        carry = jax.lax.scan(body, carry, jax.tree_util.tree_map(lambda a: a[k * every:], xs))[0]
+    return stacked, carry[0]
+
+
+def trajectory(obj: Objective, init_params, train, *, optimizer, steps: int, every: int,
+               batch_size: int | None = None, seed=0) -> list:
+    """Checkpoints of the run (``w = 1``): parameters after steps ``every, 2 every, ...`` and
+    after the last step (``steps``), as a list of pytrees (for TracIn). Cost: one run."""
+    if not isinstance(obj, Objective):
+        raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
+    _check_params(init_params)
+    n = check_data(obj, init_params, train, name="train")
+    steps = _check_int(steps, "steps", 1)
+    every = min(_check_int(every, "every", 1), steps)
+    batch_size = _check_batch_size(batch_size, n)
+    opt = _check_optimizer(optimizer)
+    x, y = jax.tree_util.tree_map(jnp.asarray, tuple(train))
+    stacked, last = _trajectory_jit(init_params, x, y, jax.random.key(seed), obj=obj, opt=opt, steps=steps,
+                                    batch_size=batch_size, every=every)
+    k = steps // every
+    out = [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(k)]
+    if steps > k * every:
+        out.append(last)
+    return out
 
 
 class MetagradInfo(NamedTuple):

@@ -190,3 +190,18 @@ def test_non_finite_values_are_errors_or_nan_rows():
     assert info.failed.all() and np.isnan(S).all()
     with pytest.raises(SolveError, match="diverged"):
         influx.metagradients(obj, p0, train, test, optimizer=optax.sgd(1e200), steps=30)
+
+
+def test_trajectory_checkpoints_are_the_run():
+    obj, p0, train, _ = _problem()
+    opt = OPTIMIZERS["adam"]
+    ck = metagrad.trajectory(obj, p0, train, optimizer=opt, steps=11, every=4, batch_size=8)
+    assert len(ck) == 3  # after steps 4, 8 and 11
+    ref = models.train(obj.apply_fn, obj.loss_fn, p0, train, l2=obj.l2, optimizer=opt, steps=11, batch_size=8)
+    for a, b in zip(jax.tree_util.tree_leaves(ck[-1]), jax.tree_util.tree_leaves(ref.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    # full batch: checkpoint k is the run of k * every steps
+    ck = metagrad.trajectory(obj, p0, train, optimizer=opt, steps=8, every=4)
+    ref = models.train(obj.apply_fn, obj.loss_fn, p0, train, l2=obj.l2, optimizer=opt, steps=4).params
+    for a, b in zip(jax.tree_util.tree_leaves(ck[0]), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
