@@ -49,6 +49,7 @@ METHODS = ("grad_dot", "tracin", "influence_cg", "influence_ekfac", "influence_a
            "linearized_pbrf", "metagradients")
 PROBLEMS = ("digits", "mnist", "mnist_cnn")
 FRACTIONS = (0.01, 0.05, 0.1, 0.5)
+OPTIMIZERS = ("adam", "sgd", "momentum")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -176,7 +177,7 @@ def retrain_delta(obj, init, train, test, weights, *, optimizer, steps, batch_si
         f = _bind_measurement(obj, measurement)
         bs = metagrad._check_batch_size(batch_size, n)
         x, y = (jnp.asarray(a) for a in train)
-        test = tuple(jnp.asarray(a) for a in test)
+        test = jax.tree_util.tree_map(jnp.asarray, tuple(test))
         dt = metagrad._float_dtype(init)
         key = jax.random.key(seed)
         call = partial(_replay_many, init, x, y, test, key=key, obj=obj, opt=optimizer, f=f, steps=steps,
@@ -203,8 +204,9 @@ class LDSConfig:
 
     problem: ``digits`` | ``mnist`` | ``mnist_cnn``. data_dir, n_train, n_test: data.
     width, depth, channels, activation, l2: the model (MLP, or CNN channels).
-    learning_rate, steps, batch_size: the training run (Adam with ``eps_root=1e-16`` so
-      that it is differentiable everywhere; ``batch_size=None``: full batch).
+    optimizer, learning_rate, steps, batch_size: the training run: ``"adam"`` (with
+      ``eps_root=1e-16``, differentiable everywhere), ``"sgd"`` or ``"momentum"`` (SGD with
+      momentum 0.9); ``batch_size=None``: full batch.
     fractions: drop fractions ``alpha`` in (0, 1). n_subsets: ``M`` subsets per fraction.
     n_test_points: test measurements (test losses). methods: from :data:`METHODS`.
     damping: ``lambda`` of the influence methods (GNH). arnoldi_rank, lissa_depth,
@@ -221,6 +223,7 @@ class LDSConfig:
     channels: tuple[int, ...] = (4, 8)
     activation: str = "tanh"
     l2: float = 1e-3
+    optimizer: str = "adam"
     learning_rate: float = 1e-2
     steps: int = 300
     batch_size: int | None = None
@@ -241,6 +244,8 @@ class LDSConfig:
 
     def __post_init__(self):
         s = object.__setattr__
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.problem not in PROBLEMS:
             raise InputError(f"problem must be one of {PROBLEMS}, got {self.problem!r}")
         if isinstance(self.methods, str):
@@ -347,7 +352,9 @@ class LDSResult:
         return (
             f"### LDS ({self.problem}): N={self.n_train}, {self.n_params} parameters, "
             f"{self.n_test} test losses, M={cfg.n_subsets} subsets per drop fraction, "
-            f"{cfg.steps} steps (batch {cfg.batch_size or 'full'}), damping={cfg.damping:g}\n\n"
+            f"{cfg.steps} {cfg.optimizer} steps (lr {cfg.learning_rate:g}, "
+            f"batch {cfg.batch_size or 'full'}), "
+            f"damping={cfg.damping:g}\n\n"
             "LDS = mean over test points of the Spearman correlation over subsets between the summed "
             "scores of the removed examples and the actual change of the test loss after retraining "
             "(same init, schedule and seed); bootstrap 95% interval over test points. Cost in seconds and "
@@ -381,8 +388,9 @@ def plot(result: LDSResult, path):
                 continue
             ax.errorbar([max(r.train_equiv, 1e-3)], [e["score"]],
                         yerr=[[e["score"] - e["low"]], [e["high"] - e["score"]]],
-                        fmt=markers[j % len(markers)], color=colors[i % len(colors)], ms=6, capsize=2,
-                        label=r.method if i == 0 else None)
+                        fmt=markers[j % len(markers)], color=colors[i % len(colors)], ms=6, capsize=2)
+    for j, r in enumerate(result.rows):
+        ax.plot([], [], markers[j % len(markers)], color="0.35", label=r.method)
     for i, a in enumerate(result.config.fractions):
         ax.plot([], [], "s", color=colors[i % len(colors)], label=f"drop {a:g}")
     ax.set_xscale("log")
@@ -398,12 +406,15 @@ def plot(result: LDSResult, path):
 _OPTS: dict = {}
 
 
-def _optimizer(lr: float):
+def _optimizer(name: str, lr: float):
+    """One optax object per (name, learning rate): compiled runs are keyed on it."""
     import optax
 
-    key = float(lr)
+    key = (name, float(lr))
     if key not in _OPTS:
-        _OPTS[key] = optax.adam(key, eps_root=1e-16)
+        _OPTS[key] = {"adam": lambda: optax.adam(key[1], eps_root=1e-16),
+                      "sgd": lambda: optax.sgd(key[1]),
+                      "momentum": lambda: optax.sgd(key[1], momentum=0.9)}[name]()
     return _OPTS[key]
 
 
@@ -487,7 +498,7 @@ def run(config: LDSConfig | None = None) -> LDSResult:
         loss_fn = C.loss_for(ds.task)
         obj = influx.Objective(C.apply_for(model), loss_fn, l2=cfg.l2)
         init = models.init(model, train[0][:1], seed=cfg.seed)
-        opt = _optimizer(cfg.learning_rate)
+        opt = _optimizer(cfg.optimizer, cfg.learning_rate)
         n_params = sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(init))
 
         res, train_seconds = _timed(lambda: models.train(
