@@ -153,3 +153,18 @@ def test_full_study_digits():
     assert len(res.rows) == len(lds.METHODS)
     assert all(r.lds for r in res.rows), [r.notes for r in res.rows]
 
+
+
+def test_cli_lds(tmp_path, capsys):
+    from influx import cli
+
+    out = tmp_path / "lds"
+    rc = cli.main(["lds", "--quick", "--n-train", "40", "--steps", "10", "--subsets", "4", "--fractions",
+                   "0.1,0.5", "--methods", "grad_dot,metagradients", "--test-points", "3", "--no-progress",
+                   "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in doc["lds"]["rows"]] == ["grad_dot", "metagradients"]
+    assert (out / "lds.png").stat().st_size > 1000 and "LDS" in (out / "report.md").read_text()
+    assert cli.main(["lds", "--fractions", "0,0.5", "--out", str(tmp_path / "bad")]) == 1
+    assert "alpha" in capsys.readouterr().err
