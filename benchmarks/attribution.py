@@ -3,23 +3,27 @@
 Three measurements, written to ``benchmarks/results/attribution.json``:
 
 1. **LDS** (``influx.studies.lds``) on the digits MLP 64-32-10 (tanh, l2 = 1e-3, float64,
-   full-batch Adam): every attribution method at drop fractions 1%, 5%, 10%, 50%, ``M``
+   full batch): every attribution method at drop fractions 1%, 5%, 10%, 50%, ``M``
    random subsets each, with bootstrap 95% intervals and cost (warm: the second, compiled
-   call) in seconds and in training runs. ``--mnist`` adds the MNIST MLP (784-32-10, data in
-   ``../shared/data``).
+   call) in seconds and in training runs. ``--problem mnist`` / ``mnist_cnn``: the MNIST MLP
+   (784-32-10) / small CNN (data in ``../shared/data``). ``--optimizer``: the training run
+   (SGD by default; Adam's normalisation makes the run far less linear in the weights).
 2. **Metagradient cost** vs one training run (both warm) for growing numbers of test
    measurements (one reverse pass, vmapped cotangents).
 3. **Peak memory** of the compiled metagradient program, rematerialised (segments of
    ``ceil(sqrt(T))`` steps under ``jax.checkpoint``) vs plain reverse mode, for growing
    ``T``: XLA's ``memory_analysis()`` temp bytes of the compiled program (nothing is run).
 
-Run: ``python -m benchmarks.attribution [--quick] [--mnist] [--readme]`` (``--readme``
-replaces the "Attribution (LDS)" section of benchmarks/README.md).
+Run: ``python -m benchmarks.attribution [--quick] [--only memory|cost|lds] [--problem digits|mnist|
+mnist_cnn] [--optimizer sgd|momentum|adam] [--readme]``; each run updates its sections of the
+results file and keeps the others (so every run stays under ~4 minutes on 2 cores);
+``--readme`` replaces the "Attribution (LDS)" section of benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -35,13 +39,15 @@ from influx.influence import _bind_measurement
 from influx.studies import lds
 
 
-def lds_section(problem: str, quick: bool) -> dict:
-    kw = dict(problem=problem, warm_timing=True, progress=False)
+def lds_section(problem: str, optimizer: str, quick: bool) -> dict:
+    kw = dict(problem=problem, optimizer=optimizer, warm_timing=True, progress=False)
     if problem == "digits":
         kw.update(n_train=400, width=32, steps=200, n_subsets=32, n_test_points=30)
     else:
         kw.update(n_train=1000, width=32, steps=150, n_subsets=24, n_test_points=20,
                   data_dir=str(common.HERE.parent.parent / "shared" / "data"))
+        if problem == "mnist_cnn":
+            kw.update(n_train=500, steps=100, n_subsets=16, n_test_points=10)
     if quick:
         kw.update(n_train=150, steps=60, n_subsets=8, n_test_points=8, fractions=(0.05, 0.5))
     res = lds.run(lds.LDSConfig(**kw))
@@ -49,7 +55,7 @@ def lds_section(problem: str, quick: bool) -> dict:
     return res.to_dict()
 
 
-def cost_section(quick: bool) -> dict:
+def cost_section(optimizer: str, quick: bool) -> dict:
     """Metagradient seconds / one training run, both warm, for n_test test measurements."""
     with jax.enable_x64(True):
         ds = ixdata.load("digits", n_train=400, seed=0, dtype=np.float64)
@@ -57,7 +63,7 @@ def cost_section(quick: bool) -> dict:
         obj = influx.Objective(models.apply_fn(model), influx.losses.softmax_cross_entropy, l2=1e-3)
         train = tuple(jnp.asarray(a) for a in ds.train)
         init = models.init(model, train[0][:1], seed=0)
-        opt = lds._optimizer("adam", 1e-2)
+        opt = lds._optimizer(optimizer, lds.DEFAULT_LR[optimizer])
         steps = 60 if quick else 200
 
         def one_run():
@@ -85,7 +91,7 @@ def cost_section(quick: bool) -> dict:
                          "plain_s": out["none"][1], "ratio": out["sqrt"][1] / t_train,
                          "plain_ratio": out["none"][1] / t_train})
             print(rows[-1], flush=True)
-    return {"problem": "digits MLP 64-32-10, N=400, full-batch Adam, float64", "rows": rows}
+    return {"problem": f"digits MLP 64-32-10, N=400, full-batch {optimizer}, float64", "rows": rows}
 
 
 def memory_section(quick: bool) -> dict:
@@ -121,7 +127,7 @@ def memory_section(quick: bool) -> dict:
 def render(payload: dict) -> str:
     parts = [f"Load average at start {payload['loadavg_start']}, at end {payload['loadavg_end']}; "
              f"total {payload['seconds']:.0f} s. " + common.machine_line(payload["machine"])]
-    for name, d in payload["lds"].items():
+    for name, d in sorted(payload.get("lds", {}).items()):
         fr = d["config"]["fractions"]
         rows = [[r["method"], r["seconds"], r["train_equiv"],
                  *(f"{e['score']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" if (e := r["lds"].get(f"{a:g}"))
@@ -129,12 +135,14 @@ def render(payload: dict) -> str:
         parts.append(f"**{name}** (N={d['n_train']}, {d['n_params']} params, M={d['config']['n_subsets']}, "
                      f"{d['n_test']} test losses, one training run {d['train_seconds']:.3g} s):\n\n"
                      + common.md_table(["method", "s", "x train", *(f"LDS {a:g}" for a in fr)], rows))
-    c = payload["cost"]["rows"]
-    parts.append("Metagradient cost (warm) vs one training run:\n\n" + common.md_table(
+    c = payload.get("cost", {}).get("rows", [])
+    what = payload.get("cost", {}).get("problem")
+    parts.append(f"Metagradient cost (warm) vs one training run ({what}):\n\n"
+                 + common.md_table(
         ["n_test", "steps", "train s", "metagrad s (remat)", "x train", "plain s", "x train"],
         [[r["n_test"], r["steps"], r["train_s"], r["metagrad_s"], r["ratio"], r["plain_s"], r["plain_ratio"]]
          for r in c]))
-    m = payload["memory"]["rows"]
+    m = payload.get("memory", {}).get("rows", [])
     parts.append("Compiled temp memory, remat (sqrt(T) segments) vs plain reverse mode:\n\n"
                  + common.md_table(
         ["steps", "segment", "remat MiB", "plain MiB", "plain / remat"],
@@ -146,19 +154,29 @@ def render(payload: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--mnist", action="store_true", help="also the MNIST MLP")
+    ap.add_argument("--only", choices=("memory", "cost", "lds"), action="append",
+                    help="run only these sections (repeatable); the others keep their stored results")
+    ap.add_argument("--problem", choices=lds.PROBLEMS, default="digits", help="LDS problem (default digits)")
+    ap.add_argument("--optimizer", choices=lds.OPTIMIZERS, default="sgd",
+                    help="training optimizer of the LDS and cost sections (default sgd)")
     ap.add_argument("--readme", action="store_true", help="write the README section")
     args = ap.parse_args(argv)
+    only = set(args.only or ("memory", "cost", "lds"))
+    name = "attribution" + ("_quick" if args.quick else "")
+    path = common.RESULTS / f"{name}.json"
+    payload = json.loads(path.read_text()) if path.exists() else {}
     t0 = time.perf_counter()
-    payload = {"machine": common.machine(), "quick": args.quick, "loadavg_start": os.getloadavg()}
-    payload["memory"] = memory_section(args.quick)
-    payload["cost"] = cost_section(args.quick)
-    payload["lds"] = {"digits": lds_section("digits", args.quick)}
-    if args.mnist:
-        payload["lds"]["mnist"] = lds_section("mnist", args.quick)
+    payload.update(machine=common.machine(), quick=args.quick, loadavg_start=os.getloadavg())
+    if "memory" in only:
+        payload["memory"] = memory_section(args.quick)
+    if "cost" in only:
+        payload["cost"] = cost_section(args.optimizer, args.quick)
+    if "lds" in only:
+        payload.setdefault("lds", {})[f"{args.problem}/{args.optimizer}"] = lds_section(
+            args.problem, args.optimizer, args.quick)
     payload["loadavg_end"] = os.getloadavg()
     payload["seconds"] = time.perf_counter() - t0
-    path = common.save_json("attribution" + ("_quick" if args.quick else ""), payload)
+    path = common.save_json(name, payload)
     body = render(payload)
     print(body)
     if args.readme:

@@ -49,7 +49,8 @@ METHODS = ("grad_dot", "tracin", "influence_cg", "influence_ekfac", "influence_a
            "linearized_pbrf", "metagradients")
 PROBLEMS = ("digits", "mnist", "mnist_cnn")
 FRACTIONS = (0.01, 0.05, 0.1, 0.5)
-OPTIMIZERS = ("adam", "sgd", "momentum")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+DEFAULT_LR = {"sgd": 0.3, "momentum": 0.05, "adam": 1e-2}
 
 
 # --------------------------------------------------------------------------- pieces
@@ -204,9 +205,13 @@ class LDSConfig:
 
     problem: ``digits`` | ``mnist`` | ``mnist_cnn``. data_dir, n_train, n_test: data.
     width, depth, channels, activation, l2: the model (MLP, or CNN channels).
-    optimizer, learning_rate, steps, batch_size: the training run: ``"adam"`` (with
-      ``eps_root=1e-16``, differentiable everywhere), ``"sgd"`` or ``"momentum"`` (SGD with
-      momentum 0.9); ``batch_size=None``: full batch.
+    optimizer, learning_rate, steps, batch_size: the training run: ``"sgd"`` (default),
+      ``"momentum"`` (SGD with momentum 0.9) or ``"adam"`` (with ``eps_root=1e-16``,
+      differentiable everywhere); ``learning_rate=None``: 0.3, 0.05, 0.01 respectively;
+      ``batch_size=None``: full batch. Plain SGD is the default because its run is the most
+      nearly linear in the example weights: on digits (N=400, 200 full-batch steps) the
+      metagradient LDS at 1% drop was 0.95 with SGD and momentum and 0.69 with Adam, whose
+      per-coordinate normalisation ``m / sqrt(v)`` responds non-linearly to removals.
     fractions: drop fractions ``alpha`` in (0, 1). n_subsets: ``M`` subsets per fraction.
     n_test_points: test measurements (test losses). methods: from :data:`METHODS`.
     damping: ``lambda`` of the influence methods (GNH). arnoldi_rank, lissa_depth,
@@ -223,8 +228,8 @@ class LDSConfig:
     channels: tuple[int, ...] = (4, 8)
     activation: str = "tanh"
     l2: float = 1e-3
-    optimizer: str = "adam"
-    learning_rate: float = 1e-2
+    optimizer: str = "sgd"
+    learning_rate: float | None = None
     steps: int = 300
     batch_size: int | None = None
     fractions: tuple[float, ...] = FRACTIONS
@@ -275,6 +280,8 @@ class LDSConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.learning_rate is None:
+            s(self, "learning_rate", DEFAULT_LR[self.optimizer])
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise InputError(f"learning_rate must be > 0, got {self.learning_rate!r}")
 
