@@ -30,7 +30,11 @@ rematerialisation: the ``T`` steps are split into segments of ``S ~ sqrt(T)`` st
 segment is a ``jax.checkpoint``-ed inner scan, so the forward pass stores only the
 ``T / S`` segment-boundary states and the backward pass recomputes one segment at a time
 (storing its ``S`` per-step residuals). Cost: one extra forward replay (one training
-run) on top of plain reverse mode.
+run) on top of plain reverse mode. Measured (``benchmarks/attribution.py``, digits MLP with
+2,410 parameters, minibatch 64, 8 test cotangents; XLA's compiled temp memory): 21 MiB
+rematerialised vs 910 MiB plain at ``T = 4096`` (2.8 vs 5.2 MiB at ``T = 16``), growing
+like ``sqrt(T)``; one test measurement through 200 full-batch steps took 8x one training
+run on 2 CPU cores, with or without remat (the backward step is a Hessian-vector product).
 """
 
 from __future__ import annotations
