@@ -44,10 +44,10 @@ def lds_section(problem: str, optimizer: str, quick: bool) -> dict:
     if problem == "digits":
         kw.update(n_train=400, width=32, steps=200, n_subsets=32, n_test_points=30)
     else:
-        kw.update(n_train=1000, width=32, steps=150, n_subsets=24, n_test_points=20,
+        kw.update(n_train=500, width=32, steps=100, n_subsets=16, n_test_points=10,
                   data_dir=str(common.HERE.parent.parent / "shared" / "data"))
         if problem == "mnist_cnn":
-            kw.update(n_train=500, steps=100, n_subsets=16, n_test_points=10)
+            kw.update(n_train=300, steps=60, n_subsets=12, n_test_points=6)
     if quick:
         kw.update(n_train=150, steps=60, n_subsets=8, n_test_points=8, fractions=(0.05, 0.5))
     res = lds.run(lds.LDSConfig(**kw))

@@ -476,7 +476,9 @@ def _method_fn(method, cfg, obj, init, params, train, test, opt, n_params):
         "influence_ekfac": lambda: solvers.ekfac(),
         "influence_arnoldi": lambda: solvers.arnoldi(rank=min(cfg.arnoldi_rank, n_params - 1)),
         "influence_lissa": lambda: solvers.lissa(depth=cfg.lissa_depth, batch_size=min(128, len(train[0]))),
-        "linearized_pbrf": lambda: solvers.direct(),
+        # the exact solve of response.linearized: dense up to 4096 parameters, converged CG beyond
+        "linearized_pbrf": lambda: solvers.direct() if n_params <= 4096 else solvers.cg(
+            tol=1e-10 if cfg.dtype == "float64" else 1e-5, max_steps=10 * cfg.cg_max_steps, block=True),
     }[method]()
     return lambda: influx.influence(obj, params, train, test, kind="gnh", damping=damping, solver=solver)
 
