@@ -7,7 +7,7 @@ test loss) when training example ``m`` is removed, to first order
 (``m`` was helpful).
 """
 
-from influx import curvature, flax, gaps, losses, response, scoring, solvers
+from influx import curvature, flax, gaps, losses, metagrad, response, scoring, solvers
 from influx.curvature import gnhvp, hvp
 from influx.ihvp import ihvp
 from influx.influence import (  # after the submodules: influx.influence is the function
@@ -18,13 +18,14 @@ from influx.influence import (  # after the submodules: influx.influence is the 
     self_influence,
     tracin,
 )
+from influx.metagrad import metagradients
 from influx.objective import Objective
 
 __version__ = "0.1.0"
 
 __all__ = ["flax", "grad_dot", "group_influence", "influence", "measurements", "scoring",
            "self_influence", "tracin", "Objective", "curvature", "gnhvp", "hvp", "ihvp", "losses", "solvers",
-           "gaps", "response"]
+           "gaps", "response", "metagrad", "metagradients"]
 
 from influx import studies  # noqa: E402  (the studies compose everything above; imports are lazy)
 

@@ -5,6 +5,8 @@
 * :mod:`influx.studies.gaps`: the five-gap decomposition over width and training time
   (Bae et al. 2022).
 * :mod:`influx.studies.mislabel`: finding flipped labels by self-influence and baselines.
+* :mod:`influx.studies.lds`: linear datamodeling score of every attribution method against
+  subset retraining, with cost.
 
 Each module has ``run(config) -> Result``, a frozen ``Config`` dataclass with defaults
 and a ``quick()`` preset; results have ``to_dict()`` (JSON-ready), ``to_markdown()``
@@ -12,9 +14,10 @@ and a ``quick()`` preset; results have ``to_dict()`` (JSON-ready), ``to_markdown
 ``jax.enable_x64`` (the caller's global JAX configuration is left alone).
 """
 
-from influx.studies import fragility, gaps, mislabel
+from influx.studies import fragility, gaps, lds, mislabel
 from influx.studies.fragility import FragilityConfig, FragilityResult
 from influx.studies.gaps import GapsConfig, GapsResult
+from influx.studies.lds import LDSConfig, LDSResult
 from influx.studies.mislabel import MislabelConfig, MislabelResult
 
 __all__ = [
@@ -22,9 +25,12 @@ __all__ = [
     "FragilityResult",
     "GapsConfig",
     "GapsResult",
+    "LDSConfig",
+    "LDSResult",
     "MislabelConfig",
     "MislabelResult",
     "fragility",
     "gaps",
+    "lds",
     "mislabel",
 ]
