@@ -26,6 +26,14 @@ __all__ = ["flax", "grad_dot", "group_influence", "influence", "measurements", "
            "self_influence", "tracin", "Objective", "curvature", "gnhvp", "hvp", "ihvp", "losses", "solvers",
            "gaps", "response"]
 
-from influx import studies  # noqa: E402  (the studies compose everything above; imports are lazy)
-
 __all__ += ["studies"]
+
+
+def __getattr__(name):
+    # ``influx.studies`` (the research harness) is imported on first use, so that
+    # ``import influx`` loads only the library: jax, optax, numpy, flax.
+    if name == "studies":
+        import importlib
+
+        return importlib.import_module("influx.studies")
+    raise AttributeError(f"module 'influx' has no attribute {name!r}")

@@ -227,7 +227,11 @@ def md5_decompressed(path) -> str:
 
 
 def _sklearn(name: str):
-    import sklearn.datasets as skd
+    try:
+        import sklearn.datasets as skd
+    except ImportError as e:
+        raise ImportError(f"the bundled data set {name!r} comes with scikit-learn, which is not installed: "
+                          'pip install "influx[studies]" (or scikit-learn)') from e
 
     loader = {"iris": skd.load_iris, "digits": skd.load_digits, "diabetes": skd.load_diabetes}
     bunch = loader[name]()
