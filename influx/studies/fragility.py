@@ -53,9 +53,13 @@ import time
 
 import numpy as np
 
+from influx.errors import InputError, SolveError
 from influx.studies import _common as C
 
 __all__ = ["FragilityConfig", "FragilityRow", "FragilityResult", "run", "quick"]
+
+
+_MIN_TOP_K = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +121,18 @@ class FragilityConfig:
         for name in ("top_k", "n_test_points", "train_steps", "lbfgs_steps", "loo_steps"):
             C.check_grid((getattr(self, name),), name, minimum=1 if name != "train_steps" else 0)
         if self.kind not in ("hessian", "gnh"):
-            raise ValueError(f"kind must be 'hessian' or 'gnh', got {self.kind!r}")
+            raise InputError(f"kind must be 'hessian' or 'gnh', got {self.kind!r}")
         if self.solver not in C.SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; known: {', '.join(C.SOLVERS)}")
+            raise InputError(f"unknown solver {self.solver!r}; known: {', '.join(C.SOLVERS)}")
         if self.loo_method not in ("response", "lbfgs"):
-            raise ValueError(f"loo_method must be 'response' or 'lbfgs', got {self.loo_method!r}")
+            raise InputError(f"loo_method must be 'response' or 'lbfgs', got {self.loo_method!r}")
         if not (np.isfinite(self.damping) and self.damping >= 0):
-            raise ValueError(f"damping must be finite and >= 0, got {self.damping!r}")
+            raise InputError(f"damping must be finite and >= 0, got {self.damping!r}")
+        if self.top_k < _MIN_TOP_K:
+            raise InputError(f"top_k={self.top_k} is too small: a correlation over fewer than "
+                             f"{_MIN_TOP_K} removed examples is undefined or trivially +-1")
+        C.check_size(self.n_train, "n_train", self.top_k,
+                     f"top_k={self.top_k} training examples are removed per test point")
 
     @classmethod
     def quick(cls, **overrides) -> FragilityConfig:
@@ -271,6 +280,8 @@ def run(config: FragilityConfig | None = None) -> FragilityResult:
     with C.precision(config.dtype) as dtype:
         ds = C.load_dataset(config.dataset, data_dir=config.data_dir, n_train=config.n_train,
                             n_test=config.n_test, seed=config.seed, dtype=dtype)
+        C.check_size(ds.n_train, f"the training split of {config.dataset!r}", config.top_k,
+                     f"top_k={config.top_k} training examples are removed per test point")
         grid = list(itertools.product(config.depths, config.widths, config.weight_decays))
         rows = []
         bar = C.progress(grid, enabled=config.progress, desc="fragility", unit="config")
@@ -367,7 +378,7 @@ def _influence_with_fallback(cfg, obj, params, train, test_sel):
             err = e
         nxt = max(damping * 10.0, 1e-6)
         if nxt > cfg.max_damping:
-            raise ValueError(f"influence failed even with damping={damping:g}: {err}") from err
+            raise SolveError(f"influence failed even with damping={damping:g}: {err}") from err
         damping = nxt
 
 
