@@ -5,6 +5,10 @@ actual change ``f(theta without m) - f(theta_s)`` of a measurement ``f`` (defaul
 test loss) when training example ``m`` is removed, to first order
 ``(1/N) grad f^T (C + lambda I)^-1 grad L(z_m)``. Positive: removing ``m`` raises ``f``
 (``m`` was helpful).
+
+Guides (sources in ``docs/``; ``python docs/build_api.py`` renders them next to this
+reference): [the sign convention](guides/sign-convention.html), [which solver
+when](guides/solvers.html), [bringing your own Flax model](guides/flax.html).
 """
 
 from influx import curvature, flax, gaps, losses, response, scoring, solvers

@@ -79,8 +79,8 @@ def test_fragility_plot_explains_every_marker_and_has_no_offsets():
     rng = np.random.default_rng(0)
 
     def row(depth, l2, scale):
-        pts = [{"pred": (scale * rng.normal(size=8)).tolist(), "actual": (scale * rng.normal(size=8)).tolist()}
-               for _ in range(3)]
+        draw = lambda: (scale * rng.normal(size=8)).tolist()
+        pts = [{"pred": draw(), "actual": draw()} for _ in range(3)]
         return types.SimpleNamespace(depth=depth, width=8, l2=l2, pearson=0.9, pearson_mean=0.8, n_valid=3,
                                      points=pts)
 
