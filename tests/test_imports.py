@@ -61,3 +61,21 @@ def test_library_works_without_the_studies_extra():
     assert r.returncode == 0, r.stderr[-3000:]
     # a bundled set needs scikit-learn: the loader says which extra to install
     assert "IMPORT-ERROR" in r.stdout and "influx[studies]" in r.stdout, r.stdout
+
+
+def test_core_dependencies_exclude_the_harness():
+    """pyproject: the library's install dependencies are jax, jaxlib, flax, optax and numpy;
+    scikit-learn, matplotlib and tqdm come with the `studies` extra, which the README's demo
+    command installs and the `test` extra includes."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.split(r"[<>=!~\[;\s]", req, maxsplit=1)[0].lower()
+    assert {name(r) for r in project["dependencies"]} == {"jax", "jaxlib", "flax", "optax", "numpy"}
+    extras = project["optional-dependencies"]
+    assert {name(r) for r in extras["studies"]} == {"scikit-learn", "matplotlib", "tqdm"}
+    assert "influx[studies]" in extras["test"] and "pdoc" in {name(r) for r in extras["test"]}
+    readme = (ROOT / "README.md").read_text().splitlines()
+    demo = readme[readme.index("<!-- demo-command -->") + 2]
+    assert 'pip install ".[studies]"' in demo and demo.endswith("influx demo")
