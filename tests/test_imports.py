@@ -68,6 +68,7 @@ def test_core_dependencies_exclude_the_harness():
     scikit-learn, matplotlib and tqdm come with the `studies` extra, which the README's demo
     command installs and the `test` extra includes."""
     import re
+
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
