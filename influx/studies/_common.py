@@ -139,6 +139,22 @@ def make_solver(name: str, *, cg_tol: float = 1e-8, max_steps: int = 2000, rank:
     return _call_with(factory, depth=lissa_depth, batch_size=lissa_batch_size)
 
 
+def nan_on_failure(fn) -> dict:
+    """``{"on_failure": "nan"}`` when ``fn`` takes it (influx's failure policy), else ``{}``.
+
+    The studies compare methods and report failures in their tables: a solve that fails
+    gives NaN entries (counted and noted) instead of ending the whole study with a
+    :class:`influx.errors.SolveError`.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"on_failure": "nan"} if "on_failure" in params else {}
+
+
 def _call_with(factory, **kw):
     """Calls ``factory`` with the keyword options it accepts (drops the others)."""
     import inspect
