@@ -259,6 +259,8 @@ def check_grid(values, name: str, *, kind=int, minimum=None) -> tuple:
 def check_size(n, name: str, minimum: int, why: str) -> None:
     """Refuses a data size too small for a study: :class:`influx.errors.InputError` naming
     ``name``, its value, the minimum and ``why`` the study needs it. ``None`` (= all) passes."""
+    if n is not None:
+        n = check_grid((n,), name, minimum=1)[0] if name.isidentifier() else n
     if n is not None and n < minimum:
         raise InputError(f"{size_label(name, n)} is too small for this study: it needs at least {minimum} "
                          f"({why})")

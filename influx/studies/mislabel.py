@@ -115,6 +115,7 @@ class MislabelConfig:
         if self.kind not in ("hessian", "gnh"):
             raise InputError(f"kind must be 'hessian' or 'gnh', got {self.kind!r}")
         if self.n_train is not None:
+            C.check_grid((self.n_train,), "n_train", minimum=1)
             _check_n_train(self.n_train, self.fraction, self.fractions)
 
     @classmethod
