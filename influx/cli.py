@@ -491,7 +491,8 @@ class _Interrupt:
     solve). So the signal is taken by a watcher thread woken through
     :func:`signal.set_wakeup_fd`, which flushes the output and leaves with ``os._exit(130)``:
     no interpreter shutdown, whatever the main thread is doing. Installed only in the main
-    thread; :meth:`close` restores the previous handler.
+    thread, and not when SIGINT is ignored (a background job); leaving restores the
+    previous handler.
     """
 
     def __init__(self, command: str):
@@ -503,6 +504,8 @@ class _Interrupt:
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
             return self
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return self  # started with SIGINT ignored (nohup, a background job): keep it so
         self._r, self._w = os.pipe()
         os.set_blocking(self._w, False)
         self._prev = signal.signal(signal.SIGINT, lambda signum, frame: self._exit())

@@ -240,9 +240,10 @@ def test_bugs_are_not_hidden(monkeypatch, exc):
         raise exc
 
     monkeypatch.setattr(cli, "_fragility_config", fail)
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(type(exc), match="a bug"):
         cli.main(["fragility", "--no-progress"])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is restored
 
 
 def test_missing_studies_extra_names_it(tmp_path):
@@ -269,8 +270,11 @@ def test_sigint_exits_130_cleanly(tmp_path, delay):
     that the interpreter is still importing jax, outside influx's control)."""
     import threading
 
+    # SIGINT at its default in the child even when this test runs as a background job
+    # (which starts with SIGINT ignored, and the command keeps an ignored SIGINT ignored)
     p = subprocess.Popen([sys.executable, "-m", "influx", "demo", "--quick", "--no-progress", "--out", "d"],
-                         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     lines, started = [], threading.Event()
 
     def read():
