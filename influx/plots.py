@@ -105,15 +105,17 @@ def fragility_figure(result, *, max_panels: int = 6):
         from matplotlib.lines import Line2D
 
         k = result.config.top_k
-        n_pts = max((len(r.points) for r in rows), default=0)
+        others = max((len(r.points) for r in rows), default=1) - 1
         marker = lambda c, s: Line2D([], [], ls="", marker="o", color=c, markersize=s)
         diagonal = Line2D([], [], color="0.5", lw=0.8, ls="--")
+        wide = ncols >= 2  # one row of entries; a single panel stacks them
         fig.legend([marker("tab:red", 5), marker("tab:blue", 4), diagonal],
-                   ["highest-loss test point", f"the other {max(n_pts - 1, 0)} test points (random)",
+                   ["highest-loss test point",
+                    "the other test point (random)" if others == 1 else f"the other {others} test points (random)",
                     "actual = predicted"],
-                   loc="outside lower center", ncols=3, fontsize=7, frameon=False,
-                   title=f"each marker: removing one of a test point's top-{k} training examples "
-                         "by |influence|",
+                   loc="outside lower center", ncols=3 if wide else 1, fontsize=7, frameon=False,
+                   title=(f"each marker: removing one of a test point's{' ' if wide else chr(10)}"
+                          f"top-{k} training examples by |influence|"),
                    title_fontsize=7)
     fig.suptitle(f"Fragility: {result.config.dataset}, influence vs leave-one-out", fontsize=10)
     return fig
