@@ -111,7 +111,8 @@ def fragility_figure(result, *, max_panels: int = 6):
         wide = ncols >= 2  # one row of entries; a single panel stacks them
         fig.legend([marker("tab:red", 5), marker("tab:blue", 4), diagonal],
                    ["highest-loss test point",
-                    f"the other {others} test points (random)" if others != 1 else "the other test point (random)",
+                    f"the other {others} test points (random)" if others != 1
+                    else "the other test point (random)",
                     "actual = predicted"],
                    loc="outside lower center", ncols=3 if wide else 1, fontsize=7, frameon=False,
                    title=(f"each marker: removing one of a test point's{' ' if wide else chr(10)}"
