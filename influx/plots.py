@@ -66,7 +66,7 @@ def fragility_figure(result, *, max_panels: int = 6):
     numbers on every panel (no offset or multiplier). With more rows than ``max_panels``,
     rows whose correlations are all undefined are skipped first.
     """
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     rows = list(result.rows)
     valid = [r for r in rows if getattr(r, "n_valid", 1) > 0]
@@ -101,6 +101,8 @@ def fragility_figure(result, *, max_panels: int = 6):
         ax.tick_params(labelsize=7)
         ax.xaxis.set_major_formatter(ticks)
         ax.yaxis.set_major_formatter(ticks)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # room for labels like -0.0014
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
     if rows:
         from matplotlib.lines import Line2D
 
