@@ -5,6 +5,10 @@ actual change ``f(theta without m) - f(theta_s)`` of a measurement ``f`` (defaul
 test loss) when training example ``m`` is removed, to first order
 ``(1/N) grad f^T (C + lambda I)^-1 grad L(z_m)``. Positive: removing ``m`` raises ``f``
 (``m`` was helpful).
+
+Guides (sources in ``docs/``; ``python docs/build_api.py`` renders them next to this
+reference): [the sign convention](guides/sign-convention.html), [which solver
+when](guides/solvers.html), [bringing your own Flax model](guides/flax.html).
 """
 
 from influx import curvature, flax, gaps, losses, metagrad, response, scoring, solvers
@@ -27,6 +31,14 @@ __all__ = ["flax", "grad_dot", "group_influence", "influence", "measurements", "
            "self_influence", "tracin", "Objective", "curvature", "gnhvp", "hvp", "ihvp", "losses", "solvers",
            "gaps", "response", "metagrad", "metagradients"]
 
-from influx import studies  # noqa: E402  (the studies compose everything above; imports are lazy)
-
 __all__ += ["studies"]
+
+
+def __getattr__(name):
+    # ``influx.studies`` (the research harness) is imported on first use, so that
+    # ``import influx`` loads only the library: jax, optax, numpy, flax.
+    if name == "studies":
+        import importlib
+
+        return importlib.import_module("influx.studies")
+    raise AttributeError(f"module 'influx' has no attribute {name!r}")

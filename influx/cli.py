@@ -1,26 +1,37 @@
 """The ``influx`` command: run the studies from a shell.
 
-    influx demo                      all three studies, small, on bundled data (~2 min, offline)
+    influx demo                      all three studies, small, on bundled data (offline)
     influx fragility [options]       influence vs leave-one-out over depth/width/weight decay
     influx gaps [options]            the five-gap decomposition over width and training time
     influx mislabeled [options]      find flipped labels by self-influence and baselines
 
 Every command prints its tables and writes ``report.md``, ``results.json`` and PNG plots
 into an output directory (``--out``, default ``./influx-out/<command>-<timestamp>``),
-named on the last line. Errors in the input (unknown data set, missing data directory,
-bad grid) end with a one-line message on stderr and exit status 2 (usage) or 1 (data),
-never a traceback.
+named on the last line. Errors influx diagnoses end with a one-line message on stderr,
+never a traceback: exit status 2 for bad input (:class:`influx.errors.InputError`: unknown
+data set, bad grid, sizes too small for a study) and for a missing ``studies`` extra, 1 for
+other diagnosed failures (:class:`influx.errors.InfluxError`: a solve that failed, a refused
+allocation; missing data files). Anything else is a bug and shows its traceback. Ctrl-C
+ends a run with ``interrupted`` and exit status 130.
+
+The command needs the ``studies`` extra (``pip install "influx[studies]"``: scikit-learn,
+matplotlib, tqdm); the library itself does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+
+from influx.errors import InfluxError, InputError
 
 __all__ = ["main", "build_parser"]
 
@@ -126,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Check whether influence functions can be trusted for a model, and reproduce the\n"
             "studies that asked: Basu et al. 2021 (fragility in deep nets), Bae et al. 2022\n"
             "(five gaps between influence and leave-one-out), and mislabel detection.\n\n"
-            "Start with `influx demo`: all three, small, offline, on bundled data (~2 min on 2 CPU\n"
-            "cores). Each command prints tables and writes report.md, results.json and PNG plots\n"
-            "to an output directory it names at the end."),
+            "Start with `influx demo`: all three, small, offline, on bundled data. Each command\n"
+            "prints tables and writes report.md, results.json and PNG plots to an output\n"
+            "directory it names at the end (default ./influx-out/COMMAND-TIMESTAMP/)."),
         epilog="Run `influx <command> --help` for the options of a command.",
         formatter_class=fmt,
     )
@@ -158,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute in float32 (default float64: leave-one-out differences are tiny)")
 
     d = sub.add_parser(
-        "demo", formatter_class=fmt, help="compact run of all three studies on bundled data (~2 min)",
+        "demo", formatter_class=fmt, help="compact run of all three studies on bundled data",
         description=(
             "A compact run of all three studies on data bundled with scikit-learn (no network):\n"
             "  fragility  on Iris    (MLP depth 1 and 3, width 8, weight decay off/on)\n"
@@ -167,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Writes report.md, results.json, fragility.png, gaps.png, mislabeled.png."))
     d.add_argument("--out", metavar="DIR",
                    help="output directory (default: influx-out/demo-TIME in the current directory)")
-    d.add_argument("--quick", action="store_true", help="an even smaller run (~1 min), for smoke tests")
+    d.add_argument("--quick", action="store_true", help="an even smaller run, for smoke tests")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -180,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples (by |influence|) is removed, retrain without it (warm-start leave-one-out),\n"
             "and report Pearson/Spearman correlation of predicted vs actual per configuration."),
         epilog="example: influx fragility --dataset iris --depths 1,2,3,4 --widths 8,16 --top-k 10")
-    common(f, dataset_default="iris", quick_help="small grid: depths 1,3, width 8 (about a minute)")
+    common(f, dataset_default="iris", quick_help=_quick_help("fragility"))
     g = f.add_argument_group("grid and estimator")
     g.add_argument("--depths", type=_int_list(1), metavar="LIST",
                    help="hidden layers, e.g. 1,2,3 (default 1..8)")
@@ -202,8 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
             "approximation with LOO and with the proximal Bregman response function (PBRF)."),
         epilog="example: influx gaps --dataset concrete --data-dir ../shared/data --widths 16,64 "
                "--steps 300,3000")
-    common(ga, dataset_default="diabetes,digits",
-           quick_help="small: width 16, 200 and 1000 steps, 10 removed x 20 test points")
+    common(ga, dataset_default="diabetes,digits", quick_help=_quick_help("gaps"))
     g = ga.add_argument_group("grid and estimator")
     g.add_argument("--widths", type=_int_list(1), metavar="LIST", help="hidden units (default 16,64)")
     g.add_argument("--depth", type=_pos_int, metavar="D", help="hidden layers (default 1)")
@@ -222,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
             "5/10/20/30% of the data, with the detection curve."),
         epilog="example: influx mislabeled --dataset digits --fraction 0.1 "
                "--methods direct,arnoldi,loss,random")
-    common(m, dataset_default="digits", quick_help="500 examples, width 16, cheap solvers only")
+    common(m, dataset_default="digits", quick_help=_quick_help("mislabeled"))
     g = m.add_argument_group("ranking")
     g.add_argument("--fraction", type=_fraction, metavar="Q", help="share of labels flipped (default 0.1)")
     g.add_argument("--methods", type=_name_list, metavar="LIST",
@@ -260,6 +270,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# --quick on MNIST: training / test examples unless --n-train / --n-test say otherwise (the
+# full 8000-example pool makes even the quick grids take many minutes on 2 cores)
+_MNIST_QUICK = (500, 200)
+
+
+def _csv(values) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _quick_help(command: str) -> str:
+    """The ``--quick`` help of a study command, stating the sizes its config uses."""
+    from influx.studies import fragility, gaps, mislabel
+
+    mnist = f"; on mnist {_MNIST_QUICK[0]} training / {_MNIST_QUICK[1]} test examples"
+    if command == "fragility":
+        q = fragility.FragilityConfig.quick()
+        return (f"small grid: depths {_csv(q.depths)}, widths {_csv(q.widths)}, weight decays "
+                f"{_csv(q.weight_decays)}, top-{q.top_k} removed for each of {q.n_test_points} test points"
+                + mnist)
+    if command == "gaps":
+        q = gaps.GapsConfig.quick()
+        return (f"small: at most {q.n_train} training examples per data set, widths {_csv(q.widths)}, "
+                f"{_csv(q.steps)} training steps, {q.n_removed} removed x {q.n_test_points} test points"
+                + mnist)
+    q = mislabel.MislabelConfig.quick()
+    return (f"small: {q.n_train} training examples, width {q.width}, methods {_csv(q.methods)}"
+            f"; on mnist {_MNIST_QUICK[1]} test examples")
+
+
 def _version() -> str:
     try:
         from influx import __version__
@@ -278,36 +317,57 @@ def _out_dir(args, command: str) -> Path:
     else:
         out = Path("influx-out") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+        raise InputError(f"--out {str(out)!r} exists and is not a directory")
     return out  # created by _write, once there is something to write
 
 
-def _check_data_dir(args):
-    if getattr(args, "data_dir", None) is not None and not Path(args.data_dir).expanduser().is_dir():
-        raise FileNotFoundError(f"data directory {args.data_dir!r} does not exist")
+_FILE_DATASETS = ("mnist", "concrete", "energy")  # read from a data directory
+
+
+def _check_data_dir(args, datasets) -> None:
+    """A missing data directory, said in the command's terms (``--data-dir``)."""
+    from influx import data
+
+    if getattr(args, "data_dir", None) is not None:
+        if not Path(args.data_dir).expanduser().is_dir():
+            raise InputError(f"data directory {args.data_dir!r} (--data-dir) does not exist")
+        return
+    need = [d for d in datasets if d.lower() in _FILE_DATASETS]
+    if need and data.default_data_dir() is None:
+        raise InputError(f"data set {need[0]!r} needs a data directory: pass --data-dir DIR or set "
+                         "INFLUX_DATA_DIR (no ../shared/data found next to the current directory)")
 
 
 def _set(kw: dict, **pairs):
     kw.update({k: v for k, v in pairs.items() if v is not None})
 
 
-def _base_kw(args) -> dict:
-    kw = dict(data_dir=args.data_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
-              progress=not args.no_progress, dtype="float32" if args.float32 else "float64")
-    _set(kw, damping=args.damping)
-    if getattr(args, "quick", False) and getattr(args, "dataset", None) == "mnist":
-        # a smoke run on MNIST: 500 / 200 examples unless asked otherwise (the full
-        # 8000-example pool makes even the quick grid take many minutes on 2 cores)
-        kw["n_train"] = args.n_train or 500
-        kw["n_test"] = args.n_test or 200
+def _base_kw(args, datasets) -> dict:
+    """The options every study shares. Only what the user gave is passed on, so that a
+    ``--quick`` config keeps its own defaults (sizes) for the rest."""
+    kw = dict(seed=args.seed, progress=not args.no_progress, dtype="float32" if args.float32 else "float64")
+    _set(kw, data_dir=args.data_dir, n_train=args.n_train, n_test=args.n_test, damping=args.damping)
+    if args.quick and "mnist" in [d.lower() for d in datasets]:
+        kw.setdefault("n_train", _MNIST_QUICK[0])
+        kw.setdefault("n_test", _MNIST_QUICK[1])
     return kw
+
+
+def _datasets(args) -> tuple[str, ...]:
+    """The ``--dataset`` names (gaps takes a comma-separated list); InputError when empty."""
+    names = tuple(p.strip() for p in str(args.dataset).split(",")) if args.command == "gaps" \
+        else (str(args.dataset).strip(),)
+    if not names or not all(names):
+        what = "comma-separated data set names" if args.command == "gaps" else "a data set name"
+        raise InputError(f"--dataset: expected {what}, got {args.dataset!r} (see '--help' for the names)")
+    return names
 
 
 def _fragility_config(args):
     from influx.studies import fragility
 
-    kw = _base_kw(args)
-    kw["dataset"] = args.dataset
+    kw = _base_kw(args, _datasets(args))
+    kw["dataset"] = _datasets(args)[0]
     _set(kw, depths=args.depths, widths=args.widths, weight_decays=args.weight_decays, top_k=args.top_k,
          n_test_points=args.test_points, kind=args.kind, solver=args.solver)
     return fragility.FragilityConfig.quick(**kw) if args.quick else fragility.FragilityConfig(**kw)
@@ -316,8 +376,8 @@ def _fragility_config(args):
 def _gaps_config(args):
     from influx.studies import gaps
 
-    kw = _base_kw(args)
-    kw["datasets"] = _name_list(args.dataset)
+    kw = _base_kw(args, _datasets(args))
+    kw["datasets"] = _datasets(args)
     _set(kw, widths=args.widths, depth=args.depth, steps=args.steps, n_removed=args.removed,
          n_test_points=args.test_points, solver=args.solver)
     return gaps.GapsConfig.quick(**kw) if args.quick else gaps.GapsConfig(**kw)
@@ -326,12 +386,12 @@ def _gaps_config(args):
 def _mislabel_config(args):
     from influx.studies import mislabel
 
-    kw = _base_kw(args)
-    kw["dataset"] = args.dataset
+    kw = _base_kw(args, _datasets(args))
+    kw["dataset"] = _datasets(args)[0]
     methods = args.methods
     if args.solver is not None:
         if methods is not None:
-            raise ValueError("give either --methods or --solver, not both")
+            raise InputError("give either --methods or --solver, not both")
         methods = (args.solver, "grad_dot", "loss", "random")
     _set(kw, fraction=args.fraction, methods=methods, width=args.width, depth=args.depth)
     return mislabel.MislabelConfig.quick(**kw) if args.quick else mislabel.MislabelConfig(**kw)
@@ -391,8 +451,8 @@ def _write(out: Path, meta: dict, results: dict, plots: dict) -> None:
 def _run_study(args, argv, command: str, make_config, module: str, plot_name: str) -> int:
     import importlib
 
-    _check_data_dir(args)
     config = make_config(args)
+    _check_data_dir(args, _datasets(args))
     out = _out_dir(args, command)
     study = importlib.import_module(f"influx.studies.{module}")
     t0 = time.perf_counter()
@@ -440,6 +500,88 @@ def _demo(args, argv) -> int:
     return 0
 
 
+_STUDIES_EXTRA = ("sklearn", "matplotlib", "tqdm")  # import names of the `studies` extra
+
+
+def _missing_extra() -> str | None:
+    """The first module of the ``studies`` extra that cannot be imported, else None."""
+    for name in _STUDIES_EXTRA:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class _Interrupt:
+    """Ctrl-C ends the run at once with ``interrupted`` and exit status 130.
+
+    A KeyboardInterrupt unwinding through JAX while XLA's threads still run can crash the
+    interpreter at shutdown ("Fatal Python error: Segmentation fault"), and the main thread
+    sees a Python-level signal only between bytecodes (not inside a long compile or
+    solve). So the signal is taken by a watcher thread woken through
+    :func:`signal.set_wakeup_fd`, which flushes the output and leaves with ``os._exit(130)``:
+    no interpreter shutdown, whatever the main thread is doing. Installed only in the main
+    thread, and not when SIGINT is ignored (a background job); leaving restores the
+    previous handler.
+    """
+
+    def __init__(self, command: str):
+        self.command = command
+        self._prev = self._prev_fd = None
+        self._r = self._w = None
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return self  # started with SIGINT ignored (nohup, a background job): keep it so
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._prev = signal.signal(signal.SIGINT, lambda signum, frame: self._exit())
+        self._prev_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(self._r,), name="influx-sigint", daemon=True).start()
+        return self
+
+    def _watch(self, fd):
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # closed: the run ended
+                return
+            if signal.SIGINT in data:
+                self._exit()
+
+    def _exit(self):
+        if not self._lock.acquire(blocking=False):
+            return  # the other path is already leaving
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 -- leaving anyway
+                pass
+        os.write(2, f"influx {self.command}: interrupted\n".encode())
+        os._exit(130)
+
+    def __exit__(self, *exc):
+        if self._w is None:
+            return False
+        signal.set_wakeup_fd(self._prev_fd if self._prev_fd is not None else -1)
+        signal.signal(signal.SIGINT, self._prev if self._prev is not None else signal.default_int_handler)
+        os.close(self._w)
+        os.close(self._r)
+        self._w = self._r = None
+        return False
+
+
 def main(argv=None) -> int:
     """Entry point of the ``influx`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -448,23 +590,28 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    try:
-        if args.command == "demo":
-            return _demo(args, argv)
-        if args.command == "fragility":
-            return _run_study(args, argv, "fragility", _fragility_config, "fragility", "fragility.png")
-        if args.command == "gaps":
-            return _run_study(args, argv, "gaps", _gaps_config, "gaps", "gaps.png")
-        if args.command == "lds":
-            return _run_study(args, argv, "lds", _lds_config, "lds", "lds.png")
-        return _run_study(args, argv, "mislabeled", _mislabel_config, "mislabel", "mislabeled.png")
-    except (ValueError, FileNotFoundError, TypeError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"influx {args.command}: error: {msg}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"influx {args.command}: interrupted", file=sys.stderr)
-        return 130
+    missing = _missing_extra()
+    if missing is not None:
+        print(f"influx {args.command}: error: the studies need the 'studies' extra ({missing} is not "
+              f"installed): pip install \"influx[studies]\"", file=sys.stderr)
+        return 2
+    with _Interrupt(args.command):
+        try:
+            if args.command == "demo":
+                return _demo(args, argv)
+            if args.command == "fragility":
+                return _run_study(args, argv, "fragility", _fragility_config, "fragility", "fragility.png")
+            if args.command == "gaps":
+                return _run_study(args, argv, "gaps", _gaps_config, "gaps", "gaps.png")
+            if args.command == "lds":
+                return _run_study(args, argv, "lds", _lds_config, "lds", "lds.png")
+            return _run_study(args, argv, "mislabeled", _mislabel_config, "mislabel", "mislabeled.png")
+        except InputError as e:
+            print(f"influx {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except (InfluxError, OSError) as e:  # diagnosed failures; missing files, unwritable --out
+            print(f"influx {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

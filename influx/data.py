@@ -30,7 +30,8 @@ Conventions:
 * Splits: a seeded permutation of the pool; test and train are disjoint slices of it.
 
 Missing files raise ``FileNotFoundError`` saying which names were looked for and where;
-unknown names raise ``ValueError`` listing the known ones.
+unknown names and bad sizes raise :class:`influx.errors.InputError` (a ``ValueError``)
+listing the known ones.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+
+from influx.errors import InputError
 
 __all__ = [
     "Dataset",
@@ -199,20 +202,21 @@ def _read_bytes(path: Path) -> bytes:
 def read_idx(path) -> np.ndarray:
     """Read an IDX file (MNIST format), gzip-compressed or raw (detected by magic bytes).
 
-    Raises ``ValueError`` on a malformed header or a size that does not match it.
+    Raises :class:`influx.errors.InputError` (a ``ValueError``) on a malformed header or a
+    size that does not match it.
     """
     path = Path(path)
     raw = _read_bytes(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{str(path)!r} is not an IDX file (bad magic number)")
+        raise InputError(f"{str(path)!r} is not an IDX file (bad magic number)")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
     if len(raw) < 4 + 4 * ndim:
-        raise ValueError(f"{str(path)!r}: truncated IDX header")
+        raise InputError(f"{str(path)!r}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = raw[4 + 4 * ndim :]
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(body) != expected:
-        raise ValueError(
+        raise InputError(
             f"{str(path)!r}: IDX header says shape {shape} ({expected} bytes), file holds {len(body)} bytes"
         )
     return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
@@ -227,7 +231,11 @@ def md5_decompressed(path) -> str:
 
 
 def _sklearn(name: str):
-    import sklearn.datasets as skd
+    try:
+        import sklearn.datasets as skd
+    except ImportError as e:
+        raise ImportError(f"the bundled data set {name!r} comes with scikit-learn, which is not installed: "
+                          'pip install "influx[studies]" (or scikit-learn)') from e
 
     loader = {"iris": skd.load_iris, "digits": skd.load_digits, "diabetes": skd.load_diabetes}
     bunch = loader[name]()
@@ -245,9 +253,9 @@ def _uci(path: Path):
         arr = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except ValueError as e:
         msg = f"could not parse {str(path)!r} as whitespace-separated numbers: {e}"
-        raise ValueError(msg) from e
+        raise InputError(msg) from e
     if arr.shape[1] < 2:
-        raise ValueError(f"{str(path)!r} needs at least 2 columns (features, target)")
+        raise InputError(f"{str(path)!r} needs at least 2 columns (features, target)")
     return arr[:, :-1], arr[:, -1], "regression", None, False
 
 
@@ -266,7 +274,7 @@ def _mnist_pair(img: Path, lab: Path):
     x = read_idx(img)
     y = read_idx(lab)
     if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"MNIST files {img.name} {x.shape} and {lab.name} {y.shape} do not match")
+        raise InputError(f"MNIST files {img.name} {x.shape} and {lab.name} {y.shape} do not match")
     return (x.astype(np.float64) / 255.0)[..., None], y
 
 
@@ -283,11 +291,11 @@ def _tfds_dir(data_dir) -> Path:
 def _tfds(spec: str, data_dir, keys: tuple[str, str]):
     name = spec[len("tfds:") :]
     if not name:
-        raise ValueError("tfds data set name missing: use 'tfds:<name>', e.g. 'tfds:mnist'")
+        raise InputError("tfds data set name missing: use 'tfds:<name>', e.g. 'tfds:mnist'")
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise ValueError(f"loading {spec!r} needs tensorflow-datasets: pip install 'influx[tfds]'") from e
+        raise InputError(f"loading {spec!r} needs tensorflow-datasets: pip install 'influx[tfds]'") from e
     root = _tfds_dir(data_dir)
     base = name.split(":")[0].split("/")[0]
     # Refuse to touch the network: tfds retries downloads for minutes when offline.
@@ -301,7 +309,7 @@ def _tfds(spec: str, data_dir, keys: tuple[str, str]):
     try:
         sources = tfds.data_source(name, data_dir=str(root), download=False)
     except Exception as e:  # noqa: BLE001 -- tfds raises many types; say what to do
-        raise ValueError(
+        raise InputError(
             f"tfds could not open prepared data set {name!r} in {str(root)!r}: {e}. "
             "tfds.data_source needs the array_record format: "
             f"`tfds build {name} --file_format=array_record --data_dir {root}`"
@@ -310,7 +318,7 @@ def _tfds(spec: str, data_dir, keys: tuple[str, str]):
     out = {}
     for split in ("train", "test"):
         if split not in sources:
-            raise ValueError(f"tfds data set {name!r} has no {split!r} split ({list(sources)})")
+            raise InputError(f"tfds data set {name!r} has no {split!r} split ({list(sources)})")
         src = sources[split]
         idx = list(range(len(src)))
         items = src.__getitems__(idx) if hasattr(src, "__getitems__") else [src[i] for i in idx]
@@ -318,7 +326,7 @@ def _tfds(spec: str, data_dir, keys: tuple[str, str]):
             x = np.stack([np.asarray(it[xk]) for it in items])
             y = np.stack([np.asarray(it[yk]) for it in items])
         except KeyError as e:
-            raise ValueError(
+            raise InputError(
                 f"tfds data set {name!r} has no feature {e.args[0]!r}; pass tfds_keys=(x, y)"
             ) from None
         out[split] = (x, y)
@@ -336,7 +344,7 @@ def _tfds(spec: str, data_dir, keys: tuple[str, str]):
 
 def _check_n(n, name: str):
     if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
-        raise ValueError(f"{name} must be a positive integer or None, got {n!r}")
+        raise InputError(f"{name} must be a positive integer or None, got {n!r}")
 
 
 def load(
@@ -371,7 +379,8 @@ def load(
       tfds_keys: feature names of inputs and labels for ``tfds:`` sets.
 
     Raises:
-      ValueError: unknown name, bad sizes, malformed files, tfds extra not installed.
+      InputError: (a ``ValueError``) unknown name, bad sizes, malformed files, tfds extra not
+        installed.
       FileNotFoundError: missing data directory or file (message names both).
     """
     if not isinstance(name, str):
@@ -379,7 +388,7 @@ def load(
     _check_n(n_train, "n_train")
     _check_n(n_test, "n_test")
     if not 0.0 < float(test_fraction) < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     key = name.lower()
     rng = np.random.default_rng(seed)
     image = False
@@ -419,14 +428,14 @@ def load(
             test_pool = (test_pool[0] / 255.0, test_pool[1])
         pools = (train_pool, test_pool)
     else:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(KNOWN)}, or a path to a .txt file")
+        raise InputError(f"unknown data set {name!r}; known: {', '.join(KNOWN)}, or a path to a .txt file")
 
     if pools is None:
         n = x.shape[0]
         nte = n_test if n_test is not None else int(round(test_fraction * n))
         ntr = n_train if n_train is not None else n - nte
         if nte < 1 or ntr < 1 or nte + ntr > n:
-            raise ValueError(
+            raise InputError(
                 f"n_train={ntr} + n_test={nte} must be >= 1 each and fit the {n} examples of {name!r}"
             )
         perm = rng.permutation(n)
@@ -437,7 +446,7 @@ def load(
         ntr = xa.shape[0] if n_train is None else n_train
         nte = xb.shape[0] if n_test is None else n_test
         if ntr > xa.shape[0] or nte > xb.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"n_train={ntr} / n_test={nte} exceed the {xa.shape[0]} / {xb.shape[0]} examples of {name!r}"
             )
         tr = rng.permutation(xa.shape[0])[:ntr]
@@ -507,15 +516,15 @@ def batches(data, batch_size: int, *, drop_remainder: bool = False) -> Iterator[
     unless ``drop_remainder``), suitable as the iterable-of-chunks data form.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     leaves = jax.tree_util.tree_leaves(data)
     if not leaves:
-        raise ValueError("data has no arrays")
+        raise InputError("data has no arrays")
     sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
     if len(sizes) != 1 or None in sizes:
-        raise ValueError(f"all arrays in data need the same leading size, got {sizes}")
+        raise InputError(f"all arrays in data need the same leading size, got {sizes}")
     (n,) = sizes
     stop = n - n % batch_size if drop_remainder else n
     for start in range(0, stop, batch_size):
@@ -533,21 +542,21 @@ def flip_labels(y, fraction: float, num_classes: int, *, seed: int = 0):
     """
     y = np.asarray(y)
     if y.ndim != 1:
-        raise ValueError(f"y must be a 1-D array of integer labels, got shape {y.shape}")
+        raise InputError(f"y must be a 1-D array of integer labels, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"y must hold integer labels, got dtype {y.dtype}")
+        raise InputError(f"y must hold integer labels, got dtype {y.dtype}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
+        raise InputError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
     try:
         fraction = float(fraction)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}") from e
+        raise InputError(f"fraction must be a number in [0, 1], got {fraction!r}") from e
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+        raise InputError(f"fraction must be in [0, 1], got {fraction!r}")
     n = y.size
     k = int(np.floor(fraction * n + 0.5))
     rng = np.random.default_rng(seed)

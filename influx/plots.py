@@ -5,8 +5,8 @@ Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas, neve
 machine. Each function takes a study result and a path (the format follows the suffix,
 ``.png`` by default) and returns the path written.
 
-* :func:`fragility_scatter`: predicted (influence) vs actual (LOO) change of the test loss,
-  one panel per configuration of the fragility study.
+* :func:`fragility_scatter` (:func:`fragility_figure`): predicted (influence) vs actual
+  (LOO) change of the test loss, one panel per configuration of the fragility study.
 * :func:`gap_bars`: the five gaps of the gap-decomposition study, grouped per configuration.
 * :func:`detection_curves`: fraction of flipped labels found vs fraction inspected.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["fragility_scatter", "gap_bars", "detection_curves", "new_figure", "save"]
+__all__ = ["fragility_scatter", "fragility_figure", "gap_bars", "detection_curves", "new_figure", "save"]
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, *, size=(4.0, 3.4)):
@@ -50,11 +50,24 @@ def _finite_pairs(pred, actual):
 def fragility_scatter(result, path, *, max_panels: int = 6) -> Path:
     """Predicted vs actual change of the test loss per configuration (fragility study).
 
-    Each panel: every selected test point's top-k removed examples (the highest-loss
-    test point in red), the line ``actual = predicted``, and the Pearson correlation of
-    the highest-loss point (``r*``) and its mean across test points. With more rows than
-    ``max_panels``, rows whose correlations are all undefined are skipped first.
+    Writes :func:`fragility_figure` to ``path``.
     """
+    return save(fragility_figure(result, max_panels=max_panels), path)
+
+
+def fragility_figure(result, *, max_panels: int = 6):
+    """The fragility scatter as a ``Figure``: one panel per configuration.
+
+    Each marker is one removed training example (one of a test point's top-k by
+    |influence|): x its predicted, y its actual change of that test point's loss. Red: the
+    highest-loss test point; blue: the other test points (a seeded random sample). The
+    dashed line is ``actual = predicted``; titles give the Pearson correlation of the
+    highest-loss point (``r*``) and its mean across test points. Tick labels are plain
+    numbers on every panel (no offset or multiplier). With more rows than ``max_panels``,
+    rows whose correlations are all undefined are skipped first.
+    """
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     rows = list(result.rows)
     valid = [r for r in rows if getattr(r, "n_valid", 1) > 0]
     if len(rows) > max_panels and valid:  # configurations with defined correlations first
@@ -65,9 +78,10 @@ def fragility_scatter(result, path, *, max_panels: int = 6) -> Path:
     n = max(len(rows), 1)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    fig, axes = new_figure(ncols, nrows)
+    fig, axes = new_figure(ncols, nrows, size=(4.0, 3.6))
     for ax in axes.ravel()[len(rows):]:
         ax.set_visible(False)
+    ticks = FuncFormatter(lambda v, _: f"{v:.2g}")
     for ax, row in zip(axes.ravel(), rows):
         lo, hi = np.inf, -np.inf
         for j, pt in enumerate(row.points):
@@ -75,9 +89,8 @@ def fragility_scatter(result, path, *, max_panels: int = 6) -> Path:
             if not p.size:
                 continue
             lo, hi = min(lo, p.min(), a.min()), max(hi, p.max(), a.max())
-            ax.scatter(p, a, s=14 if j else 22, alpha=0.85 if j else 1.0, zorder=3 if j == 0 else 2,
-                       color="tab:red" if j == 0 else None,
-                       label="highest-loss test point" if j == 0 else None)
+            ax.scatter(p, a, s=14 if j else 22, alpha=0.7 if j else 1.0, zorder=2 if j else 3,
+                       color="tab:blue" if j else "tab:red")
         if np.isfinite(lo):
             pad = 0.05 * (hi - lo or 1.0)
             ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", lw=0.8, ls="--")
@@ -86,11 +99,29 @@ def fragility_scatter(result, path, *, max_panels: int = 6) -> Path:
         ax.set_xlabel("predicted change (influence)", fontsize=8)
         ax.set_ylabel("actual change (LOO)", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.ticklabel_format(style="sci", scilimits=(-2, 3))
+        ax.xaxis.set_major_formatter(ticks)
+        ax.yaxis.set_major_formatter(ticks)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # room for labels like -0.0014
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
     if rows:
-        axes.ravel()[0].legend(fontsize=7, loc="upper left")
+        from matplotlib.lines import Line2D
+
+        k = result.config.top_k
+        others = max((len(r.points) for r in rows), default=1) - 1
+        marker = lambda c, s: Line2D([], [], ls="", marker="o", color=c, markersize=s)
+        diagonal = Line2D([], [], color="0.5", lw=0.8, ls="--")
+        wide = ncols >= 2  # one row of entries; a single panel stacks them
+        fig.legend([marker("tab:red", 5), marker("tab:blue", 4), diagonal],
+                   ["highest-loss test point",
+                    f"the other {others} test points (random)" if others != 1
+                    else "the other test point (random)",
+                    "actual = predicted"],
+                   loc="outside lower center", ncols=3 if wide else 1, fontsize=7, frameon=False,
+                   title=(f"each marker: removing one of a test point's{' ' if wide else chr(10)}"
+                          f"top-{k} training examples by |influence|"),
+                   title_fontsize=7)
     fig.suptitle(f"Fragility: {result.config.dataset}, influence vs leave-one-out", fontsize=10)
-    return save(fig, path)
+    return fig
 
 
 def gap_bars(result, path) -> Path:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from influx import studies
+from influx.errors import InputError
 from influx.studies import _common, fragility, gaps, mislabel
 
 
@@ -68,6 +69,34 @@ def test_fragility_sign_matches_loo(frag_result):
     assert np.mean(np.sign(pred) == np.sign(act)) >= 0.5
 
 
+def test_fragility_plot_explains_every_marker_and_has_no_offsets():
+    """fragility.png: the legend names both kinds of points; panels of very different scales
+    (1e-4 next to 1) all use plain tick labels, none an offset or multiplier."""
+    import types
+
+    from influx import plots
+
+    rng = np.random.default_rng(0)
+
+    def row(depth, l2, scale):
+        draw = lambda: (scale * rng.normal(size=8)).tolist()
+        pts = [{"pred": draw(), "actual": draw()} for _ in range(3)]
+        return types.SimpleNamespace(depth=depth, width=8, l2=l2, pearson=0.9, pearson_mean=0.8, n_valid=3,
+                                     points=pts)
+
+    res = types.SimpleNamespace(rows=[row(1, 0.0, 1e-4), row(1, 1e-3, 1.0), row(3, 0.0, 2e-3)],
+                                config=fragility.quick(top_k=8))
+    fig = plots.fragility_figure(res)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert ax.xaxis.get_offset_text().get_text() == ""
+        assert ax.yaxis.get_offset_text().get_text() == ""
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[0] == "highest-loss test point" and "other 2 test points" in labels[1]
+    assert "top-8" in legend.get_title().get_text()
+
+
 def test_fragility_config_validation():
     with pytest.raises(ValueError, match="depths"):
         fragility.FragilityConfig(depths=(0, 1))
@@ -81,6 +110,11 @@ def test_fragility_config_validation():
         fragility.FragilityConfig(solver="magic")
     with pytest.raises(TypeError):
         fragility.run("iris")
+    # sizes too small for the study are refused before any work
+    with pytest.raises(InputError, match="top_k"):
+        fragility.FragilityConfig(top_k=2)
+    with pytest.raises(InputError, match="n_train=5 is too small"):
+        fragility.FragilityConfig(n_train=5, top_k=6)
 
 
 def test_unknown_dataset_is_a_value_error():
@@ -130,6 +164,11 @@ def test_gaps_config_validation():
     with pytest.raises(ValueError, match="solver"):
         gaps.GapsConfig(solver="x")
     assert gaps.GapsConfig(datasets="diabetes,digits").datasets == ("diabetes", "digits")
+    for bad in ("", ("",), ("diabetes", " ")):
+        with pytest.raises(InputError, match="datasets"):
+            gaps.GapsConfig(datasets=bad)
+    with pytest.raises(InputError, match="n_train=10 is too small"):
+        gaps.GapsConfig(n_train=10, n_removed=10)
 
 
 # --------------------------------------------------------------------------- mislabel
@@ -170,6 +209,22 @@ def test_mislabel_config_validation():
         mislabel.MislabelConfig(fractions=(0.1, 2.0))
     with pytest.raises(ValueError, match="classification"):
         mislabel.run(mislabel.quick(dataset="diabetes", n_train=None, progress=False))
+    # one example flips no label (the study reported all-NaN before): refused
+    with pytest.raises(InputError, match="n_train=1 is too small"):
+        mislabel.quick(n_train=1)
+    with pytest.raises(InputError, match="at least 20"):
+        mislabel.quick(n_train=19)
+    assert mislabel.quick(n_train=20).n_train == 20
+
+
+def test_small_loaded_split_is_refused(tmp_path):
+    """A data file smaller than the study needs fails after loading, before training."""
+    rows = np.random.default_rng(0).normal(size=(12, 3))
+    rows[:, -1] = np.arange(12) % 3
+    path = tmp_path / "tiny.txt"
+    np.savetxt(path, rows)
+    with pytest.raises(InputError, match="too small"):
+        gaps.run(gaps.quick(datasets=(str(path),), n_train=None, progress=False))
 
 
 # --------------------------------------------------------------------------- helpers

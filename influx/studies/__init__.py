@@ -12,6 +12,11 @@ Each module has ``run(config) -> Result``, a frozen ``Config`` dataclass with de
 and a ``quick()`` preset; results have ``to_dict()`` (JSON-ready), ``to_markdown()``
 (also ``str()``) and ``plot(path)``. Studies compute in float64 by default, scoped with
 ``jax.enable_x64`` (the caller's global JAX configuration is left alone).
+
+The studies are influx's research harness: they need the ``studies`` extra
+(``pip install "influx[studies]"``: scikit-learn for the bundled data sets, matplotlib for
+the plots, tqdm for progress bars), which the library itself does not. Importing them
+loads none of the three; running them does.
 """
 
 from influx.studies import fragility, gaps, lds, mislabel

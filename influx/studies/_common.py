@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from influx.errors import InputError
+
 __all__ = [
     "adam",
     "apply_for",
@@ -28,6 +30,7 @@ __all__ = [
     "markdown_table",
     "fmt",
     "check_grid",
+    "check_size",
 ]
 
 SOLVERS = ("direct", "cg", "lissa", "arnoldi", "ekfac", "kfac")
@@ -42,7 +45,7 @@ def precision(dtype: str):
     loss, so studies default to float64: in float32 they drown in rounding noise.
     """
     if dtype not in ("float64", "float32"):
-        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+        raise InputError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
     if dtype == "float64":
         with jax.enable_x64(True):
             yield np.float64
@@ -57,6 +60,12 @@ def progress(iterable: Iterable | None = None, *, enabled: bool = True, **kw):
     return tqdm(iterable, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
 
 
+# The two caches below are not about solvers (those hash by their options): they keep one
+# ``apply_fn`` closure per model and one ``optax`` optimizer per learning rate. Closures and
+# optax's ``GradientTransformation`` (a NamedTuple of closures) compare by identity, and both
+# are static arguments of influx's compiled programs (``Objective`` holds ``apply_fn``; the
+# training loops of :mod:`influx.models` are keyed on the optimizer), so building them anew
+# for each configuration of a grid would compile the same programs again.
 _APPLY_FNS: dict = {}
 
 
@@ -104,7 +113,7 @@ def loss_for(task: str):
         return losses.softmax_cross_entropy
     if task == "regression":
         return losses.squared_error
-    raise ValueError(f"unknown task {task!r}")
+    raise InputError(f"unknown task {task!r}")
 
 
 def make_solver(name: str, *, cg_tol: float = 1e-8, max_steps: int = 2000, rank: int = 50,
@@ -112,15 +121,15 @@ def make_solver(name: str, *, cg_tol: float = 1e-8, max_steps: int = 2000, rank:
     """An :mod:`influx.solvers` solver from its name (``direct | cg | lissa | arnoldi | ekfac |
     kfac``).
 
-    Raises ``ValueError`` for an unknown name or a solver this installation lacks.
+    Raises :class:`influx.errors.InputError` for an unknown name.
     """
     from influx import solvers
 
     if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; known: {', '.join(SOLVERS)}")
+        raise InputError(f"unknown solver {name!r}; known: {', '.join(SOLVERS)}")
     factory = getattr(solvers, name, None)
     if factory is None:
-        raise ValueError(f"solver {name!r} is not available in influx.solvers")
+        raise InputError(f"solver {name!r} is not available in influx.solvers")
     if name in ("direct", "ekfac", "kfac"):
         return factory()
     if name == "cg":
@@ -128,6 +137,22 @@ def make_solver(name: str, *, cg_tol: float = 1e-8, max_steps: int = 2000, rank:
     if name == "arnoldi":
         return _call_with(factory, rank=rank)
     return _call_with(factory, depth=lissa_depth, batch_size=lissa_batch_size)
+
+
+def nan_on_failure(fn) -> dict:
+    """``{"on_failure": "nan"}`` when ``fn`` takes it (influx's failure policy), else ``{}``.
+
+    The studies compare methods and report failures in their tables: a solve that fails
+    gives NaN entries (counted and noted) instead of ending the whole study with a
+    :class:`influx.errors.SolveError`.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"on_failure": "nan"} if "on_failure" in params else {}
 
 
 def _call_with(factory, **kw):
@@ -201,30 +226,46 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def check_grid(values, name: str, *, kind=int, minimum=None) -> tuple:
     """Validates a non-empty grid of numbers; returns it as a tuple.
 
-    Raises ``ValueError`` naming ``name`` for an empty grid, a wrong type (a float where
-    an integer is needed, a bool) or a value below ``minimum``.
+    Raises :class:`influx.errors.InputError` (a ``ValueError``) naming ``name`` for an
+    empty grid, a wrong type (a float where an integer is needed, a bool) or a value below
+    ``minimum``.
     """
     if isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
         values = (values,)
     try:
         vals = tuple(values)
     except TypeError as e:
-        raise ValueError(f"{name} must be a sequence of numbers, got {values!r}") from e
+        raise InputError(f"{name} must be a sequence of numbers, got {values!r}") from e
     if not vals:
-        raise ValueError(f"{name} must not be empty")
+        raise InputError(f"{name} must not be empty")
     out = []
     for v in vals:
         if isinstance(v, (bool, np.bool_)):
-            raise ValueError(f"{name}: expected {kind.__name__} values, got {v!r}")
+            raise InputError(f"{name}: expected {kind.__name__} values, got {v!r}")
         if kind is int:
             if not isinstance(v, (int, np.integer)):
-                raise ValueError(f"{name}: expected integers, got {v!r}")
+                raise InputError(f"{name}: expected integers, got {v!r}")
             v = int(v)
         else:
             if not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(float(v)):
-                raise ValueError(f"{name}: expected finite numbers, got {v!r}")
+                raise InputError(f"{name}: expected finite numbers, got {v!r}")
             v = float(v)
         if minimum is not None and v < minimum:
-            raise ValueError(f"{name}: values must be >= {minimum}, got {v!r}")
+            raise InputError(f"{name}: values must be >= {minimum}, got {v!r}")
         out.append(v)
     return tuple(out)
+
+
+def check_size(n, name: str, minimum: int, why: str) -> None:
+    """Refuses a data size too small for a study: :class:`influx.errors.InputError` naming
+    ``name``, its value, the minimum and ``why`` the study needs it. ``None`` (= all) passes."""
+    if n is not None:
+        n = check_grid((n,), name, minimum=1)[0] if name.isidentifier() else n
+    if n is not None and n < minimum:
+        raise InputError(f"{size_label(name, n)} is too small for this study: it needs at least {minimum} "
+                         f"({why})")
+
+
+def size_label(name: str, n: int) -> str:
+    """``n_train=5`` for an option, ``the training split of 'x' (5 examples)`` otherwise."""
+    return f"{name}={n}" if name.isidentifier() else f"{name} ({n} examples)"

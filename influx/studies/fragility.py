@@ -31,14 +31,14 @@ Protocol, for every configuration (depth, width, weight decay) of the grid:
 
 Cost per configuration: one dense Hessian (``P`` Hessian-vector products over the
 training set, ``P^2`` memory) and ``<= n_test_points * top_k`` leave-one-out retrainings
-(vmapped by :func:`influx.response.loo`, or L-BFGS one after the other with
-``loo_method="lbfgs"``).
+(L-BFGS, one after the other, with the default ``loo_method="lbfgs"``; Newton-CG vmapped
+over the removed examples by :func:`influx.response.loo` with ``loo_method="response"``).
 
 Failure modes: deep nets without weight decay may not reach ``tol`` (see
 ``grad_norm``/``converged`` in the rows) -- the paper's point is precisely that the
 influence function is then unreliable. Without weight decay (``l2 = 0``) a classifier
 that separates its training set (Iris does) has no minimiser at all: L-BFGS drives the
-training loss to ~1e-8, every per-example gradient vanishes with it, the warm-start
+training loss towards 0, every per-example gradient vanishes with it, the warm-start
 retraining stops at once (its gradient is already below ``tol``) and both the predicted
 and the actual changes are ~0 -- the correlations are then undefined and reported as
 ``nan`` (``n_valid`` counts the test points where they are defined). Very small actual
@@ -53,9 +53,13 @@ import time
 
 import numpy as np
 
+from influx.errors import InputError, SolveError
 from influx.studies import _common as C
 
 __all__ = ["FragilityConfig", "FragilityRow", "FragilityResult", "run", "quick"]
+
+
+_MIN_TOP_K = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +75,15 @@ class FragilityConfig:
     solver: iHVP solver name (``direct`` for small models; ``cg``/``arnoldi``/``lissa``).
     top_k: training examples per test point whose removal is simulated.
     n_test_points: the highest-loss test point plus ``n_test_points - 1`` random ones.
-    train_steps, learning_rate: Adam warm-up; then L-BFGS up to ``lbfgs_steps`` or
-      ``||grad J|| < tol``.
+    train_steps, learning_rate: Adam warm-up; then full-batch L-BFGS up to ``lbfgs_steps``
+      steps or until ``||grad J|| < tol``.
     loo_method: ``"lbfgs"`` (default: :func:`influx.models.train_to_convergence` from
       ``theta_s`` on the ``N - 1`` remaining examples with weight decay ``l2 N/(N-1)``,
-      one removed example after the other, to ``tol``) or ``"response"``
-      (:func:`influx.response.loo`: the same objective, full-batch L-BFGS for
-      ``loo_steps`` steps, vmapped over the removed examples). Both agree to 3 digits on
-      Iris; the sequential one is ~3x faster there (the vmapped scan runs all
-      ``loo_steps`` for every example).
+      one removed example after the other, L-BFGS to ``tol``) or ``"response"``
+      (:func:`influx.response.loo`: the same objective, vmapped over the removed
+      examples, with its default inner solver -- full-batch Newton-CG, at most
+      ``loo_steps`` steps, an example stops as soon as its gradient norm reaches ``tol``).
+      How the two compare in accuracy and time is measured in ``benchmarks/README.md``.
     seed: seeds the data split, initialisation and test-point sample.
     dtype: ``"float64"`` (default; LOO differences are tiny) or ``"float32"``.
     progress: show tqdm progress bars on stderr.
@@ -117,13 +121,18 @@ class FragilityConfig:
         for name in ("top_k", "n_test_points", "train_steps", "lbfgs_steps", "loo_steps"):
             C.check_grid((getattr(self, name),), name, minimum=1 if name != "train_steps" else 0)
         if self.kind not in ("hessian", "gnh"):
-            raise ValueError(f"kind must be 'hessian' or 'gnh', got {self.kind!r}")
+            raise InputError(f"kind must be 'hessian' or 'gnh', got {self.kind!r}")
         if self.solver not in C.SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; known: {', '.join(C.SOLVERS)}")
+            raise InputError(f"unknown solver {self.solver!r}; known: {', '.join(C.SOLVERS)}")
         if self.loo_method not in ("response", "lbfgs"):
-            raise ValueError(f"loo_method must be 'response' or 'lbfgs', got {self.loo_method!r}")
+            raise InputError(f"loo_method must be 'response' or 'lbfgs', got {self.loo_method!r}")
         if not (np.isfinite(self.damping) and self.damping >= 0):
-            raise ValueError(f"damping must be finite and >= 0, got {self.damping!r}")
+            raise InputError(f"damping must be finite and >= 0, got {self.damping!r}")
+        if self.top_k < _MIN_TOP_K:
+            raise InputError(f"top_k={self.top_k} is too small: a correlation over fewer than "
+                             f"{_MIN_TOP_K} removed examples is undefined or trivially +-1")
+        C.check_size(self.n_train, "n_train", self.top_k,
+                     f"top_k={self.top_k} training examples are removed per test point")
 
     @classmethod
     def quick(cls, **overrides) -> FragilityConfig:
@@ -271,6 +280,8 @@ def run(config: FragilityConfig | None = None) -> FragilityResult:
     with C.precision(config.dtype) as dtype:
         ds = C.load_dataset(config.dataset, data_dir=config.data_dir, n_train=config.n_train,
                             n_test=config.n_test, seed=config.seed, dtype=dtype)
+        C.check_size(ds.n_train, f"the training split of {config.dataset!r}", config.top_k,
+                     f"top_k={config.top_k} training examples are removed per test point")
         grid = list(itertools.product(config.depths, config.widths, config.weight_decays))
         rows = []
         bar = C.progress(grid, enabled=config.progress, desc="fragility", unit="config")
@@ -367,7 +378,7 @@ def _influence_with_fallback(cfg, obj, params, train, test_sel):
             err = e
         nxt = max(damping * 10.0, 1e-6)
         if nxt > cfg.max_damping:
-            raise ValueError(f"influence failed even with damping={damping:g}: {err}") from err
+            raise SolveError(f"influence failed even with damping={damping:g}: {err}") from err
         damping = nxt
 
 

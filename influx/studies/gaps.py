@@ -40,6 +40,7 @@ import warnings
 
 import numpy as np
 
+from influx.errors import InputError
 from influx.studies import _common as C
 
 __all__ = ["GapsConfig", "GapsRow", "GapsResult", "run", "quick", "GAP_NAMES", "OBJECTS"]
@@ -93,8 +94,10 @@ class GapsConfig:
         if isinstance(self.datasets, str):
             s(self, "datasets", tuple(d.strip() for d in self.datasets.split(",") if d.strip()))
         s(self, "datasets", tuple(self.datasets))
-        if not self.datasets or not all(isinstance(d, str) for d in self.datasets):
-            raise ValueError(f"datasets must be a non-empty sequence of names, got {self.datasets!r}")
+        if (not self.datasets or not all(isinstance(d, str) for d in self.datasets)
+                or not all(d.strip() for d in self.datasets)):
+            raise InputError(f"datasets must be a non-empty sequence of data set names, "
+                             f"got {self.datasets!r}")
         s(self, "widths", C.check_grid(self.widths, "widths", minimum=1))
         s(self, "steps", C.check_grid(self.steps, "steps", minimum=1))
         C.check_grid((self.depth,), "depth", minimum=1)
@@ -103,13 +106,15 @@ class GapsConfig:
         for name in ("n_removed", "n_test_points", "arnoldi_rank", "cg_max_steps", "lissa_depth"):
             C.check_grid((getattr(self, name),), name, minimum=1)
         if self.n_removed < 2 or self.n_test_points < 1:
-            raise ValueError("n_removed must be >= 2 (correlations) and n_test_points >= 1")
+            raise InputError("n_removed must be >= 2 (correlations) and n_test_points >= 1")
+        C.check_size(self.n_train, "n_train", self.n_removed + 1,
+                     f"n_removed={self.n_removed} training examples are removed, and one must remain")
         C.check_grid((self.l2,), "l2", kind=float, minimum=0.0)
         C.check_grid((self.damping,), "damping", kind=float, minimum=0.0)
         if self.batch_size is not None:
             C.check_grid((self.batch_size,), "batch_size", minimum=1)
         if self.solver not in C.SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; known: {', '.join(C.SOLVERS)}")
+            raise InputError(f"unknown solver {self.solver!r}; known: {', '.join(C.SOLVERS)}")
 
     @classmethod
     def quick(cls, **overrides) -> GapsConfig:
@@ -247,6 +252,9 @@ def run(config: GapsConfig | None = None) -> GapsResult:
         sets = {name: C.load_dataset(name, data_dir=config.data_dir, n_train=_n(config.n_train, name),
                                      n_test=config.n_test, seed=config.seed, dtype=dtype)
                 for name in config.datasets}  # load all first: bad names fail before any training
+        for name, ds in sets.items():
+            C.check_size(ds.n_train, f"the training split of {name!r}", config.n_removed + 1,
+                         f"n_removed={config.n_removed} training examples are removed, and one must remain")
         grid = list(itertools.product(config.datasets, config.widths, config.steps))
         bar = C.progress(grid, enabled=config.progress, desc="gaps", unit="config")
         for name, width, steps in bar:

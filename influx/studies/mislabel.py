@@ -37,6 +37,7 @@ import warnings
 
 import numpy as np
 
+from influx.errors import InputError
 from influx.studies import _common as C
 
 __all__ = ["MislabelConfig", "MislabelRow", "MislabelResult", "run", "quick", "METHODS"]
@@ -94,15 +95,15 @@ class MislabelConfig:
             s(self, "methods", tuple(m.strip() for m in self.methods.split(",") if m.strip()))
         s(self, "methods", tuple(self.methods))
         if not self.methods:
-            raise ValueError("methods must not be empty")
+            raise InputError("methods must not be empty")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
-            raise ValueError(f"unknown method(s) {', '.join(map(repr, bad))}; known: {', '.join(METHODS)}")
+            raise InputError(f"unknown method(s) {', '.join(map(repr, bad))}; known: {', '.join(METHODS)}")
         s(self, "fractions", C.check_grid(self.fractions, "fractions", kind=float, minimum=0.0))
         if any(q > 1 for q in self.fractions):
-            raise ValueError(f"fractions must lie in [0, 1], got {self.fractions}")
+            raise InputError(f"fractions must lie in [0, 1], got {self.fractions}")
         if not (isinstance(self.fraction, (int, float)) and 0.0 < float(self.fraction) < 1.0):
-            raise ValueError(f"fraction must be in (0, 1), got {self.fraction!r}")
+            raise InputError(f"fraction must be in (0, 1), got {self.fraction!r}")
         C.check_grid((self.depth,), "depth", minimum=0)
         C.check_grid((self.width,), "width", minimum=1)
         for name in ("lbfgs_steps", "cg_max_steps", "arnoldi_rank", "lissa_depth", "pbrf_steps"):
@@ -112,7 +113,10 @@ class MislabelConfig:
         C.check_grid((self.damping,), "damping", kind=float, minimum=0.0)
         C.check_grid((self.cg_tol,), "cg_tol", kind=float, minimum=0.0)
         if self.kind not in ("hessian", "gnh"):
-            raise ValueError(f"kind must be 'hessian' or 'gnh', got {self.kind!r}")
+            raise InputError(f"kind must be 'hessian' or 'gnh', got {self.kind!r}")
+        if self.n_train is not None:
+            C.check_grid((self.n_train,), "n_train", minimum=1)
+            _check_n_train(self.n_train, self.fraction, self.fractions)
 
     @classmethod
     def quick(cls, **overrides) -> MislabelConfig:
@@ -121,6 +125,22 @@ class MislabelConfig:
                   train_steps=500, lbfgs_steps=300, arnoldi_rank=30)
         kw.update(overrides)
         return cls(**kw)
+
+
+def _check_n_train(n: int, fraction: float, fractions, *, what: str = "n_train") -> None:
+    """Refuses a training set too small for the detection table: at least one flipped and one
+    clean label (else recall and AUC are undefined), and at least one example inspected at
+    the smallest reported fraction."""
+    n_flip = int(np.floor(float(fraction) * n + 0.5))  # as influx.data.flip_labels
+    q = min((f for f in fractions if f > 0), default=None)
+    if n_flip < 1 or n - n_flip < 1:
+        raise InputError(f"{C.size_label(what, n)} is too small for this study: flipping "
+                         f"{float(fraction):.0%} of it flips {n_flip} of {n} labels; it needs at least "
+                         "one flipped and one clean label")
+    if q is not None and q * n < 1:
+        need = int(np.ceil(1 / q))
+        raise InputError(f"{C.size_label(what, n)} is too small for this study: it needs at least {need} "
+                         f"examples (the table inspects {q:.0%} of the training set, at least one example)")
 
 
 def quick(**overrides) -> MislabelConfig:
@@ -210,7 +230,8 @@ def _run(cfg: MislabelConfig, dtype) -> MislabelResult:
     ds = C.load_dataset(cfg.dataset, data_dir=cfg.data_dir, n_train=cfg.n_train, n_test=cfg.n_test,
                         seed=cfg.seed, dtype=dtype)
     if ds.task != "classification":
-        raise ValueError(f"mislabel detection needs a classification data set; {cfg.dataset!r} is {ds.task}")
+        raise InputError(f"mislabel detection needs a classification data set; {cfg.dataset!r} is {ds.task}")
+    _check_n_train(ds.n_train, cfg.fraction, cfg.fractions, what=f"the training split of {cfg.dataset!r}")
     y_noisy, flipped = data.flip_labels(ds.train[1], cfg.fraction, ds.num_classes, seed=cfg.seed)
     train = (jnp.asarray(ds.train[0]), jnp.asarray(y_noisy))
     test = tuple(jnp.asarray(a) for a in ds.test)
@@ -239,7 +260,7 @@ def _run(cfg: MislabelConfig, dtype) -> MislabelResult:
                 solver = C.make_solver(method, max_steps=cfg.cg_max_steps, cg_tol=cfg.cg_tol,
                                        rank=min(cfg.arnoldi_rank, n_params), lissa_depth=cfg.lissa_depth)
                 scores = influx.self_influence(obj, params, train, kind=cfg.kind, damping=cfg.damping,
-                                               solver=solver)
+                                               solver=solver, **C.nan_on_failure(influx.self_influence))
             elif method == "grad_dot":
                 g = curvature.per_example_grads_flat(obj, params, train)
                 scores = jnp.sum(g * g, axis=1) / n
