@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 
 import influx
 from influx import curvature, losses, solvers
+from influx.errors import InputError
 from tests.conftest import make_problem
 
 E = importlib.import_module("influx.solvers.ekfac")
@@ -56,7 +57,7 @@ def test_layers_found_for_flax_and_hand_written_models():
 
     x = jnp.ones((1, 6))
     p = M().init(jax.random.PRNGKey(0), x)["params"]
-    lyr = E.layers(lambda q, xx: M().apply({"params": q}, xx), p, x)
+    lyr = E.blocks(lambda q, xx: M().apply({"params": q}, xx), p, x)
     assert [(l.path, l.d_in, l.d_out, l.bias is not None, l.transposed) for l in lyr] == [
         ("['Dense_0']['kernel']", 6, 5, True, False),
         ("['Dense_1']['kernel']", 5, 4, False, False),
@@ -73,7 +74,7 @@ def test_layers_found_for_flax_and_hand_written_models():
         return h @ q["tied"].T
 
     q = {"w1": jnp.ones((4, 6)), "b1": jnp.ones(4), "tied": jnp.ones((4, 4))}
-    lyr = E.layers(apply, q, x)
+    lyr = E.blocks(apply, q, x)
     assert [(l.path, l.d_in, l.d_out, l.bias is not None, l.transposed) for l in lyr] == [
         ("['w1']", 6, 4, True, True)]  # the tied kernel (used twice) falls back to the diagonal
 
@@ -85,7 +86,7 @@ def test_ekfac_eigenvalues_are_the_gnh_diagonal_in_the_kronecker_eigenbasis(name
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=10)
     g = _gnh(op)
     st = solvers.ekfac().prepare(op)
-    lyr = E.layers(obj.apply_fn, params, data[0][:1])
+    lyr = E.blocks(obj.apply_fn, params, data[0][:1])
     assert lyr
     for k, layer in enumerate(lyr):
         idx = _layer_index(params, layer).reshape(-1)
@@ -148,7 +149,7 @@ def test_apply_equals_the_inverse_of_the_factored_matrix_and_batches():
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=10)
     solver = solvers.ekfac()
     st = solver.prepare(op)
-    lyr = E.layers(obj.apply_fn, params, data[0][:1])
+    lyr = E.blocks(obj.apply_fn, params, data[0][:1])
     # the approximating matrix, assembled densely: block-diagonal over layers + diagonal
     p = op.dim
     approx = np.diag(np.asarray(ravel_pytree(st.diag)[0]))
@@ -202,7 +203,7 @@ def test_float32_and_bad_input():
                              kind="gnh", damping=0.0)
     with pytest.raises(ValueError, match="shift"):
         solvers.ekfac().prepare(op0)
-    with pytest.raises(TypeError, match="Operator"):
+    with pytest.raises(InputError, match="Operator"):
         solvers.ekfac().prepare(lambda v: v)
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2)
     bad = jax.tree_util.tree_map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), params)
