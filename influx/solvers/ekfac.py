@@ -286,6 +286,7 @@ def _inverse(state: EKFACState, b):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@functools.partial(jit, static_argnames=("obj",))
 def _inverse_quadratic(state: EKFACState, obj, params, chunk):
     """``g_m^T A^-1 g_m`` for every example of ``chunk`` from per-example loss gradients in
     the eigenbasis: ``sum_l sum_ij (Q_A^T G_m Q_S)_ij^2 / (Lambda_ij + s) + sum_j g_j^2 /
