@@ -51,9 +51,9 @@ def _nnx(module):
 
 
 # ------------------------------------------------------------------ linear models: K-FAC exact
-def _linear_problem(name, key=jax.random.PRNGKey(0)):
+def _linear_problem(name):
     """A linear model with squared error on all outputs (flattened) and its data."""
-    kx, ky, kp = jax.random.split(key, 3)
+    kx, ky, kp = jax.random.split(jax.random.PRNGKey(0), 3)
     rngs = nnx.Rngs(int(kp[1]))
     if name == "conv2d":  # strides, SAME padding, bias
         m, x = nnx.Conv(2, 3, (3, 2), strides=(2, 1), padding="SAME", rngs=rngs), (4, 5, 5, 2)

@@ -72,7 +72,17 @@ from influx import losses as _losses
 from influx._xla import jit
 from influx.errors import InputError
 from influx.solvers import kron
-from influx.solvers._base import Solution, Solver, Status, all_finite, check_rhs
+from influx.solvers._base import (
+    Solution,
+    Solver,
+    Status,
+    all_finite,
+    check_rhs,
+    compiled,
+    key_array,
+    key_tuple,
+    relative,
+)
 from influx.solvers.kron import Block, blocks, coverage, layers
 
 __all__ = ["ekfac", "kfac", "EKFAC", "KFAC", "EKFACState", "layers", "coverage", "blocks",
@@ -314,17 +324,13 @@ def quadratic_form(state: EKFACState, obj, params, chunk):
 
 
 # ------------------------------------------------------------------ the solver values
-_NEW_BASE = not dataclasses.is_dataclass(Solver)  # the Solver base class of solver values
-_Base = Solver if _NEW_BASE else object
-
-
 def _num_outputs(obj, params, x0) -> int:
     out = jax.eval_shape(obj.apply_fn, params, x0)
     return int(np.prod(out.shape[1:])) if out.shape else 1
 
 
-@dataclasses.dataclass(frozen=True)
-class EKFAC(_Base):
+@dataclasses.dataclass(frozen=True, repr=False)
+class EKFAC(Solver):
     """EK-FAC solver value (module docstring); made by :func:`ekfac`."""
 
     name: ClassVar[str] = "ekfac"
@@ -332,7 +338,7 @@ class EKFAC(_Base):
     tol: float = DEFAULT_TOL
     residual: bool = True
     samples: int | None = None
-    key: int = 0
+    key: tuple = (0, 0)  # key_tuple(jax.random.PRNGKey(0))
 
     def __post_init__(self):
         if not (isinstance(self.tol, (int, float)) and float(self.tol) > 0):
@@ -384,7 +390,7 @@ class EKFAC(_Base):
             raise InputError(f"{self.name}: samples={samples} needs a loss with a predictive "
                              f"distribution (influx.losses.Loss.sample); {op.obj.loss_fn!r} has "
                              "none: pass samples=0 (exact factor)")
-        return _prepare_run(op.params, op.data, op.shift, jax.random.PRNGKey(self.key), obj=op.obj,
+        return _prepare_run(op.params, op.data, op.shift, key_array(self.key), obj=op.obj,
                             blks=blks, correct=self.correct, chunk_size=int(op.chunk_size),
                             samples=samples)
 
@@ -401,7 +407,7 @@ class EKFAC(_Base):
             status = jnp.where(rn <= self.tol * bn, Status.CONVERGED, Status.MAX_STEPS)
         status = jnp.where(state.shift > 0, status, Status.NOT_POSITIVE_DEFINITE)
         status = jnp.where(all_finite(bf) & all_finite(xf), status, Status.NONFINITE)
-        rel = rn / jnp.where(bn > 0, bn, 1.0)
+        rel = relative(rn, bn)
         return Solution(x, rn, jnp.asarray(int(self.residual)), status == Status.CONVERGED, status,
                         {"relative_residual": rel})
 
@@ -426,16 +432,16 @@ class EKFAC(_Base):
         """``(g_m^T A^-1 g_m for m in chunk, None)`` in the eigenbasis (no solve)."""
         return _inverse_quadratic(state, op.obj, op.params, chunk), None
 
-    # -- conveniences (also provided by the Solver base) ------------------------------------
+    # -- conveniences: the base's, warning with what to change ------------------------------
     def __call__(self, op, b, *, batched: bool = False) -> Solution:
         b = check_rhs(op, b, batched=batched)
         state = self.prepare(op)
-        sol = self.apply_batch(state, op, b) if batched else _compiled_apply(self, state, op, b)
-        return self._warn(sol)
+        if batched:
+            return self.apply_batch(state, op, b)
+        return self._warn(compiled(type(self).apply)(self, state, op, b))
 
     def apply_batch(self, state, op, bs) -> Solution:
-        bs = check_rhs(op, bs, batched=True)
-        return self._warn(_compiled_apply_many(self, state, op, bs))
+        return self._warn(super().apply_batch(state, op, bs))
 
     def _warn(self, sol: Solution) -> Solution:
         st = np.asarray(sol.status).reshape(-1)
@@ -449,14 +455,6 @@ class EKFAC(_Base):
                 RuntimeWarning, stacklevel=3)
         return sol
 
-    @property
-    def options(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-        return f"influx.solvers.{self.name}({opts})"
-
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class KFAC(EKFAC):
@@ -466,18 +464,8 @@ class KFAC(EKFAC):
     correct: ClassVar[bool] = False
 
 
-@functools.partial(jit, static_argnums=0)
-def _compiled_apply(solver, state, op, b):
-    return solver.apply(state, op, b)
-
-
-@functools.partial(jit, static_argnums=0)
-def _compiled_apply_many(solver, state, op, bs):
-    return solver.apply_many(state, op, bs)
-
-
 def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = True,
-          samples: int | None = None, key: int = 0) -> EKFAC:
+          samples: int | None = None, key=None) -> EKFAC:
     """EK-FAC (``correct=True``) or K-FAC (``correct=False``) solver (module docstring).
 
     Args:
@@ -491,7 +479,8 @@ def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = Tr
       samples: output-Hessian factor: ``None`` (automatic: exact up to
         ``EXACT_MAX_OUTPUTS`` outputs per example, else ``AUTO_SAMPLES`` sampled labels),
         ``0`` (always exact) or ``k`` (the sampled Fisher with ``k`` labels per example).
-      key: integer seed of the sampled labels (each example folds in its index).
+      key: ``jax.random`` key or int seed of the sampled labels (default ``PRNGKey(0)``;
+        each example folds in its index).
 
     ``prepare(op)`` needs an :class:`influx.curvature.Operator` (it reads ``op.obj``,
     ``op.params``, ``op.data``, ``op.chunk_size``).
@@ -501,19 +490,19 @@ def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = Tr
 
 
 def kfac(*, tol: float = DEFAULT_TOL, residual: bool = True, samples: int | None = None,
-         key: int = 0) -> KFAC:
+         key=None) -> KFAC:
     """Plain K-FAC: ``ekfac(correct=False)``."""
     return KFAC(tol=tol, residual=residual, samples=samples, key=_seed(key))
 
 
-def _seed(key) -> int:
-    """An int seed from an int or a ``jax.random`` key (solver options must be hashable)."""
+def _seed(key) -> tuple:
+    """A hashable key (:func:`key_tuple`) from a ``jax.random`` key, an int seed or ``None``."""
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return int(key)
+        key = jax.random.PRNGKey(int(key))
     try:
-        return int(jax.random.randint(key, (), 0, 2**31 - 1))
+        return key_tuple(key)
     except (TypeError, ValueError):
-        raise InputError(f"ekfac/kfac: key must be an int seed or a jax.random key, got {key!r}") from None
+        raise InputError(f"ekfac/kfac: key must be a jax.random key or an int seed, got {key!r}") from None
 
 
 # influx.solvers.ekfac is this function (the module is shadowed in influx.solvers):
