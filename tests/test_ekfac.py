@@ -217,3 +217,58 @@ def test_float32_and_bad_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         solvers.ekfac(residual=False)(op, _rand_like(params))
+
+
+# ------------------------------------------------------------------ residual, tol, kind, samples
+def test_status_is_converged_only_below_tol_with_the_true_relative_residual():
+    obj, params, data = make_problem("tanh_mlp")
+    op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=10)
+    dense = np.asarray(curvature.dense(op))
+    bs = jax.vmap(lambda s: _rand_like(params, s))(jnp.arange(4))
+    st = solvers.ekfac(tol=np.inf).prepare(op)
+    sol = solvers.ekfac(tol=np.inf).apply_batch(st, op, bs)
+    flat = jax.vmap(lambda t: ravel_pytree(t)[0])
+    b, x = np.asarray(flat(bs)), np.asarray(flat(sol.x))
+    rel = np.linalg.norm(x @ dense - b, axis=1) / np.linalg.norm(b, axis=1)
+    np.testing.assert_allclose(np.asarray(sol.stats["relative_residual"]), rel, rtol=1e-8)
+    assert np.all(np.asarray(sol.converged))
+    tol = float(np.median(rel))  # half the solves pass, half fail
+    with pytest.warns(RuntimeWarning, match="relative residual above tol.*Add damping"):
+        sol = solvers.ekfac(tol=tol).apply_batch(st, op, bs)
+    np.testing.assert_array_equal(np.asarray(sol.converged), rel <= tol)
+    np.testing.assert_array_equal(np.asarray(sol.status)[rel > tol], solvers.Status.MAX_STEPS)
+    # the default tol is the residual of x = 0; more damping makes the approximation pass it
+    op_big = curvature.operator(obj, params, data, kind="gnh", damping=1.0, chunk_size=10)
+    assert bool(solvers.ekfac()(op_big, _rand_like(params)).converged)
+
+
+def test_hessian_kind_warns_that_only_the_gauss_newton_part_is_approximated():
+    obj, params, data = make_problem("tanh_mlp")
+    op = curvature.operator(obj, params, data, kind="hessian", damping=1e-2, chunk_size=10)
+    with pytest.warns(RuntimeWarning, match="only the Gauss-Newton part"):
+        solvers.kfac().prepare(op)
+
+
+def test_sampled_fisher_converges_to_the_exact_factor():
+    obj, params, data = make_problem("tanh_mlp", n=12)
+    op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=12)
+    exact = solvers.kfac(samples=0).prepare(op)
+    # the K-FAC block A (x) S (A is exact: its relative error is the error of S)
+    def block(st, k):
+        q = np.kron(np.asarray(st.qa[k]), np.asarray(st.qs[k]))
+        return q @ np.diag(np.asarray(st.lam[k]).ravel()) @ q.T
+
+    errs = []
+    for samples in (4, 64, 1024):
+        st = solvers.kfac(samples=samples, key=1).prepare(op)
+        errs.append(max(np.linalg.norm(block(st, k) - block(exact, k))
+                        / np.linalg.norm(block(exact, k)) for k in range(2)))
+    assert errs[2] < errs[0] and errs[2] < 0.15, errs
+    # different keys give different factors, equal keys identical ones
+    a1 = solvers.kfac(samples=4, key=1).prepare(op)
+    a2 = solvers.kfac(samples=4, key=jax.random.PRNGKey(1)).prepare(op)
+    a3 = solvers.kfac(samples=4, key=2).prepare(op)
+    np.testing.assert_array_equal(np.asarray(a1.lam[1]), np.asarray(a2.lam[1]))
+    assert not np.allclose(np.asarray(a1.lam[1]), np.asarray(a3.lam[1]))
+    with pytest.raises(InputError, match="samples"):
+        solvers.ekfac(samples=-1)
