@@ -33,10 +33,14 @@ def _block_index(params, b):
     """Flat (ravel order) indices of a block's ``(rows, d_out)`` matrix."""
     leaves = jax.tree_util.tree_leaves(params)
     offs = np.cumsum([0] + [np.size(l) for l in leaves])
-    idx = np.arange(offs[b.kernel], offs[b.kernel + 1]).reshape(np.shape(leaves[b.kernel]))
-    idx = idx.transpose(b.perm).reshape(b.d_in, b.d_out)
+
+    def leaf_index(i):
+        idx = np.arange(offs[i], offs[i + 1]).reshape(np.shape(leaves[i]))
+        return idx if b.index is None else idx[b.index]
+
+    idx = leaf_index(b.kernel).transpose(b.perm).reshape(b.d_in, b.d_out)
     if b.bias is not None:
-        idx = np.concatenate([idx, np.arange(offs[b.bias], offs[b.bias + 1])[None]], 0)
+        idx = np.concatenate([idx, leaf_index(b.bias).reshape(1, -1)], 0)
     return idx.reshape(-1)
 
 
@@ -179,7 +183,24 @@ def _token_xent():
                        lambda *a: None, ce.hessian_factor)
 
 
+def _scan_apply(p, x):
+    """Three stacked tanh layers applied by ``lax.scan``, then a dense head."""
+    def step(h, layer):
+        return jnp.tanh(h @ layer["w"] + layer["b"]), None
+
+    h, _ = jax.lax.scan(step, x, p["stack"])
+    return h @ p["head"]["w"] + p["head"]["b"]
+
+
 def _nonlinear(name):
+    if name == "scan":
+        k = jax.random.split(jax.random.PRNGKey(0), 5)
+        params = {"stack": {"w": 0.6 * jax.random.normal(k[0], (3, 4, 4)),
+                            "b": 0.1 * jax.random.normal(k[1], (3, 4))},
+                  "head": {"w": jax.random.normal(k[2], (4, 3)), "b": jnp.zeros(3)}}
+        x = jax.random.normal(k[3], (7, 4))
+        y = jax.random.randint(k[4], (7,), 0, 3)
+        return influx.Objective(_scan_apply, losses.softmax_cross_entropy, l2=1e-3), params, (x, y)
     if name == "convnet":
         apply, params = _nnx(_ConvNet(nnx.Rngs(0)))
         x = jax.random.normal(jax.random.PRNGKey(1), (6, 6, 6, 2), jnp.float64)
@@ -194,7 +215,7 @@ def _nonlinear(name):
     return influx.Objective(apply, loss, l2=1e-3), params, (x, y)
 
 
-@pytest.mark.parametrize("name", ["convnet", "attention"])
+@pytest.mark.parametrize("name", ["convnet", "attention", "scan"])
 def test_ekfac_eigenvalues_are_the_gnh_diagonal_in_the_eigenbasis(name):
     obj, params, data = _nonlinear(name)
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=4)
@@ -203,7 +224,12 @@ def test_ekfac_eigenvalues_are_the_gnh_diagonal_in_the_eigenbasis(name):
         warnings.simplefilter("error", RuntimeWarning)  # coverage >= 0.9: no warning
         st = solvers.ekfac().prepare(op)
     kinds = sorted({b.kind for b in st.blocks})
-    assert kinds == (["conv", "dense"] if name == "convnet" else ["dense", "embedding"])
+    assert kinds == {"convnet": ["conv", "dense"], "attention": ["dense", "embedding"],
+                     "scan": ["dense"]}[name]
+    if name == "scan":  # one block per slice of the stacked kernel and bias
+        assert [(b.path, b.index, b.bias is not None) for b in st.blocks] == [
+            ("['stack']['w'][0]", 0, True), ("['stack']['w'][1]", 1, True),
+            ("['stack']['w'][2]", 2, True), ("['head']['w']", None, True)]
     for k, b in enumerate(st.blocks):
         q = _basis(st, k)
         idx = _block_index(params, b)

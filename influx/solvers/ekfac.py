@@ -258,19 +258,28 @@ def _prepare_run(params, data, shift, key, *, obj, blks, correct, chunk_size, sa
 # ------------------------------------------------------------------ the factored inverse
 def _to_matrix(b: Block, leaves):
     """A block's ``(rows, d_out)`` matrix of a parameter-shaped vector's leaves."""
-    w = jnp.transpose(leaves[b.kernel], b.perm).reshape(b.d_in, b.d_out)
+    k = leaves[b.kernel] if b.index is None else leaves[b.kernel][b.index]
+    w = jnp.transpose(k, b.perm).reshape(b.d_in, b.d_out)
     if b.bias is not None:
-        w = jnp.concatenate([w, leaves[b.bias].reshape(1, b.d_out)], axis=0)
+        bias = leaves[b.bias] if b.index is None else leaves[b.bias][b.index]
+        w = jnp.concatenate([w, bias.reshape(1, b.d_out)], axis=0)
     return w
 
 
-def _from_matrix(b: Block, m, like, out):
-    """Writes a block's ``(rows, d_out)`` matrix back into the leaves ``out``."""
+def _put(out, i, index, value):
+    out[i] = value.reshape(np.shape(out[i])) if index is None else out[i].at[index].set(
+        value.reshape(np.shape(out[i])[1:]))
+
+
+def _from_matrix(b: Block, m, out):
+    """Writes a block's ``(rows, d_out)`` matrix into the leaves ``out`` (in place)."""
     if b.bias is not None:
-        out[b.bias] = m[-1].reshape(np.shape(like[b.bias]))
+        _put(out, b.bias, b.index, m[-1])
         m = m[:-1]
-    shape = tuple(np.shape(like[b.kernel])[i] for i in b.perm)
-    out[b.kernel] = jnp.transpose(m.reshape(shape), tuple(int(i) for i in np.argsort(b.perm)))
+    kshape = np.shape(out[b.kernel])[(b.index is not None):]
+    w = jnp.transpose(m.reshape(tuple(kshape[i] for i in b.perm)),
+                      tuple(int(i) for i in np.argsort(b.perm)))
+    _put(out, b.kernel, b.index, w)
 
 
 def _rotate(qa, m, qs):
@@ -292,7 +301,7 @@ def _inverse(state: EKFACState, b):
     for k, blk in enumerate(state.blocks):
         m = _to_matrix(blk, leaves)
         r = _rotate(state.qa[k], m, state.qs[k]) / (state.lam[k].astype(m.dtype) + s)
-        _from_matrix(blk, _unrotate(state.qa[k], r, state.qs[k]), leaves, out)
+        _from_matrix(blk, _unrotate(state.qa[k], r, state.qs[k]), out)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

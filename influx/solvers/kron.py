@@ -21,7 +21,10 @@ followed by a reshape (contracted/input axes first, output-feature axes last); i
 parameter leaf added right after it, broadcast along the output features (trailing axes). A
 leaf used anywhere else (weight tying, a kernel also used in a regulariser inside
 ``apply_fn``) gets no block. Nested ``jit`` calls are inlined; layers inside ``scan``,
-``cond``, ``while`` or custom derivatives are not seen.
+``cond``, ``while`` or custom derivatives are not seen, except a ``scan`` over stacked
+parameters (``lax.scan``, ``nn.scan``, ``nnx.scan`` with the layer weights as scanned
+inputs): it is unrolled and every slice of a stacked leaf is a layer of its own (one block
+per slice, when every slice is one).
 
 :func:`layers` reports every parameter leaf with the block it got, :func:`coverage` the
 share of parameters in Kronecker blocks, :func:`blocks` the blocks themselves.
@@ -52,7 +55,8 @@ class Block:
     """A Kronecker-factored layer (hashable: it is static data of a solver state).
 
     ``kernel`` / ``bias``: indices into ``jax.tree_util.tree_leaves(params)``; the weight
-    matrix is ``leaf.transpose(perm).reshape(d_in, d_out)`` (bias, if any, appended as a last
+    matrix is ``leaf[index].transpose(perm).reshape(d_in, d_out)`` (``leaf`` when ``index``
+    is ``None``; a slice of a stacked leaf for a layer inside ``scan``) (bias, if any, appended as a last
     row, so the factored matrix is ``(d_in + 1, d_out)``); ``site``: which recognised
     operation of the traced program it is; ``path``: the kernel's key path, for reports.
     """
@@ -65,6 +69,7 @@ class Block:
     d_in: int
     d_out: int
     path: str
+    index: int | None = None  # the slice of a stacked kernel (and bias) leaf: a layer in a scan
 
     @property
     def transposed(self) -> bool:
@@ -95,14 +100,24 @@ class LeafReport(NamedTuple):
 
 
 class _Param(NamedTuple):
-    """A value that is parameter leaf ``leaf`` transposed by ``perm``."""
+    """A value that is parameter leaf ``leaf`` (its slice ``index`` along the leading axis
+    inside an unrolled ``scan``) transposed by ``perm``."""
     leaf: int
     perm: tuple
+    index: int | None = None
 
 
 class _Bias(NamedTuple):
-    """A value whose trailing axes are parameter leaf ``leaf`` (leading axes broadcast)."""
+    """A value whose trailing axes are parameter leaf ``leaf`` (or its slice ``index``),
+    leading axes broadcast."""
     leaf: int
+    index: int | None = None
+
+
+def _shape(p, leaf_shapes) -> tuple:
+    """The shape of the leaf (slice) a provenance refers to."""
+    s = tuple(leaf_shapes[p.leaf])
+    return s if p.index is None else s[1:]
 
 
 class _Site(NamedTuple):
@@ -117,6 +132,7 @@ class _Site(NamedTuple):
     out_shape: tuple
     act_operand: int = 0  # which operand is the layer input
     act_axes: tuple = ()  # dense: the input's contracted axes, in the kernel's order
+    index: int | None = None  # the slice of a stacked leaf (a layer inside a scan)
 
 
 @dataclasses.dataclass
@@ -129,12 +145,13 @@ class _Tape:
     rows: dict = dataclasses.field(default_factory=dict)  # site -> (positions, d_in)
     sites: dict = dataclasses.field(default_factory=dict)  # site -> _Site
     bias: dict = dataclasses.field(default_factory=dict)  # site -> [leaf]
-    uses: dict = dataclasses.field(default_factory=dict)  # leaf -> uses outside layer roles
+    uses: dict = dataclasses.field(default_factory=dict)  # (leaf, index) -> uses
     counter: int = 0
 
     def use(self, prov):
         if prov is not None:
-            self.uses[prov.leaf] = self.uses.get(prov.leaf, 0) + 1
+            key = (prov.leaf, prov.index)
+            self.uses[key] = self.uses.get(key, 0) + 1
 
 
 def _read(env, v):
@@ -146,7 +163,7 @@ def _pass_prov(name, params, p, shape_in, leaf_shape):
     if name in _PASS:
         return p
     if name == "transpose" and isinstance(p, _Param):
-        return _Param(p.leaf, tuple(p.perm[i] for i in params["permutation"]))
+        return _Param(p.leaf, tuple(p.perm[i] for i in params["permutation"]), p.index)
     plain = isinstance(p, _Bias) or (isinstance(p, _Param) and p.perm == tuple(range(len(p.perm))))
     if not plain:
         return None
@@ -155,7 +172,7 @@ def _pass_prov(name, params, p, shape_in, leaf_shape):
         new = tuple(params["new_sizes"])
         if len(new) >= nd and new[len(new) - nd:] == tuple(leaf_shape) and all(
                 d == 1 for d in new[:len(new) - nd]):
-            return _Bias(p.leaf)
+            return _Bias(p.leaf, p.index)
     if name == "broadcast_in_dim":
         shape, bd = tuple(params["shape"]), tuple(params["broadcast_dimensions"])
         lead = len(shape_in) - nd
@@ -163,7 +180,7 @@ def _pass_prov(name, params, p, shape_in, leaf_shape):
                 and all(d == 1 for d in shape_in[:lead])
                 and bd[lead:] == tuple(range(len(shape) - nd, len(shape)))
                 and shape[len(shape) - nd:] == tuple(leaf_shape)):
-            return _Bias(p.leaf)
+            return _Bias(p.leaf, p.index)
     return None
 
 
@@ -190,8 +207,12 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
                 if s is not None:
                     site_of[v] = s
             continue
+        if name == "scan" and _unrollable(eqn, pin):
+            for v, o in zip(eqn.outvars, _unroll_scan(eqn, invals, pin, tape, leaf_shapes)):
+                env[v] = o
+            continue
         if len(pin) == 1 and pin[0] is not None:
-            p = _pass_prov(name, eqn.params, pin[0], np.shape(invals[0]), leaf_shapes[pin[0].leaf])
+            p = _pass_prov(name, eqn.params, pin[0], np.shape(invals[0]), _shape(pin[0], leaf_shapes))
             if p is not None:
                 env[eqn.outvars[0]] = eqn.primitive.bind(*invals, **eqn.params)
                 prov[eqn.outvars[0]] = p
@@ -201,7 +222,7 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
             sid = tape.counter
             tape.counter += 1
             tape.sites[sid] = site
-            tape.uses[site.leaf] = tape.uses.get(site.leaf, 0) + 1
+            tape.use(_Param(site.leaf, (), site.index))
             ans = eqn.primitive.bind(*invals, **eqn.params)
             if sid in tape.want:
                 tape.rows[sid] = _rows(name, eqn, invals, site)
@@ -223,6 +244,41 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
         None if isinstance(v, jex.core.Literal) else site_of.get(v) for v in jaxpr.outvars]
 
 
+def _unrollable(eqn, pin) -> bool:
+    """A ``scan`` that slices a parameter leaf along its leading axis (stacked layers)."""
+    first = eqn.params["num_consts"] + eqn.params["num_carry"]
+    return any(isinstance(p, _Param) and p.index is None and p.perm[:1] == (0,)
+               for p in pin[first:])
+
+
+def _unroll_scan(eqn, invals, pin, tape: _Tape, leaf_shapes):
+    """Evaluates a ``scan`` step by step, so that every slice of a stacked parameter leaf is
+    a layer of its own (one block per slice); returns the scan's outputs."""
+    prm = eqn.params
+    nc, nk, body = prm["num_consts"], prm["num_carry"], prm["jaxpr"]
+    consts, carry, xs = invals[:nc], list(invals[nc:nc + nk]), invals[nc + nk:]
+    xprov = []
+    for p in pin[nc + nk:]:
+        if isinstance(p, _Param) and p.index is None and p.perm[:1] == (0,):
+            xprov.append(p)
+        else:
+            tape.use(p)  # carried or nested-sliced parameters: no block
+            xprov.append(None)
+    ys = []
+    steps = range(prm["length"] - 1, -1, -1) if prm["reverse"] else range(prm["length"])
+    for i in steps:
+        provs = list(pin[:nc]) + [None] * nk + [
+            None if p is None else _Param(p.leaf, tuple(a - 1 for a in p.perm[1:]), i) for p in xprov]
+        outs, _, _ = _interp(body.jaxpr, body.consts, list(consts) + carry + [x[i] for x in xs],
+                             provs, tape, leaf_shapes)
+        carry, y = outs[:nk], outs[nk:]
+        ys.append(y)
+    if prm["reverse"]:
+        ys = ys[::-1]
+    stacked = [jnp.stack(col) for col in zip(*ys)] if ys else []
+    return carry + stacked
+
+
 def _bias_add(eqn, invals, pin, site_of, tape, leaf_shapes) -> bool:
     """Records ``site output + bias`` (bias over the trailing output-feature axes)."""
     for k in (0, 1):
@@ -234,11 +290,11 @@ def _bias_add(eqn, invals, pin, site_of, tape, leaf_shapes) -> bool:
         site = tape.sites[site_of[v]]
         nfeat = len(site.out_axes)
         feat_last = site.out_axes == tuple(range(len(site.out_shape) - nfeat, len(site.out_shape)))
-        bshape = tuple(leaf_shapes[p.leaf])
+        bshape = _shape(p, leaf_shapes)
         if (feat_last and bshape == tuple(site.out_shape[len(site.out_shape) - nfeat:])
                 and np.shape(invals[1 - k])[-len(bshape):] == bshape
                 and np.shape(invals[k]) == np.shape(eqn.outvars[0].aval)):
-            tape.bias.setdefault(site_of[v], []).append(p.leaf)
+            tape.bias.setdefault(site_of[v], []).append((p.leaf, p.index))
             return True
     return False
 
@@ -262,7 +318,7 @@ def _match(name, eqn, invals, pin, leaf_shapes) -> _Site | None:
                 return _Site("dense", p.leaf, tuple(p.perm[i] for i in kc + kf),
                              math.prod(shp[i] for i in kc), math.prod(shp[i] for i in kf),
                              out_axes, tuple(eqn.outvars[0].aval.shape), 1 - k,
-                             tuple(lc if k == 1 else rc))
+                             tuple(lc if k == 1 else rc), p.index)
         return None
     if name == "conv_general_dilated":
         prm = eqn.params
@@ -276,21 +332,21 @@ def _match(name, eqn, invals, pin, leaf_shapes) -> _Site | None:
         kin = [rs[1], *rs[2:]]
         return _Site("conv", p.leaf, tuple(p.perm[i] for i in kin + [rs[0]]),
                      math.prod(shp[i] for i in kin), int(shp[rs[0]]), (dn.out_spec[1],),
-                     tuple(eqn.outvars[0].aval.shape))
+                     tuple(eqn.outvars[0].aval.shape), index=p.index)
     if name == "gather":
         p = pin[0]
         if not isinstance(p, _Param) or p.perm != (0, 1) or pin[1] is not None:
             return None
         d = eqn.params["dimension_numbers"]
         idx = np.shape(invals[1])
-        table = leaf_shapes[p.leaf]
+        table = _shape(p, leaf_shapes)
         if (len(table) == 2 and idx and idx[-1] == 1 and tuple(d.offset_dims) == (len(idx) - 1,)
                 and tuple(d.collapsed_slice_dims) == (0,) and tuple(d.start_index_map) == (0,)
                 and not d.operand_batching_dims
                 and tuple(eqn.params["slice_sizes"]) == (1, table[1])):
             out = tuple(eqn.outvars[0].aval.shape)
             return _Site("embedding", p.leaf, (0, 1), int(table[0]), int(table[1]),
-                         (len(out) - 1,), out)
+                         (len(out) - 1,), out, index=p.index)
     return None
 
 
@@ -360,6 +416,20 @@ def run(traced: Traced, leaves, x, tape: _Tape):
     return outs[0]
 
 
+def _complete(keys, leaf_shapes, uses) -> set:
+    """The leaves whose every use in ``keys`` (``(leaf, index)``) is accounted for: used
+    whole (``index None``, once), or every slice along the leading axis once and never whole."""
+    by_leaf = {}
+    for leaf, index in keys:
+        by_leaf.setdefault(leaf, []).append(index)
+    ok = set()
+    for leaf, idx in by_leaf.items():
+        if idx == [None] or (None not in idx and sorted(idx) == list(range(leaf_shapes[leaf][0]))
+                             and uses.get((leaf, None), 0) == 0):
+            ok.add(leaf)
+    return ok
+
+
 def _discover(apply_fn, params, x_example) -> tuple[Traced, tuple]:
     traced = trace(apply_fn, params, x_example)
     leaves = jax.tree_util.tree_leaves(params)
@@ -367,17 +437,25 @@ def _discover(apply_fn, params, x_example) -> tuple[Traced, tuple]:
     jax.eval_shape(lambda ls, x: run(traced, ls, x, tape), leaves, x_example)
     paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     floating = [jnp.issubdtype(jnp.result_type(l), jnp.floating) for l in leaves]
-    kernels = [s.leaf for s in tape.sites.values()]
+    kernels = [(s.leaf, s.index) for s in tape.sites.values()]
+    kernel_leaves = {k[0] for k in kernels}
+    sites = {sid: s for sid, s in tape.sites.items() if tape.uses.get((s.leaf, s.index), 0) == 1
+             and kernels.count((s.leaf, s.index)) == 1 and floating[s.leaf]}
+    good = _complete([(s.leaf, s.index) for s in sites.values()], traced.leaf_shapes, tape.uses)
+    sites = {sid: s for sid, s in sites.items() if s.leaf in good}
+    all_bias = [x for v in tape.bias.values() for x in v]
+    bias = {}
+    for sid, s in sites.items():
+        b = tape.bias.get(sid, [])
+        if (len(b) == 1 and b[0][1] == s.index and tape.uses.get(b[0], 0) == 0 and floating[b[0][0]]
+                and b[0][0] not in kernel_leaves and all_bias.count(b[0]) == 1):
+            bias[sid] = b[0]
+    good_b = _complete(list(bias.values()), traced.leaf_shapes, tape.uses)
     found = []
-    for sid, s in sorted(tape.sites.items()):
-        if tape.uses.get(s.leaf, 0) != 1 or kernels.count(s.leaf) != 1 or not floating[s.leaf]:
-            continue
-        bias = tape.bias.get(sid, [])
-        b = bias[0] if (len(bias) == 1 and tape.uses.get(bias[0], 0) == 0 and floating[bias[0]]
-                        and bias[0] not in kernels) else None
-        if b is not None and [x for v in tape.bias.values() for x in v].count(b) != 1:
-            b = None
-        found.append(Block(s.kind, sid, s.leaf, b, s.perm, s.d_in, s.d_out, paths[s.leaf]))
+    for sid, s in sorted(sites.items()):
+        b = bias[sid][0] if sid in bias and bias[sid][0] in good_b else None
+        path = paths[s.leaf] + ("" if s.index is None else f"[{s.index}]")
+        found.append(Block(s.kind, sid, s.leaf, b, s.perm, s.d_in, s.d_out, path, s.index))
     return traced, tuple(found)
 
 
