@@ -272,3 +272,36 @@ def test_sampled_fisher_converges_to_the_exact_factor():
     assert not np.allclose(np.asarray(a1.lam[1]), np.asarray(a3.lam[1]))
     with pytest.raises(InputError, match="samples"):
         solvers.ekfac(samples=-1)
+
+
+def test_equal_solver_values_share_compiled_programs(caplog):
+    # the solver is a value hashing by its options: a second identical prepare + solve (with a
+    # new but equal solver and operator) compiles nothing
+    obj, params, data = make_problem("tanh_mlp", n=20)
+    b = _rand_like(params)
+
+    def run():
+        op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=8)
+        return solvers.ekfac(tol=np.inf)(op, b)
+
+    run()
+    assert solvers.ekfac(tol=np.inf) == solvers.ekfac(tol=np.inf)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        run()
+    compiles = [r for r in caplog.records if "Compiling" in r.getMessage()]
+    assert not compiles, [r.getMessage()[:120] for r in compiles]
+
+
+def test_output_factor_chosen_automatically_above_the_documented_size():
+    # D = 300 outputs per example > EXACT_MAX_OUTPUTS: the automatic choice is the sampled Fisher
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (4, 3))
+    params = {"w": jax.random.normal(kw, (3, 300))}
+    obj = influx.Objective(lambda p, xx: jnp.tanh(xx @ p["w"]), losses.squared_error, l2=1e-3)
+    op = curvature.operator(obj, params, (x, jnp.zeros((4, 300))), kind="gnh", damping=1e-2)
+    assert 300 > E.EXACT_MAX_OUTPUTS
+    auto = solvers.kfac().prepare(op)
+    sampled = solvers.kfac(samples=E.AUTO_SAMPLES).prepare(op)
+    exact = solvers.kfac(samples=0).prepare(op)
+    np.testing.assert_array_equal(np.asarray(auto.lam[0]), np.asarray(sampled.lam[0]))
+    assert not np.allclose(np.asarray(auto.lam[0]), np.asarray(exact.lam[0]))
