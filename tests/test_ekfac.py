@@ -305,3 +305,12 @@ def test_output_factor_chosen_automatically_above_the_documented_size():
     exact = solvers.kfac(samples=0).prepare(op)
     np.testing.assert_array_equal(np.asarray(auto.lam[0]), np.asarray(sampled.lam[0]))
     assert not np.allclose(np.asarray(auto.lam[0]), np.asarray(exact.lam[0]))
+
+
+def test_eigenvalue_correction_in_bounded_memory_equals_the_one_pass(monkeypatch):
+    ar = jax.random.normal(jax.random.PRNGKey(0), (10, 5, 7))
+    gr = jax.random.normal(jax.random.PRNGKey(1), (10, 3, 5, 4))
+    want = np.einsum("bkij->ij", np.einsum("bti,bktj->bkij", ar, gr) ** 2)
+    np.testing.assert_allclose(np.asarray(E._squared_projections(ar, gr)), want, rtol=1e-12)
+    monkeypatch.setattr(E, "_CORRECTION_BYTES", 3 * 7 * 4 * 8 * 3)  # three examples at a time
+    np.testing.assert_allclose(np.asarray(E._squared_projections(ar, gr)), want, rtol=1e-12)

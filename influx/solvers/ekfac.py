@@ -208,9 +208,28 @@ def _correction_stats(blks, qa, qs, rows, g_out):
         if ar.shape[1] == 1:  # one position: (Q_A^T G Q_S)_ij = ar_i gr_j
             out.append((ar[:, 0] ** 2).T @ jnp.sum(gr[:, :, 0] ** 2, axis=1))
         else:
-            gm = jnp.einsum("bti,bktj->bkij", ar, gr)
-            out.append(jnp.sum(gm * gm, axis=(0, 1)))
+            out.append(_squared_projections(ar, gr))
     return out
+
+
+_CORRECTION_BYTES = 256 * 2**20  # bound on the (examples, K, rows, d_out) projections at once
+
+
+def _squared_projections(ar, gr):
+    """``sum_{b,k} (ar_b^T gr_{b,k})^2`` for ``ar`` ``(B, T, rows)``, ``gr`` ``(B, K, T, d_out)``,
+    at most ``_CORRECTION_BYTES`` of per-example ``(K, rows, d_out)`` matrices at a time."""
+    b, k, _, d_out = gr.shape
+    per_example = k * ar.shape[-1] * d_out * gr.dtype.itemsize
+    batch = max(1, min(b, _CORRECTION_BYTES // max(per_example, 1)))
+
+    def one(pair):
+        gm = jnp.einsum("ti,ktj->kij", *pair)
+        return jnp.sum(gm * gm, axis=0)
+
+    if batch >= b:
+        gm = jnp.einsum("bti,bktj->bkij", ar, gr)
+        return jnp.sum(gm * gm, axis=(0, 1))
+    return jnp.sum(jax.lax.map(one, (ar, gr), batch_size=batch), axis=0)
 
 
 @functools.partial(jit, static_argnames=("obj", "blks", "correct", "chunk_size", "samples"))
