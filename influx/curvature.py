@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from influx import _memory
 from influx import losses as _losses
 from influx._xla import jit
 from influx.objective import Objective, check_data, check_like, num_examples
@@ -40,7 +41,10 @@ __all__ = [
     "gnhvp",
     "Operator",
     "operator",
+    "operator_unchecked",
     "dense",
+    "dense_unchecked",
+    "example_grad",
     "chunked_sum",
     "chunked_map",
     "per_example_grads",
@@ -233,6 +237,13 @@ class Operator:
         return Operator(self.obj, kw["params"], kw["data"], kw["damping"], kind=kw["kind"],
                         chunk_size=kw["chunk_size"])
 
+    def subsample(self, idx) -> Operator:
+        """The operator on the examples ``idx`` (``(k,)`` int array; its curvature the mean over
+        them, the same shift): LiSSA's minibatch operators (see the protocol in
+        :class:`influx.solvers.LinearOperator`)."""
+        data = jax.tree_util.tree_map(lambda a: a[idx], self.data)
+        return self.replace(data=data, chunk_size=min(self.chunk_size, int(np.shape(idx)[0])))
+
     def __repr__(self) -> str:
         return (f"Operator(kind={self.kind!r}, n={self.num_examples}, dim={self.dim}, "
                 f"l2={self.obj.l2}, chunk_size={self.chunk_size})")
@@ -292,6 +303,11 @@ def operator(obj: Objective, params, data, *, kind: str = "gnh", damping=0.0,
     chunk_size = _check_chunk_size(chunk_size)
     damping = _check_damping(damping)
     check_data(obj, params, data)
+    return operator_unchecked(obj, params, data, kind=kind, damping=damping, chunk_size=chunk_size)
+
+
+def operator_unchecked(obj: Objective, params, data, *, kind: str, damping, chunk_size: int) -> Operator:
+    """:func:`operator` for inputs a public entry point has already validated (no data scan)."""
     return Operator(obj, params, data, jnp.asarray(damping), kind=kind, chunk_size=chunk_size)
 
 
@@ -299,42 +315,62 @@ def dense(op: Operator, params=None, *, batch_size: int = 64):
     """Materialises ``op`` as a ``(P, P)`` matrix in ``ravel_pytree(params)`` order.
 
     Costs ``P`` operator products (``batch_size`` of them vmapped at a time) and ``P^2``
-    memory: for small models only. ``params`` defaults to ``op.params``. (64 basis vectors
-    per batch measured 5-10% faster than 128 or 256 for the Hessian of the digits MLP,
-    P = 2410, on 2 CPU cores: the tangents of a data chunk stay cache-sized.)
+    memory: for small models only. ``params`` defaults to ``op.params``. Before anything
+    runs, the matrix and its transposed copy (``2 P^2`` numbers) are checked against the
+    available memory: :class:`influx.errors.ResourceError` with the size otherwise.
     """
     if params is not None:
         op = op.replace(params=params)
+    p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(op.params))
+    itemsize = jnp.result_type(*jax.tree_util.tree_leaves(op.params)).itemsize
+    _memory.check_fits(2 * p * p * itemsize,
+                       what=f"curvature.dense: a {p:,} x {p:,} matrix",
+                       alternative="use operator products (op(v)) with influx.solvers.cg() or "
+                                   "influx.solvers.ekfac() instead of the dense matrix")
     return _dense(op, batch_size=batch_size)
+
+
+def dense_unchecked(op, *, dtype=None, batch_size: int = 64):
+    """:func:`dense` without the memory check, traceable, for any operator of the protocol;
+    with ``dtype`` the matrix has that dtype (an :class:`Operator`'s products then run on
+    parameters cast to ``dtype``, e.g. float32 for bfloat16 parameters)."""
+    if dtype is not None and isinstance(op, Operator):
+        op = op.replace(params=jax.tree_util.tree_map(lambda a: a.astype(dtype), op.params))
+    flat, unravel = ravel_pytree(op.params)
+    dtype = flat.dtype if dtype is None else dtype
+    p = flat.shape[0]
+
+    def column(e):
+        return ravel_pytree(op(unravel(e)))[0].astype(dtype)
+
+    eye = jnp.eye(p, dtype=dtype)
+    return jax.lax.map(column, eye, batch_size=min(batch_size, p)).T
 
 
 @functools.partial(jit, static_argnames="batch_size")
 def _dense(op: Operator, *, batch_size: int):
-    flat, unravel = ravel_pytree(op.params)
-    p = flat.shape[0]
-
-    def column(e):
-        return ravel_pytree(op(unravel(e)))[0]
-
-    eye = jnp.eye(p, dtype=flat.dtype)
-    return jax.lax.map(column, eye, batch_size=min(batch_size, p)).T
+    return dense_unchecked(op, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------ per-example gradients
+def example_grad(obj: Objective, params, example):
+    """``grad_theta loss_fn(apply_fn(theta, x), y)`` for ONE example ``(x, y)`` without a
+    leading axis (no weight decay): the single per-example-gradient idiom of influx
+    (``vmap`` / ``lax.map`` it over a chunk)."""
+    single = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], example)
+    return jax.grad(lambda p: jnp.sum(obj.per_example_loss(p, single)))(params)
+
+
 def per_example_grads(obj: Objective, params, data, *, chunk_size: int = 256):
     """Gradients ``grad_theta loss_fn(apply_fn(theta, x_i), y_i)`` for every example.
 
     Returns a pytree like ``params`` with a leading axis of length ``N`` (no weight decay).
-    Computed with ``vmap(grad)`` over chunks of ``chunk_size`` (``lax.map``), so peak
-    memory is ``N x P`` for the result plus one chunk of activations.
+    Computed with ``vmap`` of :func:`example_grad` over chunks of ``chunk_size``
+    (``lax.map``), so peak memory is ``N x P`` for the result plus one chunk of activations.
     """
     chunk_size = _check_chunk_size(chunk_size)
-
-    def one(example):
-        single = jax.tree_util.tree_map(lambda a: a[None], example)
-        return jax.grad(lambda p: jnp.sum(obj.per_example_loss(p, single)))(params)
-
-    return jax.lax.map(one, data, batch_size=min(chunk_size, num_examples(data)))
+    return jax.lax.map(lambda ex: example_grad(obj, params, ex), data,
+                       batch_size=min(chunk_size, num_examples(data)))
 
 
 def per_example_grads_flat(obj: Objective, params, data, *, chunk_size: int = 256):

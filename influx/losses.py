@@ -43,6 +43,8 @@ __all__ = [
     "squared_error",
     "sigmoid_binary_cross_entropy",
     "output_hvp",
+    "output_factor",
+    "sampled_factor",
     "check_targets",
 ]
 
@@ -58,12 +60,20 @@ class Loss:
       check: ``(z_shape, y) -> None``; raises :class:`influx.errors.InputError` for targets
         that do not fit outputs of that shape (concrete values are range-checked, tracers only by
         shape and dtype).
+      hessian_factor: ``(z, y) -> L`` for the outputs ``z`` of ONE example (any shape,
+        last axis the output dimension): a ``(z.size, K)`` matrix with ``L L^T = H_z`` in
+        the flattened output order (kfac-jax's square-root factor; used by K-FAC/EK-FAC).
+      sample: ``(key, z) -> y``: targets drawn from the model's predictive distribution
+        ``p(y | z)`` whose Fisher ``E_y[grad_z L grad_z L^T]`` equals ``H_z`` (the sampled,
+        Monte-Carlo factor of K-FAC/EK-FAC).
     """
 
     name: str
     value: Callable
     hessian_product: Callable
     check: Callable
+    hessian_factor: Callable | None = None
+    sample: Callable | None = None
 
     def __call__(self, z, y):
         return self.value(z, y)
@@ -113,8 +123,28 @@ def _xent_check(z_shape, y):
             )
 
 
+def _block_diagonal(blocks):
+    """``(R, C, K)`` per-row factors -> the ``(R C, R K)`` block-diagonal factor."""
+    r, c, k = blocks.shape
+    eye = jnp.eye(r, dtype=blocks.dtype)
+    return jnp.einsum("rik,rs->risk", blocks, eye).reshape(r * c, r * k)
+
+
+def _xent_factor(z, y):
+    del y
+    p = jax.nn.softmax(z.reshape(-1, z.shape[-1]), axis=-1)
+    sp = jnp.sqrt(p)
+    # H = diag(p) - p p^T = (diag(sp) - p sp^T)(diag(sp) - p sp^T)^T since sum(p) = 1
+    rows = jax.vmap(lambda pi, si: jnp.diag(si) - jnp.outer(pi, si))(p, sp)
+    return _block_diagonal(rows)
+
+
+def _xent_sample(key, z):
+    return jax.random.categorical(key, z, axis=-1)
+
+
 softmax_cross_entropy = Loss(
-    "softmax_cross_entropy", _xent_value, _xent_hvp, _xent_check
+    "softmax_cross_entropy", _xent_value, _xent_hvp, _xent_check, _xent_factor, _xent_sample
 )
 
 
@@ -142,7 +172,11 @@ def _same_shape_check(name):
     return check
 
 
-squared_error = Loss("squared_error", _sq_value, _sq_hvp, _same_shape_check("squared_error"))
+squared_error = Loss(
+    "squared_error", _sq_value, _sq_hvp, _same_shape_check("squared_error"),
+    lambda z, y: jnp.eye(z.size, dtype=z.dtype),
+    lambda key, z: z + jax.random.normal(key, z.shape, z.dtype),  # y ~ N(z, I)
+)
 
 
 # ---------------------------------------------------------------- sigmoid BCE
@@ -167,8 +201,15 @@ def _bce_check(z_shape, y):
             )
 
 
+def _bce_factor(z, y):
+    del y
+    s = jax.nn.sigmoid(z.reshape(-1))
+    return jnp.diag(jnp.sqrt(s * (1.0 - s)))
+
+
 sigmoid_binary_cross_entropy = Loss(
-    "sigmoid_binary_cross_entropy", _bce_value, _bce_hvp, _bce_check
+    "sigmoid_binary_cross_entropy", _bce_value, _bce_hvp, _bce_check, _bce_factor,
+    lambda key, z: jax.random.bernoulli(key, jax.nn.sigmoid(z)).astype(z.dtype),
 )
 
 
@@ -187,6 +228,32 @@ def output_hvp(loss_fn: Callable) -> Callable:
         return jax.jvp(g, (z,), (u,))[1]
 
     return hvp
+
+
+def output_factor(loss_fn: Callable, z, y):
+    """``L`` (``(z.size, K)``) with ``L L^T = H_z``, the output Hessian of ``loss_fn`` at the
+    outputs ``z`` of one example (flattened): the loss's registered ``hessian_factor``, else
+    the eigendecomposition of the dense ``D x D`` Hessian (``D = z.size``; negative
+    eigenvalues of a non-convex loss are clipped to 0, the Gauss-Newton convention)."""
+    if isinstance(loss_fn, Loss) and loss_fn.hessian_factor is not None:
+        return loss_fn.hessian_factor(z, y)
+    hvp = output_hvp(loss_fn)
+    eye = jnp.eye(z.size, dtype=z.dtype)
+    y1 = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], y)
+    h = jax.vmap(lambda u: hvp(z[None], y1, u.reshape(z.shape)[None])[0].reshape(-1))(eye)
+    w, v = jnp.linalg.eigh(0.5 * (h + h.T))
+    return v * jnp.sqrt(jnp.maximum(w, 0.0))
+
+
+def sampled_factor(loss_fn: Callable, key, z, samples: int):
+    """Monte-Carlo factor ``(z.size, samples)``: columns ``grad_z L(z, y_s) / sqrt(S)`` for
+    ``y_s ~ p(y | z)`` drawn with the loss's ``sample`` (``E[L L^T] = H_z``, the Fisher)."""
+    if not (isinstance(loss_fn, Loss) and loss_fn.sample is not None):
+        raise TypeError(f"sampled_factor: {loss_fn!r} registers no predictive distribution "
+                        "(Loss.sample); use the exact factor")
+    ys = jax.vmap(lambda k: loss_fn.sample(k, z))(jax.random.split(key, samples))
+    g = jax.vmap(lambda yy: jax.grad(lambda zz: jnp.sum(loss_fn(zz, yy)))(z).reshape(-1))(ys)
+    return g.T / jnp.sqrt(jnp.asarray(samples, z.dtype))
 
 
 def check_targets(loss_fn: Callable, z_shape, y) -> None:

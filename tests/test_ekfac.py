@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 
 import influx
 from influx import curvature, losses, solvers
+from influx.errors import InputError
 from tests.conftest import make_problem
 
 E = importlib.import_module("influx.solvers.ekfac")
@@ -56,7 +57,7 @@ def test_layers_found_for_flax_and_hand_written_models():
 
     x = jnp.ones((1, 6))
     p = M().init(jax.random.PRNGKey(0), x)["params"]
-    lyr = E.layers(lambda q, xx: M().apply({"params": q}, xx), p, x)
+    lyr = E.blocks(lambda q, xx: M().apply({"params": q}, xx), p, x)
     assert [(l.path, l.d_in, l.d_out, l.bias is not None, l.transposed) for l in lyr] == [
         ("['Dense_0']['kernel']", 6, 5, True, False),
         ("['Dense_1']['kernel']", 5, 4, False, False),
@@ -73,7 +74,7 @@ def test_layers_found_for_flax_and_hand_written_models():
         return h @ q["tied"].T
 
     q = {"w1": jnp.ones((4, 6)), "b1": jnp.ones(4), "tied": jnp.ones((4, 4))}
-    lyr = E.layers(apply, q, x)
+    lyr = E.blocks(apply, q, x)
     assert [(l.path, l.d_in, l.d_out, l.bias is not None, l.transposed) for l in lyr] == [
         ("['w1']", 6, 4, True, True)]  # the tied kernel (used twice) falls back to the diagonal
 
@@ -85,7 +86,7 @@ def test_ekfac_eigenvalues_are_the_gnh_diagonal_in_the_kronecker_eigenbasis(name
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=10)
     g = _gnh(op)
     st = solvers.ekfac().prepare(op)
-    lyr = E.layers(obj.apply_fn, params, data[0][:1])
+    lyr = E.blocks(obj.apply_fn, params, data[0][:1])
     assert lyr
     for k, layer in enumerate(lyr):
         idx = _layer_index(params, layer).reshape(-1)
@@ -148,7 +149,7 @@ def test_apply_equals_the_inverse_of_the_factored_matrix_and_batches():
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=10)
     solver = solvers.ekfac()
     st = solver.prepare(op)
-    lyr = E.layers(obj.apply_fn, params, data[0][:1])
+    lyr = E.blocks(obj.apply_fn, params, data[0][:1])
     # the approximating matrix, assembled densely: block-diagonal over layers + diagonal
     p = op.dim
     approx = np.diag(np.asarray(ravel_pytree(st.diag)[0]))
@@ -202,7 +203,7 @@ def test_float32_and_bad_input():
                              kind="gnh", damping=0.0)
     with pytest.raises(ValueError, match="shift"):
         solvers.ekfac().prepare(op0)
-    with pytest.raises(TypeError, match="Operator"):
+    with pytest.raises(InputError, match="Operator"):
         solvers.ekfac().prepare(lambda v: v)
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2)
     bad = jax.tree_util.tree_map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), params)
@@ -216,3 +217,110 @@ def test_float32_and_bad_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         solvers.ekfac(residual=False)(op, _rand_like(params))
+
+
+# ------------------------------------------------------------------ residual, tol, kind, samples
+def test_status_is_converged_only_below_tol_with_the_true_relative_residual():
+    obj, params, data = make_problem("tanh_mlp")
+    op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=37)
+    dense = np.asarray(curvature.dense(op))
+    bs = jax.vmap(lambda s: _rand_like(params, s))(jnp.arange(4))
+    st = solvers.ekfac().prepare(op)
+    flat = jax.vmap(lambda t: ravel_pytree(t)[0])
+    b = np.asarray(flat(bs))
+    x = np.linalg.solve(_approx(st, params, op), b.T).T  # the factored inverse, densely
+    rel = np.linalg.norm(x @ dense - b, axis=1) / np.linalg.norm(b, axis=1)
+    tol = float(np.median(rel))  # half the solves pass, half fail
+    with pytest.warns(RuntimeWarning, match="relative residual above tol.*Add damping"):
+        sol = solvers.ekfac(tol=tol).apply_batch(st, op, bs)
+    np.testing.assert_allclose(np.asarray(flat(sol.x)), x, rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(sol.stats["relative_residual"]), rel, rtol=1e-8)
+    np.testing.assert_array_equal(np.asarray(sol.converged), rel <= tol)
+    np.testing.assert_array_equal(np.asarray(sol.status)[rel > tol], solvers.Status.MAX_STEPS)
+    # the default tol is the residual of x = 0; more damping makes the approximation pass it
+    op_big = curvature.operator(obj, params, data, kind="gnh", damping=1.0, chunk_size=37)
+    assert bool(solvers.ekfac()(op_big, _rand_like(params)).converged)
+
+
+def _approx(st, params, op):
+    """The dense damped matrix K-FAC/EK-FAC inverts: Kronecker blocks plus the diagonal."""
+    approx = np.diag(np.asarray(ravel_pytree(st.diag)[0]))
+    for k, layer in enumerate(st.blocks):
+        idx = _layer_index(params, layer).reshape(-1)
+        q = np.kron(np.asarray(st.qa[k]), np.asarray(st.qs[k]))
+        approx[np.ix_(idx, idx)] = q @ np.diag(np.asarray(st.lam[k]).ravel()) @ q.T
+    return approx + float(op.shift) * np.eye(op.dim)
+
+
+def test_hessian_kind_warns_that_only_the_gauss_newton_part_is_approximated():
+    obj, params, data = make_problem("tanh_mlp")
+    op = curvature.operator(obj, params, data, kind="hessian", damping=1e-2, chunk_size=10)
+    with pytest.warns(RuntimeWarning, match="only the Gauss-Newton part"):
+        solvers.kfac().prepare(op)
+
+
+def test_sampled_fisher_converges_to_the_exact_factor():
+    obj, params, data = make_problem("tanh_mlp", n=12)
+    op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=12)
+    exact = solvers.kfac(samples=0).prepare(op)
+    # the K-FAC block A (x) S (A is exact: its relative error is the error of S)
+    def block(st, k):
+        q = np.kron(np.asarray(st.qa[k]), np.asarray(st.qs[k]))
+        return q @ np.diag(np.asarray(st.lam[k]).ravel()) @ q.T
+
+    errs = []
+    for samples in (4, 64, 1024):
+        st = solvers.kfac(samples=samples, key=1).prepare(op)
+        errs.append(max(np.linalg.norm(block(st, k) - block(exact, k))
+                        / np.linalg.norm(block(exact, k)) for k in range(2)))
+    assert errs[2] < errs[0] and errs[2] < 0.15, errs
+    # different keys give different factors, equal keys identical ones
+    a1 = solvers.kfac(samples=4, key=1).prepare(op)
+    a2 = solvers.kfac(samples=4, key=jax.random.PRNGKey(1)).prepare(op)
+    a3 = solvers.kfac(samples=4, key=2).prepare(op)
+    np.testing.assert_array_equal(np.asarray(a1.lam[1]), np.asarray(a2.lam[1]))
+    assert not np.allclose(np.asarray(a1.lam[1]), np.asarray(a3.lam[1]))
+    with pytest.raises(InputError, match="samples"):
+        solvers.ekfac(samples=-1)
+
+
+def test_equal_solver_values_share_compiled_programs(caplog):
+    # the solver is a value hashing by its options: a second identical prepare + solve (with a
+    # new but equal solver and operator) compiles nothing
+    obj, params, data = make_problem("tanh_mlp", n=20)
+    b = _rand_like(params)
+
+    def run():
+        op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=8)
+        return solvers.ekfac(tol=np.inf)(op, b)
+
+    run()
+    assert solvers.ekfac(tol=np.inf) == solvers.ekfac(tol=np.inf)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        run()
+    compiles = [r for r in caplog.records if "Compiling" in r.getMessage()]
+    assert not compiles, [r.getMessage()[:120] for r in compiles]
+
+
+def test_output_factor_chosen_automatically_above_the_documented_size():
+    # D = 300 outputs per example > EXACT_MAX_OUTPUTS: the automatic choice is the sampled Fisher
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (4, 3))
+    params = {"w": jax.random.normal(kw, (3, 300))}
+    obj = influx.Objective(lambda p, xx: jnp.tanh(xx @ p["w"]), losses.squared_error, l2=1e-3)
+    op = curvature.operator(obj, params, (x, jnp.zeros((4, 300))), kind="gnh", damping=1e-2)
+    assert 300 > E.EXACT_MAX_OUTPUTS
+    auto = solvers.kfac().prepare(op)
+    sampled = solvers.kfac(samples=E.AUTO_SAMPLES).prepare(op)
+    exact = solvers.kfac(samples=0).prepare(op)
+    np.testing.assert_array_equal(np.asarray(auto.lam[0]), np.asarray(sampled.lam[0]))
+    assert not np.allclose(np.asarray(auto.lam[0]), np.asarray(exact.lam[0]))
+
+
+def test_eigenvalue_correction_in_bounded_memory_equals_the_one_pass(monkeypatch):
+    ar = jax.random.normal(jax.random.PRNGKey(0), (10, 5, 7))
+    gr = jax.random.normal(jax.random.PRNGKey(1), (10, 3, 5, 4))
+    want = np.einsum("bkij->ij", np.einsum("bti,bktj->bkij", ar, gr) ** 2)
+    np.testing.assert_allclose(np.asarray(E._squared_projections(ar, gr)), want, rtol=1e-12)
+    monkeypatch.setattr(E, "_CORRECTION_BYTES", 3 * 7 * 4 * 8 * 3)  # three examples at a time
+    np.testing.assert_allclose(np.asarray(E._squared_projections(ar, gr)), want, rtol=1e-12)

@@ -10,6 +10,7 @@ from jax.flatten_util import ravel_pytree
 
 import influx
 from influx import curvature, solvers
+from influx.errors import SolveError
 from influx.solvers import Status
 from tests.conftest import make_problem
 
@@ -127,7 +128,9 @@ def test_lissa_native_batch_equals_one_at_a_time():
     # inside jit, a NaN right-hand side is a status, not an exception
     bs[1, 0] = np.nan
     sols = jax.jit(solver.apply_many)(state, op, jax.vmap(unravel)(jnp.asarray(bs)))
-    assert [int(s) for s in sols.status] == [Status.CONVERGED, Status.NONFINITE, Status.CONVERGED]
+    # the status of a finite right-hand side is its own (true residual against tol)
+    assert [int(s) for s in sols.status] == [int(batched.status[0]), Status.NONFINITE,
+                                             int(batched.status[2])]
     np.testing.assert_allclose(flat(jax.tree_util.tree_map(lambda a: a[2], sols.x)),
                                flat(jax.tree_util.tree_map(lambda a: a[2], batched.x)), rtol=1e-9)
     # too small a scale: every right-hand side diverges, each stops at its last finite iterate
@@ -141,7 +144,7 @@ def test_lissa_native_batch_equals_one_at_a_time():
 def test_lissa_scale_estimate_on_a_random_subset():
     """scale_examples < N: the full-operator estimate runs on a random subset (drawn from the
     solver's key); scale_examples >= N changes nothing; the subset estimate stays a safe scale."""
-    from influx.solvers.lissa import _gather, estimate_top_eigenvalue
+    from influx.solvers.lissa import estimate_top_eigenvalue
 
     pr = _problem("gnh", 1e-2)
     op, a = pr["op"], pr["a"]
@@ -157,7 +160,7 @@ def test_lissa_scale_estimate_on_a_random_subset():
     k_full = jax.random.split(k_scale)[0]
     k_full, k_sub = jax.random.split(k_full)
     idx = jax.random.choice(k_sub, n, (m,), replace=False)
-    want = estimate_top_eigenvalue(op.replace(data=_gather(op.data, idx)), k_full, iterations=20)
+    want = estimate_top_eigenvalue(op.subsample(idx), k_full, iterations=20)
     np.testing.assert_allclose(float(sub["lambda_max"]), float(want), rtol=1e-10)
     assert float(sub["lambda_max"]) != float(base["lambda_max"])
     lam = np.linalg.eigvalsh(a)[-1]
@@ -297,9 +300,9 @@ def test_cg_negative_curvature_on_nonconvex_hessian():
     assert np.all(np.isfinite(flat(sol.x))) and np.isfinite(float(sol.residual_norm))
     with pytest.raises(RuntimeError, match="negative curvature"):
         solvers.check_solution(sol)
-    with pytest.raises(ValueError, match="not positive definite.*add damping"):
+    with pytest.raises(SolveError, match="not positive definite.*add damping.*or use kind='gnh'"):
         solvers.direct()(op, b)
-    with pytest.raises(ValueError, match=r"not positive definite \(smallest eigenvalue -.*add damping"):
+    with pytest.raises(SolveError, match=r"not positive definite \(smallest eigenvalue -.*add damping"):
         solvers.direct(method="eigh")(op, b)
 
 

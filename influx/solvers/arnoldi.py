@@ -22,8 +22,9 @@ is replaced by ``1/s``), which is the approximation error of the method.
 
 Failure modes: a kept Ritz value with ``lambda_i + s <= 0`` (indefinite Hessian without
 enough damping) gives ``Status.NEGATIVE_CURVATURE`` and that component is dropped; NaN/inf
-in ``b`` gives ``NONFINITE``. With ``tol`` set, a true residual above ``tol ||b||`` gives
-``MAX_STEPS`` (the rank was too small for that accuracy).
+in ``b`` gives ``NONFINITE``; a true residual above ``tol ||b||`` (default ``tol`` 0.5)
+gives ``MAX_STEPS`` (the rank was too small for that accuracy: raise ``rank``, add
+damping, or use cg).
 
 Cost: ``iterations`` products of ``C`` and ``O(iterations * P)`` memory in ``prepare``;
 ``apply`` is two ``(P, rank)`` matrix products, plus one operator product when
@@ -32,24 +33,33 @@ Cost: ``iterations`` products of ``C`` and ``O(iterations * P)`` memory in ``pre
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influx._xla import jit
+from influx import _memory
+from influx.errors import InputError
 from influx.solvers._base import (
     Solution,
     Solver,
     Status,
     all_finite,
     check_rhs,
+    compiled,
     flat_curvature,
     flat_matvec,
+    key_array,
+    key_tuple,
+    ravel_batch,
+    relative,
+    residual_status,
 )
 
-__all__ = ["arnoldi", "lanczos", "ArnoldiState", "top_eigenpairs"]
+__all__ = ["Arnoldi", "arnoldi", "lanczos", "ArnoldiState", "top_eigenpairs", "DEFAULT_TOL"]
 
 
 class ArnoldiState(NamedTuple):
@@ -108,87 +118,144 @@ def top_eigenpairs(mv, v0, iterations: int, rank: int):
     return w[order], qs.T @ s[:, order]
 
 
+#: default tolerance of :func:`arnoldi`: the true relative residual a low-rank inverse
+#: typically reaches when the right-hand sides lie mostly in the top eigenspace
+#: (``benchmarks/README.md``); tighter targets need a larger rank or cg.
+DEFAULT_TOL = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Arnoldi(Solver):
+    """Low-rank inverse from top Ritz pairs (made by :func:`arnoldi`; fields are its options)."""
+
+    name: ClassVar[str] = "arnoldi"
+    rank: int = 20
+    iterations: int = 40
+    key: tuple = (0, 0)
+    tol: float = DEFAULT_TOL
+    residual: bool = True
+    complement: bool = False
+
+    def prepare(self, op) -> ArnoldiState:
+        p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(op.params))
+        m, r = min(self.iterations, p), min(self.rank, p)
+        itemsize = jnp.result_type(*jax.tree_util.tree_leaves(op.params)).itemsize
+        _memory.check_fits((m + r) * p * itemsize + 2 * m * m * itemsize,
+                           what=f"arnoldi: the Lanczos basis ({m} x {p:,}) and {r} eigenvectors",
+                           alternative="lower rank/iterations, or use influx.solvers.cg() or ekfac()")
+        return compiled(Arnoldi._prepare)(self, op)
+
+    def _prepare(self, op) -> ArnoldiState:
+        flat, unravel = ravel_pytree(op.params)
+        p = flat.shape[0]
+        m, r = min(self.iterations, p), min(self.rank, p)
+        v0 = jax.random.normal(key_array(self.key), (p,), flat.dtype)
+        w, u = top_eigenpairs(flat_curvature(op, unravel, flat.dtype), v0, m, r)
+        return ArnoldiState(w, u)
+
+    def _inverse(self, state, shift, g):
+        """``x`` for rows ``g`` (``(k, P)``), the projections ``U^T g`` and the kept mask."""
+        u = state.eigvecs.astype(g.dtype)
+        denom = state.eigvals.astype(g.dtype) + shift
+        ok = denom > 0
+        coef = g @ u
+        x = jnp.where(ok, coef / jnp.where(ok, denom, 1.0), 0.0) @ u.T
+        if self.complement:
+            comp = (g - coef @ u.T) / jnp.where(shift > 0, shift, 1.0)
+            x = x + jnp.where(shift > 0, comp, 0.0)
+        return x, coef, ok
+
+    def apply(self, state, op, b) -> Solution:
+        b = check_rhs(op, b)
+        sol = self.apply_many(state, op, jax.tree_util.tree_map(lambda a: a[None], b))
+        return jax.tree_util.tree_map(lambda a: a[0], sol)
+
+    def apply_many(self, state, op, bs) -> Solution:
+        return compiled(Arnoldi._apply_many)(self, state, op, bs)
+
+    def _apply_many(self, state: ArnoldiState, op, bs) -> Solution:
+        flat_bs, unravel = ravel_batch(bs)
+        dtype = flat_bs.dtype
+        finite_b = jax.vmap(all_finite)(flat_bs)
+        b0 = jnp.where(finite_b[:, None], flat_bs, 0.0)
+        shift = jnp.asarray(op.shift, dtype)
+        x, _, ok = self._inverse(state, shift, b0)
+        status = jnp.where(~finite_b, Status.NONFINITE,
+                           jnp.where(jnp.all(ok), Status.CONVERGED, Status.NEGATIVE_CURVATURE))
+        b_norm = jnp.linalg.norm(b0, axis=1)
+        k = flat_bs.shape[0]
+        if self.residual:
+            res = jnp.linalg.norm(jax.vmap(flat_matvec(op, unravel, dtype))(x) - b0, axis=1)
+            res = jnp.where(finite_b, res, jnp.inf)
+            status = residual_status(res, b_norm, self.tol, status)
+            prods = jnp.ones((k,), jnp.int32)
+        else:
+            res = jnp.full((k,), jnp.nan, dtype)
+            status = jnp.where(status == Status.CONVERGED, Status.UNCHECKED, status).astype(jnp.int32)
+            prods = jnp.zeros((k,), jnp.int32)
+        stats = {"prepare_products": jnp.full((k,), min(self.iterations, flat_bs.shape[1]), jnp.int32),
+                 "relative_residual": relative(res, b_norm)}
+        return Solution(jax.vmap(unravel)(x), res, prods, status == Status.CONVERGED, status, stats)
+
+    def inverse_quadratic(self, state, op, chunk):
+        """``g_m^T x_m`` with exactly the ``x_m`` of :meth:`apply`, from the projections
+        ``U^T g_m`` of the per-example gradients: ``O(m P r)`` flops, no operator product
+        (so no residual: the status flags only indefinite kept eigenvalues, as
+        ``NEGATIVE_CURVATURE`` with ``NaN`` values)."""
+        from influx.curvature import per_example_grads_flat
+
+        g = per_example_grads_flat(op.obj, op.params, chunk)
+        shift = jnp.asarray(op.shift, g.dtype)
+        _, coef, ok = self._inverse(state, shift, g)
+        denom = state.eigvals.astype(g.dtype) + shift
+        vals = jnp.sum(jnp.where(ok, coef * coef / jnp.where(ok, denom, 1.0), 0.0), axis=1)
+        if self.complement:
+            rest = jnp.sum(g * g, axis=1) - jnp.sum(coef * coef, axis=1)
+            vals = vals + jnp.where(shift > 0, rest / jnp.where(shift > 0, shift, 1.0), 0.0)
+        m = g.shape[0]
+        good = jnp.all(ok)
+        status = jnp.broadcast_to(jnp.where(good, Status.CONVERGED, Status.NEGATIVE_CURVATURE),
+                                  (m,)).astype(jnp.int32)
+        sol = Solution(None, jnp.full((m,), jnp.nan, g.dtype), jnp.zeros((m,), jnp.int32),
+                       status == Status.CONVERGED, status, {})
+        return jnp.where(good, vals, jnp.nan), sol
+
+
 def arnoldi(*, rank: int = 20, iterations: int | None = None, key=None, tol: float | None = None,
-            residual: bool = True, complement: bool = False) -> Solver:
-    """Low-rank eigen-solver (see module docstring).
+            residual: bool = True, complement: bool = False) -> Arnoldi:
+    """Low-rank eigen-solver (see module docstring); returns an :class:`Arnoldi` value.
 
     Args:
-      rank: number of top Ritz pairs kept.
+      rank: number of top Ritz pairs kept (capped at the number of parameters ``P``; a
+        rank near ``P`` is better served by ``direct()``).
       iterations: Lanczos steps (products in ``prepare``); default ``2 * rank``; must be
-        ``>= rank``; capped at the number of parameters.
+        ``>= rank``; capped at ``P``.
       key: PRNG key of the start vector (default ``PRNGKey(0)``).
-      tol: when set, a true relative residual above ``tol`` is reported as ``MAX_STEPS``.
+      tol: a solve is ``CONVERGED`` only when its true relative residual is ``<= tol``
+        (default :data:`DEFAULT_TOL` = 0.5; a larger rank or cg for tighter targets).
       residual: compute the true residual ``||A x - b||`` (one product per solve); when
-        False, ``residual_norm`` is NaN ("not computed") and ``tol`` must be None.
+        False, ``residual_norm`` is NaN and the status ``UNCHECKED`` (never ``CONVERGED``).
       complement: ``False`` (default) keeps only the projection
         ``U diag(1/(lambda + s)) U^T b`` (Schioppa et al.'s estimator, also pyDVL's: biased
         towards the top eigenspace, but never amplifies the complement by ``1/s``);
         ``True`` adds ``(b - U U^T b) / s`` (the damped low-rank inverse of the module
-        docstring). Measured on the digits MLP at shift 1e-3, rank 32: relative error 0.8
-        without the complement, 6.5 with it -- the complement term over-weights every
-        direction of small but non-zero curvature by up to ``lambda_rank / s``; at larger
-        shifts (1e-1) the complement wins (``benchmarks/README.md``). Only
-        ``complement=True`` is exact at full rank when ``C`` is singular (a GNH's null
-        space is not in the Krylov space of one start vector).
+        docstring), which over-weights every direction of small but non-zero curvature
+        by up to ``lambda_rank / s`` and so helps only at large shifts
+        (``benchmarks/README.md``). Only ``complement=True`` is exact at full rank when
+        ``C`` is singular (a GNH's null space is not in the Krylov space of one start
+        vector).
 
-    ``solver.prepare(op)`` returns an :class:`ArnoldiState` computed once; reuse it with
-    ``solver.apply(state, op, b)`` or ``solver.apply_batch(state, op, B)`` for any number
-    of right-hand sides (``fit``/``apply``).
+    ``solver.prepare(op)`` returns an :class:`ArnoldiState` computed once (its memory,
+    ``(iterations + rank) x P`` numbers, is checked first); reuse it with
+    ``solver.apply(state, op, b)`` or ``solver.apply_batch(state, op, B)``.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"arnoldi: rank must be an int >= 1, got {rank!r}")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise InputError(f"arnoldi: rank must be an int >= 1, got {rank!r}")
     iterations = 2 * rank if iterations is None else iterations
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < rank:
-        raise ValueError(f"arnoldi: iterations must be an int >= rank={rank}, got {iterations!r}")
-    if tol is not None and not residual:
-        raise ValueError("arnoldi: tol needs residual=True")
-    key = jax.random.PRNGKey(0) if key is None else key
-
-    @jit
-    def prepare(op) -> ArnoldiState:
-        flat, unravel = ravel_pytree(op.params)
-        p = flat.shape[0]
-        m, r = min(iterations, p), min(rank, p)
-        v0 = jax.random.normal(key, (p,), flat.dtype)
-        w, u = top_eigenpairs(flat_curvature(op, unravel, flat.dtype), v0, m, r)
-        return ArnoldiState(w, u)
-
-    @jit
-    def _apply(state: ArnoldiState, op, b):
-        flat_b, unravel = ravel_pytree(b)
-        dtype = flat_b.dtype
-        finite_b = all_finite(flat_b)
-        b0 = jnp.where(finite_b, flat_b, 0.0)
-        u = state.eigvecs.astype(dtype)
-        shift = jnp.asarray(op.shift, dtype)
-        denom = state.eigvals.astype(dtype) + shift
-        ok = denom > 0
-        coef = u.T @ b0
-        x = u @ jnp.where(ok, coef / jnp.where(ok, denom, 1.0), 0.0)
-        comp = (b0 - u @ coef) / jnp.where(shift > 0, shift, 1.0)
-        if complement:
-            x = x + jnp.where(shift > 0, comp, 0.0)
-        status = jnp.where(~finite_b, Status.NONFINITE,
-                           jnp.where(jnp.all(ok), Status.CONVERGED, Status.NEGATIVE_CURVATURE))
-        if residual:
-            res = jnp.linalg.norm(flat_matvec(op, unravel, dtype)(x) - b0)
-            res = jnp.where(finite_b, res, jnp.inf)
-            if tol is not None:
-                bn = jnp.linalg.norm(b0)
-                status = jnp.where((status == Status.CONVERGED) & (res > tol * bn),
-                                   Status.MAX_STEPS, status)
-            prods = jnp.int32(1)
-        else:
-            res = jnp.asarray(jnp.nan, dtype)
-            prods = jnp.int32(0)
-        stats = {"prepare_products": jnp.int32(min(iterations, flat_b.shape[0]))}
-        return Solution(unravel(x), res, prods, status == Status.CONVERGED, status.astype(jnp.int32),
-                        stats)
-
-    def apply(state, op, b):
-        return _apply(state, op, check_rhs(op, b))
-
-    opts = {"rank": rank, "iterations": iterations, "complement": complement}
-    if tol is not None:
-        opts["tol"] = tol
-    return Solver("arnoldi", prepare, apply, opts)
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < rank:
+        raise InputError(f"arnoldi: iterations must be an int >= rank={rank}, got {iterations!r}")
+    tol = DEFAULT_TOL if tol is None else float(tol)
+    if not tol > 0:
+        raise InputError(f"arnoldi: tol must be > 0, got {tol}")
+    return Arnoldi(rank=int(rank), iterations=int(iterations), key=key_tuple(key), tol=tol,
+                   residual=bool(residual), complement=bool(complement))

@@ -17,10 +17,9 @@ kept; the returned ``x`` is that best iterate (never worse than ``x_0 = 0``) and
 
 In float32 the attainable relative residual is ~1e-4..1e-5 on ill-conditioned problems
 (small damping); asked for less, CG loses orthogonality and the iterates can blow up
-(relative residuals of 1e5 and more were seen on a digits MLP at damping 1e-3). CG
-therefore stops as ``STAGNATED`` when the best true residual has not dropped by 10% over
-``stagnation_window`` steps or a true residual exceeds ``divergence_factor`` times the
-best, and returns the best iterate.
+(``benchmarks/README.md``). CG therefore stops as ``STAGNATED`` when the best true
+residual has not dropped by 10% over ``stagnation_window`` steps or a true residual
+exceeds ``divergence_factor`` times the best, and returns the best iterate.
 
 Failure modes, reported in ``Solution.status`` (never NaN in ``x``):
 
@@ -34,52 +33,130 @@ Cost: one operator product per CG step plus one per residual replacement;
 ``Solution.iterations`` counts all of them. The loop is one ``lax.while_loop`` whose
 iterations each spend one product (a CG step or a residual replacement), written for a
 ``(k, P)`` block of independent right-hand sides; ``apply`` runs it with ``k = 1`` and
-``apply_batch`` is its ``vmap`` (products of all right-hand sides batched, finished ones
-frozen, their counters stopped). A native run of the ``k`` independent CGs in one loop
-measured no faster than that ``vmap`` (both do the same batched products).
+``apply_many`` with all ``k`` (products of all right-hand sides batched, finished ones
+frozen, their counters stopped).
 
 ``cg(block=True)`` instead solves batches with block CG (:func:`block_cg`): one Krylov
-space shared by all right-hand sides, which needs far fewer steps -- on the digits MLP
-(16 test gradients, float32, tol 1e-4) 30 block steps against 62 for the slowest of 16
-independent CGs, 2x faster, and 2.9x on an MNIST MLP (``benchmarks/solvers.py``,
-``benchmarks/compare_peers.py``). It keeps the best iterate and detects stagnation like
-plain CG, but takes no preconditioner; a single right-hand side is plain CG.
+space shared by all right-hand sides, which typically needs far fewer steps than the
+slowest of ``k`` independent CGs (measurements in ``benchmarks/README.md``). It keeps the
+best iterate and detects stagnation like plain CG, but takes no preconditioner; a single
+right-hand side is plain CG.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influx._xla import jit
-from influx.solvers._base import Solution, Solver, Status, check_rhs, flat_matvec, ravel_batch
+from influx.errors import InputError
+from influx.solvers._base import (
+    Solution,
+    Solver,
+    Status,
+    check_rhs,
+    compiled,
+    flat_matvec,
+    key_array,
+    key_tuple,
+    ravel_batch,
+)
 
-__all__ = ["cg", "block_cg", "diagonal_preconditioner", "estimate_diagonal"]
+__all__ = ["CG", "cg", "block_cg", "diagonal_preconditioner", "estimate_diagonal"]
 
 
 def _check_positive_int(name, v, *, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return v
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise InputError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class CG(Solver):
+    """Conjugate gradients (made by :func:`cg`; the fields are its options)."""
+
+    name: ClassVar[str] = "cg"
+    tol: float = 1e-6
+    atol: float = 0.0
+    max_steps: int = 1000
+    preconditioner: Callable | str | None = None
+    recompute_every: int = 50
+    stagnation_window: int | None = None
+    divergence_factor: float = 100.0
+    precond_samples: int = 32
+    key: tuple = (0, 0)
+    block: bool = False
+
+    @property
+    def window(self) -> int:
+        return 3 * self.recompute_every if self.stagnation_window is None else self.stagnation_window
+
+    def prepare(self, op):
+        if self.preconditioner == "jacobi":
+            return compiled(CG._prepare_jacobi)(self, op)
+        return {}
+
+    def _prepare_jacobi(self, op):
+        return {"inv_diag": 1.0 / estimate_diagonal(op, key_array(self.key), samples=self.precond_samples)}
+
+    def _psolve(self, state, unravel, dtype):
+        if self.preconditioner == "jacobi":
+            inv_diag = state["inv_diag"].astype(dtype)
+            return lambda r: inv_diag * r
+        if callable(self.preconditioner):
+            pre = self.preconditioner
+            return lambda r: ravel_pytree(pre(unravel(r)))[0].astype(dtype)
+        return lambda r: r
+
+    def _columns(self, state, op, flat_bs, unravel):  # flat_bs: (k, P)
+        mv = flat_matvec(op, unravel, flat_bs.dtype)
+        return _cg_columns(mv, self._psolve(state, unravel, flat_bs.dtype), flat_bs, tol=self.tol,
+                           atol=self.atol, max_steps=self.max_steps, recompute_every=self.recompute_every,
+                           stagnation_window=self.window, divergence_factor=self.divergence_factor)
+
+    def apply(self, state, op, b) -> Solution:
+        return compiled(CG._apply)(self, state, op, check_rhs(op, b))
+
+    def _apply(self, state, op, b) -> Solution:
+        flat_b, unravel = ravel_pytree(b)
+        x, res, prods, status, stats = self._columns(state, op, flat_b[None], unravel)
+        stats = {k: v[0] for k, v in stats.items()}
+        return Solution(unravel(x[0]), res[0], prods[0], status[0] == Status.CONVERGED, status[0], stats)
+
+    def apply_many(self, state, op, bs) -> Solution:
+        """Independent CGs in one loop (``block=False``), or block CG (``block=True``)."""
+        if not self.block:
+            return jax.vmap(lambda b: self._apply(state, op, b))(bs)
+        flat_bs, unravel = ravel_batch(bs)
+        mv = jax.vmap(flat_matvec(op, unravel, flat_bs.dtype))
+        x, res, prods, status, stats = block_cg(
+            mv, flat_bs, tol=self.tol, atol=self.atol, max_steps=self.max_steps,
+            recompute_every=self.recompute_every, stagnation_window=self.window,
+            divergence_factor=self.divergence_factor)
+        return Solution(jax.vmap(unravel)(x), res, prods, status == Status.CONVERGED, status, stats)
 
 
 def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
        preconditioner: Callable | str | None = None, recompute_every: int = 50,
        stagnation_window: int | None = None, divergence_factor: float = 100.0,
-       precond_samples: int = 32, key=None, block: bool = False) -> Solver:
-    """Conjugate-gradient solver (see module docstring).
+       precond_samples: int = 32, key=None, block: bool = False) -> CG:
+    """Conjugate-gradient solver (see module docstring); returns a :class:`CG` value.
 
     Args:
-      tol: relative tolerance, stop when ``||b - A x|| <= tol ||b||``.
+      tol: relative tolerance, stop when ``||b - A x|| <= tol ||b||`` (true residual).
       atol: absolute tolerance (the stopping threshold is ``max(tol ||b||, atol)``).
       max_steps: maximum number of CG steps per right-hand side.
       preconditioner: ``None``; a callable ``v -> M^-1 v`` on pytrees like the params
-        (``M`` symmetric positive definite); or ``"jacobi"``: a diagonal preconditioner
-        estimated once in ``prepare`` by Hutchinson's method with ``precond_samples``
-        products (see :func:`estimate_diagonal`).
+        (``M`` symmetric positive definite; the solver then hashes by the callable's
+        identity); or ``"jacobi"``: a diagonal preconditioner estimated once in
+        ``prepare`` by Hutchinson's method with ``precond_samples`` products (see
+        :func:`estimate_diagonal`).
       recompute_every: replace the recurrence residual by the true residual every this
         many steps (one extra product each time).
       stagnation_window: stop with ``Status.STAGNATED`` when the best true residual has
@@ -90,78 +167,31 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
       block: solve batches of right-hand sides (``apply_batch``, :func:`influx.influence`)
         with block CG (:func:`block_cg`): one shared Krylov space, fewer iterations than
         independent CGs; no preconditioner. A single right-hand side is plain CG.
+
+    CG needs a positive definite ``A``: on an operator not tagged positive semidefinite
+    (``kind="hessian"``) it stops with ``NEGATIVE_CURVATURE`` when it meets ``p^T A p <= 0``.
     """
     tol, atol = float(tol), float(atol)
     if not tol >= 0 or not atol >= 0:
-        raise ValueError(f"cg: tol and atol must be >= 0, got tol={tol}, atol={atol}")
+        raise InputError(f"cg: tol and atol must be >= 0, got tol={tol}, atol={atol}")
     _check_positive_int("cg: max_steps", max_steps)
     _check_positive_int("cg: recompute_every", recompute_every)
     window = 3 * recompute_every if stagnation_window is None else stagnation_window
     _check_positive_int("cg: stagnation_window", window)
     divergence_factor = float(divergence_factor)
     if not divergence_factor > 1:
-        raise ValueError(f"cg: divergence_factor must be > 1, got {divergence_factor}")
+        raise InputError(f"cg: divergence_factor must be > 1, got {divergence_factor}")
     if not (preconditioner is None or preconditioner == "jacobi" or callable(preconditioner)):
-        raise ValueError("cg: preconditioner must be None, 'jacobi' or a callable v -> M^-1 v, "
+        raise InputError("cg: preconditioner must be None, 'jacobi' or a callable v -> M^-1 v, "
                          f"got {preconditioner!r}")
     if preconditioner == "jacobi":
         _check_positive_int("cg: precond_samples", precond_samples)
-    key = jax.random.PRNGKey(0) if key is None else key
-
-    @jit
-    def prepare(op):
-        if preconditioner == "jacobi":
-            return {"inv_diag": 1.0 / estimate_diagonal(op, key, samples=precond_samples)}
-        return {}
-
-    def _setup(state, op, dtype):
-        _, unravel = ravel_pytree(op.params)
-        mv = flat_matvec(op, unravel, dtype)
-        if preconditioner == "jacobi":
-            inv_diag = state["inv_diag"].astype(dtype)
-            psolve = lambda r: inv_diag * r
-        elif callable(preconditioner):
-            psolve = lambda r: ravel_pytree(preconditioner(unravel(r)))[0].astype(dtype)
-        else:
-            psolve = lambda r: r
-        return mv, psolve
-
-    def _solve(state, op, flat_b):  # flat_b: (k, P)
-        mv, psolve = _setup(state, op, flat_b.dtype)
-        return _cg_columns(mv, psolve, flat_b, tol=tol, atol=atol, max_steps=max_steps,
-                         recompute_every=recompute_every, stagnation_window=window,
-                         divergence_factor=divergence_factor)
-
-    @jit
-    def _apply(state, op, b):
-        flat_b, unravel = ravel_pytree(b)
-        x, res, prods, status, stats = _solve(state, op, flat_b[None])
-        stats = {k: v[0] for k, v in stats.items()}
-        return Solution(unravel(x[0]), res[0], prods[0], status[0] == Status.CONVERGED,
-                        status[0], stats)
-
-    def apply(state, op, b):
-        return _apply(state, op, check_rhs(op, b))
-
-    opts = {"tol": tol, "max_steps": max_steps, "recompute_every": recompute_every}
-    if preconditioner is not None:
-        opts["preconditioner"] = preconditioner if isinstance(preconditioner, str) else "callable"
-    if not block:
-        return Solver("cg", prepare, apply, opts)
-    if preconditioner is not None:
-        raise ValueError("cg: block=True does not take a preconditioner")
-
-    @jit
-    def apply_many(state, op, bs):
-        flat_bs, unravel = ravel_batch(bs)
-        mv = jax.vmap(flat_matvec(op, unravel, flat_bs.dtype))
-        x, res, prods, status, stats = block_cg(mv, flat_bs, tol=tol, atol=atol, max_steps=max_steps,
-                                                recompute_every=recompute_every, stagnation_window=window,
-                                                divergence_factor=divergence_factor)
-        return Solution(jax.vmap(unravel)(x), res, prods, status == Status.CONVERGED, status, stats)
-
-    opts["block"] = True
-    return Solver("cg", prepare, apply, opts, apply_many=apply_many)
+    if block and preconditioner is not None:
+        raise InputError("cg: block=True does not take a preconditioner")
+    return CG(tol=tol, atol=atol, max_steps=int(max_steps), preconditioner=preconditioner,
+              recompute_every=int(recompute_every), stagnation_window=stagnation_window,
+              divergence_factor=divergence_factor, precond_samples=int(precond_samples),
+              key=key_tuple(key), block=bool(block))
 
 
 def _orthonormal_rows(m):

@@ -3,7 +3,7 @@
 For ``A = C + s_0 I`` (``s_0 = l2 + damping``) and a scale ``S``, ``A^-1 = (1/S) sum_j
 (I - A/S)^j`` whenever the spectrum of ``A/S`` lies in ``(0, 2)``. LiSSA truncates the
 series at ``depth`` and replaces ``A`` by a fresh minibatch operator ``A_t`` at every
-step (``op.replace(data=minibatch)``, which keeps the shift ``s_0``)::
+step (``op.subsample(idx)``, which keeps the shift ``s_0``)::
 
     h_0 = b,   h_t = b + (I - A_t / S) h_{t-1},   x = mean_{samples} h_depth / S.
 
@@ -40,33 +40,50 @@ full product each) plus one full product for the true residual ``||A x - b||``;
 cost in full-product equivalents. Every right-hand side sees the same minibatch sequence
 (independent ones per sample). ``apply_batch`` (and :func:`influx.influence`) runs them in
 one loop (``Solver.apply_many``): each step gathers one minibatch and multiplies it with
-all iterates, sharing the forward pass -- 1.8x faster than ``vmap`` of the single loop for
-16 right-hand sides on the digits MLP (2 CPU cores; ``vmap`` batches the step counter
-and with it the gather and the forward pass), with the same result as solving them one at
-a time.
+all iterates, sharing the forward pass (``vmap`` of the single loop would batch the step
+counter and with it the gather and the forward pass), with the same result as solving
+them one at a time.
+
+Convergence: the true relative residual ``||A x - b|| / ||b||`` is computed for every
+right-hand side and the status is ``CONVERGED`` only when it is ``<= tol`` (default
+0.5, what the minibatch noise typically allows); otherwise ``MAX_STEPS`` (raise
+``depth``/``samples``, add damping, or use cg) or ``DIVERGED``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influx._xla import jit
-from influx.objective import num_examples
-from influx.solvers._base import Solution, Solver, Status, all_finite, check_rhs, flat_matvec, ravel_batch
+from influx.errors import InputError
+from influx.solvers._base import (
+    Solution,
+    Solver,
+    Status,
+    all_finite,
+    check_rhs,
+    compiled,
+    flat_matvec,
+    key_array,
+    key_tuple,
+    ravel_batch,
+    relative,
+    residual_status,
+)
 from influx.solvers.arnoldi import top_eigenpairs
 
-__all__ = ["lissa", "estimate_top_eigenvalue"]
-
-
-def _gather(data, idx):
-    return jax.tree_util.tree_map(lambda a: a[idx], data)
+__all__ = ["LiSSA", "lissa", "estimate_top_eigenvalue", "DEFAULT_TOL"]
 
 
 def _subset(op, idx):
-    """``op`` on the examples ``idx`` (its curvature the mean over them)."""
-    return op.replace(data=_gather(op.data, idx), chunk_size=min(op.chunk_size, idx.shape[0]))
+    """``op`` on the examples ``idx`` (its curvature the mean over them): the protocol's
+    ``op.subsample``."""
+    return op.subsample(idx)
 
 
 def estimate_top_eigenvalue(op, key, *, iterations: int = 20):
@@ -81,10 +98,139 @@ def estimate_top_eigenvalue(op, key, *, iterations: int = 20):
     return w[0]
 
 
+#: default tolerance of :func:`lissa`: the true relative residual LiSSA's minibatch noise
+#: typically allows at its default depth (``benchmarks/README.md``: 0.25-0.85 at damping
+#: 0-0.1); tighter targets need more ``samples`` and ``depth``, or cg.
+DEFAULT_TOL = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class LiSSA(Solver):
+    """Stochastic Neumann series (made by :func:`lissa`; the fields are its options)."""
+
+    name: ClassVar[str] = "lissa"
+    scale: float | None = None
+    depth: int = 1000
+    samples: int = 1
+    batch_size: int = 128
+    key: tuple = (0, 0)
+    safety: float = 1.1
+    scale_iterations: int = 20
+    scale_batches: int = 4
+    scale_examples: int | None = 8192
+    tol: float = DEFAULT_TOL
+
+    def _keys(self):
+        return jax.random.split(key_array(self.key))
+
+    def prepare(self, op):
+        if not hasattr(op, "subsample"):
+            raise InputError("lissa: the operator has no subsample(idx) (minibatch operators); "
+                             "see influx.solvers.LinearOperator")
+        return compiled(LiSSA._prepare)(self, op)
+
+    def _prepare(self, op):
+        flat, _ = ravel_pytree(op.params)
+        dtype = flat.dtype
+        n = op.num_examples
+        bs = min(self.batch_size, n)
+        if self.scale is not None:
+            nan = jnp.asarray(jnp.nan, dtype)
+            return {"scale": jnp.asarray(self.scale, dtype), "lambda_max": nan, "lambda_max_batch": nan}
+        k_full, k_b = jax.random.split(self._keys()[0])
+        full = op
+        if self.scale_examples is not None and self.scale_examples < n:  # static: a random subset
+            k_full, k_sub = jax.random.split(k_full)
+            full = _subset(op, jax.random.choice(k_sub, n, (self.scale_examples,), replace=False))
+        lam = estimate_top_eigenvalue(full, k_full, iterations=self.scale_iterations)
+        lam_b = jnp.asarray(0.0, dtype)
+        if bs < n and self.scale_batches > 0:
+            def one(k):
+                k1, k2 = jax.random.split(k)
+                idx = jax.random.choice(k1, n, (bs,), replace=False)
+                return estimate_top_eigenvalue(_subset(op, idx), k2, iterations=self.scale_iterations)
+
+            lam_b = jnp.max(jax.lax.map(one, jax.random.split(k_b, self.scale_batches)))
+        s = self.safety * jnp.maximum(lam, lam_b)
+        return {"scale": s.astype(dtype), "lambda_max": lam, "lambda_max_batch": lam_b}
+
+    def apply(self, state, op, b) -> Solution:
+        b = check_rhs(op, b)
+        sol = self.apply_many(state, op, jax.tree_util.tree_map(lambda a: a[None], b))
+        return jax.tree_util.tree_map(lambda a: a[0], sol)
+
+    def apply_many(self, state, op, bs) -> Solution:
+        """All right-hand sides (leading axis of every leaf of ``bs``) in one loop: every step
+        draws one minibatch and multiplies it with every iterate (the forward pass and the
+        gather are shared), exactly the sequence a single solve draws -- so the result equals
+        solving them one at a time. A diverged right-hand side is frozen at its last finite
+        iterate; the loop ends when ``depth`` is reached or every one has diverged."""
+        return compiled(LiSSA._apply_many)(self, state, op, bs)
+
+    def _recursion(self, op, unravel, b0, b_norm, s, finite_b):
+        """The ``samples`` recursions: ``(h, steps, growth ratio, diverged)`` per sample and rhs."""
+        n = op.num_examples
+        bsz = min(self.batch_size, n)
+
+        def batch_mv(t_key):
+            # with replacement: O(batch) per step (no O(N) permutation), unbiased
+            sub = op if bsz == n else _subset(op, jax.random.randint(t_key, (bsz,), 0, n))
+            return jax.vmap(flat_matvec(sub, unravel, b0.dtype))
+
+        def run(sample_key):
+            def cond(c):
+                return (c[1] < self.depth) & ~jnp.all(c[5])
+
+            def body(c):
+                h, t, ts, nrm, ratio, div = c
+                h_new = b0 + h - batch_mv(jax.random.fold_in(sample_key, t))(h) / s
+                nrm_new = jnp.linalg.norm(h_new, axis=1)
+                div_new = div | ~jnp.isfinite(nrm_new) | (nrm_new > 2.0 * (t + 2) * b_norm)
+                r = nrm_new / jnp.where(nrm > 0, nrm, 1.0)
+                ratio = jnp.where(div, ratio, jnp.where(jnp.isfinite(r), r, ratio))
+                return (jnp.where(div_new[:, None], h, h_new), t + 1, jnp.where(div, ts, t + 1),
+                        jnp.where(div_new, nrm, nrm_new), ratio, div_new)
+
+            zeros = jnp.zeros(b_norm.shape, jnp.int32)
+            init = (b0, jnp.int32(0), zeros, b_norm, jnp.zeros(b_norm.shape, b0.dtype), ~finite_b)
+            h, _, ts, _, ratio, div = jax.lax.while_loop(cond, body, init)
+            return h, ts, ratio, div
+
+        return jax.vmap(run)(jax.random.split(self._keys()[1], self.samples))
+
+    def _apply_many(self, state, op, bs) -> Solution:
+        flat_bs, unravel = ravel_batch(bs)
+        dtype = flat_bs.dtype
+        n = op.num_examples
+        s = state["scale"].astype(dtype)
+        finite_b = jax.vmap(all_finite)(flat_bs)
+        b0 = jnp.where(finite_b[:, None], flat_bs, 0.0)
+        b_norm = jnp.linalg.norm(b0, axis=1)
+        hs, ts, ratios, divs = self._recursion(op, unravel, b0, b_norm, s, finite_b)  # (samples, k, ...)
+        x = jnp.mean(hs, axis=0) / s
+        res = jnp.linalg.norm(jax.vmap(flat_matvec(op, unravel, dtype))(x) - b0, axis=1)
+        diverged = jnp.any(divs & finite_b[None], axis=0)
+        status = jnp.where(~finite_b, Status.NONFINITE,
+                           jnp.where(diverged, Status.DIVERGED, Status.CONVERGED))
+        res = jnp.where(finite_b, res, jnp.inf)
+        status = residual_status(res, b_norm, self.tol, status)
+        steps = jnp.sum(ts, axis=0)
+        rho = jnp.max(jnp.where(divs, ratios, 0.0), axis=0)
+        stats = {
+            "scale": jnp.broadcast_to(s, res.shape),
+            "recommended_scale": jnp.where(diverged, self.safety * s * (1.0 + rho), s),
+            "lambda_max": jnp.broadcast_to(state["lambda_max"], res.shape),
+            "products": (steps * min(self.batch_size, n) / n + 1.0).astype(dtype),
+            "depth_reached": jnp.min(ts, axis=0),
+            "relative_residual": relative(res, b_norm),
+        }
+        return Solution(jax.vmap(unravel)(x), res, steps + 1, status == Status.CONVERGED, status, stats)
+
+
 def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 128, key=None,
           safety: float = 1.1, scale_iterations: int = 20, scale_batches: int = 4,
-          scale_examples: int | None = 8192, tol: float | None = None) -> Solver:
-    """Stochastic Neumann-series solver (see module docstring).
+          scale_examples: int | None = 8192, tol: float | None = None) -> LiSSA:
+    """Stochastic Neumann-series solver (see module docstring); returns a :class:`LiSSA` value.
 
     Args:
       scale: ``S``; ``None`` estimates it automatically in ``prepare`` (recommended).
@@ -102,129 +248,31 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
         whole recursion once ``N`` exceeds ``depth * batch_size / scale_iterations``; the
         top eigenvalue of a random subset's curvature is typically at least the full one's
         (safe for stability), and the minibatch probes bound it from above as well.
-      tol: when set, a true relative residual above ``tol`` is reported as ``MAX_STEPS``
-        (``depth`` too small); otherwise a finished, non-diverged run is ``CONVERGED``.
+      tol: a solve is ``CONVERGED`` only when its true relative residual is ``<= tol``
+        (default :data:`DEFAULT_TOL` = 0.5); above it the status is ``MAX_STEPS`` (raise
+        ``depth`` and ``samples``, add damping, or use cg).
     """
     for name, v in (("depth", depth), ("samples", samples), ("batch_size", batch_size),
                     ("scale_iterations", scale_iterations)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"lissa: {name} must be an int >= 1, got {v!r}")
-    if isinstance(scale_batches, bool) or not isinstance(scale_batches, int) or scale_batches < 0:
-        raise ValueError(f"lissa: scale_batches must be an int >= 0, got {scale_batches!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise InputError(f"lissa: {name} must be an int >= 1, got {v!r}")
+    if (isinstance(scale_batches, bool) or not isinstance(scale_batches, (int, np.integer))
+            or scale_batches < 0):
+        raise InputError(f"lissa: scale_batches must be an int >= 0, got {scale_batches!r}")
     if scale_examples is not None and (isinstance(scale_examples, bool)
-                                       or not isinstance(scale_examples, int) or scale_examples < 1):
-        raise ValueError(f"lissa: scale_examples must be an int >= 1 or None, got {scale_examples!r}")
+                                       or not isinstance(scale_examples, (int, np.integer))
+                                       or scale_examples < 1):
+        raise InputError(f"lissa: scale_examples must be an int >= 1 or None, got {scale_examples!r}")
     if scale is not None:
         scale = float(scale)
         if not scale > 0 or scale == float("inf"):
-            raise ValueError(f"lissa: scale must be finite and > 0 (or None for automatic), got {scale}")
+            raise InputError(f"lissa: scale must be finite and > 0 (or None for automatic), got {scale}")
     if not float(safety) >= 1.0:
-        raise ValueError(f"lissa: safety must be >= 1, got {safety}")
-    safety = float(safety)
-    key = jax.random.PRNGKey(0) if key is None else key
-    k_scale, k_run = jax.random.split(key)
-
-    @jit
-    def prepare(op):
-        flat, _ = ravel_pytree(op.params)
-        dtype = flat.dtype
-        n = num_examples(op.data)
-        bs = min(batch_size, n)
-        if scale is not None:
-            nan = jnp.asarray(jnp.nan, dtype)
-            return {"scale": jnp.asarray(scale, dtype), "lambda_max": nan, "lambda_max_batch": nan}
-        k_full, k_b = jax.random.split(k_scale)
-        full = op
-        if scale_examples is not None and scale_examples < n:  # static: a random subset
-            k_full, k_sub = jax.random.split(k_full)
-            idx = jax.random.choice(k_sub, n, (scale_examples,), replace=False)
-            full = _subset(op, idx)
-        lam = estimate_top_eigenvalue(full, k_full, iterations=scale_iterations)
-        lam_b = jnp.asarray(0.0, dtype)
-        if bs < n and scale_batches > 0:
-            keys = jax.random.split(k_b, scale_batches)
-
-            def one(k):
-                k1, k2 = jax.random.split(k)
-                idx = jax.random.choice(k1, n, (bs,), replace=False)
-                return estimate_top_eigenvalue(_subset(op, idx), k2, iterations=scale_iterations)
-
-            lam_b = jnp.max(jax.lax.map(one, keys))
-        s = safety * jnp.maximum(lam, lam_b)
-        return {"scale": s.astype(dtype), "lambda_max": lam, "lambda_max_batch": lam_b}
-
-    @jit
-    def apply_many(state, op, bs) -> Solution:
-        """All right-hand sides (leading axis of every leaf of ``bs``) in one loop: every step
-        draws one minibatch and multiplies it with every iterate (the forward pass and the
-        gather are shared), exactly the sequence a single solve draws -- so the result equals
-        solving them one at a time. A diverged right-hand side is frozen at its last finite
-        iterate; the loop ends when ``depth`` is reached or every one has diverged."""
-        flat_bs, unravel = ravel_batch(bs)
-        dtype = flat_bs.dtype
-        n = num_examples(op.data)
-        bsz = min(batch_size, n)
-        s = state["scale"].astype(dtype)
-        finite_b = jax.vmap(all_finite)(flat_bs)
-        b0 = jnp.where(finite_b[:, None], flat_bs, 0.0)
-        b_norm = jnp.linalg.norm(b0, axis=1)
-
-        def batch_mv(t_key):
-            if bsz == n:
-                sub = op
-            else:  # with replacement: O(batch) per step (no O(N) permutation), unbiased
-                idx = jax.random.randint(t_key, (bsz,), 0, n)
-                sub = _subset(op, idx)
-            return jax.vmap(flat_matvec(sub, unravel, dtype))
-
-        def run(sample_key):
-            def cond(c):
-                _, t, _, _, _, div = c
-                return (t < depth) & ~jnp.all(div)
-
-            def body(c):
-                h, t, ts, nrm, ratio, div = c
-                mv = batch_mv(jax.random.fold_in(sample_key, t))
-                h_new = b0 + h - mv(h) / s
-                nrm_new = jnp.linalg.norm(h_new, axis=1)
-                div_new = div | ~jnp.isfinite(nrm_new) | (nrm_new > 2.0 * (t + 2) * b_norm)
-                r = nrm_new / jnp.where(nrm > 0, nrm, 1.0)
-                ratio = jnp.where(div, ratio, jnp.where(jnp.isfinite(r), r, ratio))
-                return (jnp.where(div_new[:, None], h, h_new), t + 1, jnp.where(div, ts, t + 1),
-                        jnp.where(div_new, nrm, nrm_new), ratio, div_new)
-
-            zeros = jnp.zeros(b_norm.shape, jnp.int32)
-            init = (b0, jnp.int32(0), zeros, b_norm, jnp.zeros(b_norm.shape, dtype), ~finite_b)
-            h, _, ts, _, ratio, div = jax.lax.while_loop(cond, body, init)
-            return h, ts, ratio, div
-
-        keys = jax.random.split(k_run, samples)
-        hs, ts, ratios, divs = jax.vmap(run)(keys)  # (samples, nb, ...)
-        x = jnp.mean(hs, axis=0) / s
-        res = jnp.linalg.norm(jax.vmap(flat_matvec(op, unravel, dtype))(x) - b0, axis=1)
-        diverged = jnp.any(divs & finite_b[None], axis=0)
-        status = jnp.where(~finite_b, Status.NONFINITE,
-                           jnp.where(diverged, Status.DIVERGED, Status.CONVERGED))
-        if tol is not None:
-            status = jnp.where((status == Status.CONVERGED) & (res > tol * b_norm),
-                               Status.MAX_STEPS, status)
-        res = jnp.where(finite_b, res, jnp.inf)
-        steps = jnp.sum(ts, axis=0)
-        rho = jnp.max(jnp.where(divs, ratios, 0.0), axis=0)
-        stats = {
-            "scale": jnp.broadcast_to(s, res.shape),
-            "recommended_scale": jnp.where(diverged, safety * s * (1.0 + rho), s),
-            "lambda_max": jnp.broadcast_to(state["lambda_max"], res.shape),
-            "products": (steps * bsz / n + 1.0).astype(dtype),
-            "depth_reached": jnp.min(ts, axis=0),
-        }
-        status = status.astype(jnp.int32)
-        return Solution(jax.vmap(unravel)(x), res, steps + 1, status == Status.CONVERGED, status, stats)
-
-    def apply(state, op, b):
-        b = check_rhs(op, b)
-        sol = apply_many(state, op, jax.tree_util.tree_map(lambda a: a[None], b))
-        return jax.tree_util.tree_map(lambda a: a[0], sol)
-
-    opts = {"scale": scale, "depth": depth, "samples": samples, "batch_size": batch_size}
-    return Solver("lissa", prepare, apply, opts, apply_many=apply_many)
+        raise InputError(f"lissa: safety must be >= 1, got {safety}")
+    tol = DEFAULT_TOL if tol is None else float(tol)
+    if not tol > 0:
+        raise InputError(f"lissa: tol must be > 0, got {tol}")
+    return LiSSA(scale=scale, depth=int(depth), samples=int(samples), batch_size=int(batch_size),
+                 key=key_tuple(key), safety=float(safety), scale_iterations=int(scale_iterations),
+                 scale_batches=int(scale_batches),
+                 scale_examples=None if scale_examples is None else int(scale_examples), tol=tol)

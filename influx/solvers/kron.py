@@ -1,0 +1,500 @@
+"""Kronecker-factored curvature blocks: which layers of a model get one.
+
+``apply_fn`` is traced once for one example (``jax.make_jaxpr``) and evaluated by a small
+interpreter that recognises three kinds of linear layers whose weight is a parameter leaf
+(seen through casts, copies and transposes) applied to something that is not a parameter:
+
+* ``"dense"``: ``dot_general`` without batch dimensions, any number of contracted and free
+  kernel axes (``nn.Dense``, ``DenseGeneral`` / ``nnx.LinearGeneral``, the query, key, value
+  and output projections of ``MultiHeadAttention``, einsum kernels, and a dense layer applied
+  at every position of a sequence: the "expand" setting, every position is a row);
+* ``"conv"``: ``conv_general_dilated`` with ``feature_group_count = batch_group_count = 1``
+  (any number of spatial dimensions, strides, padding, dilations): the rows are the input
+  patches at every output position (Grosse & Martens 2016, KFC; the "expand" form of
+  Eschenhagen et al. 2023), computed with ``lax.conv_general_dilated_patches``;
+* ``"embedding"``: a ``gather`` of rows of a 2-D table (``nn.Embed``, ``jnp.take``): the
+  rows are the one-hot token vectors, so the input factor ``A`` is exactly diagonal (the
+  token frequencies) and is kept as a diagonal -- no ``V x V`` matrix, no eigendecomposition.
+
+A layer's weight is viewed as a ``(d_in, d_out)`` matrix by a transpose ``perm`` of the leaf
+followed by a reshape (contracted/input axes first, output-feature axes last); its bias is a
+parameter leaf added right after it, broadcast along the output features (trailing axes). A
+leaf used anywhere else (weight tying, a kernel also used in a regulariser inside
+``apply_fn``) gets no block. Nested ``jit`` calls are inlined; layers inside ``scan``,
+``cond``, ``while`` or custom derivatives are not seen, except a ``scan`` over stacked
+parameters (``lax.scan``, ``nn.scan``, ``nnx.scan`` with the layer weights as scanned
+inputs): it is unrolled and every slice of a stacked leaf is a layer of its own (one block
+per slice, when every slice is one).
+
+:func:`layers` reports every parameter leaf with the block it got, :func:`coverage` the
+share of parameters in Kronecker blocks, :func:`blocks` the blocks themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+
+from influx.errors import InputError
+
+__all__ = ["Block", "LeafReport", "blocks", "coverage", "layers", "COVERAGE_WARNING"]
+
+COVERAGE_WARNING = 0.9  # prepare warns when less than this share of parameters is in blocks
+_PASS = {"convert_element_type", "copy", "copy_p"}
+_CALLS = {"pjit", "jit", "closed_call", "core_call"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A Kronecker-factored layer (hashable: it is static data of a solver state).
+
+    ``kernel`` / ``bias``: indices into ``jax.tree_util.tree_leaves(params)``; the weight
+    matrix is ``leaf[index].transpose(perm).reshape(d_in, d_out)`` (``leaf`` when ``index``
+    is ``None``; a slice of a stacked leaf for a layer inside ``scan``) (bias, if any, appended as a last
+    row, so the factored matrix is ``(d_in + 1, d_out)``); ``site``: which recognised
+    operation of the traced program it is; ``path``: the kernel's key path, for reports.
+    """
+
+    kind: str  # "dense" | "conv" | "embedding"
+    site: int
+    kernel: int
+    bias: int | None
+    perm: tuple
+    d_in: int
+    d_out: int
+    path: str
+    index: int | None = None  # the slice of a stacked kernel (and bias) leaf: a layer in a scan
+
+    @property
+    def transposed(self) -> bool:
+        """A 2-D kernel stored ``(d_out, d_in)`` (torch layout)."""
+        return self.perm == (1, 0)
+
+    @property
+    def diagonal_inputs(self) -> bool:
+        """The input factor is diagonal (embeddings: one-hot rows)."""
+        return self.kind == "embedding"
+
+    @property
+    def rows(self) -> int:
+        return self.d_in + (self.bias is not None)
+
+
+class LeafReport(NamedTuple):
+    """One parameter leaf: its key ``path``, ``shape``, ``size``, the ``block`` it got
+    (``"dense"``, ``"conv"``, ``"embedding"``: Kronecker; ``"diagonal"``: the exact diagonal
+    of the Gauss-Newton matrix; ``"none"``: not floating point, not a parameter of the solve)
+    and its ``role`` in the block (``"kernel"``, ``"bias"`` or ``""``)."""
+
+    path: str
+    shape: tuple
+    size: int
+    block: str
+    role: str
+
+
+class _Param(NamedTuple):
+    """A value that is parameter leaf ``leaf`` (its slice ``index`` along the leading axis
+    inside an unrolled ``scan``) transposed by ``perm``."""
+    leaf: int
+    perm: tuple
+    index: int | None = None
+
+
+class _Bias(NamedTuple):
+    """A value whose trailing axes are parameter leaf ``leaf`` (or its slice ``index``),
+    leading axes broadcast."""
+    leaf: int
+    index: int | None = None
+
+
+def _shape(p, leaf_shapes) -> tuple:
+    """The shape of the leaf (slice) a provenance refers to."""
+    s = tuple(leaf_shapes[p.leaf])
+    return s if p.index is None else s[1:]
+
+
+class _Site(NamedTuple):
+    """A recognised linear operation: weight leaf, its ``(d_in, d_out)`` view, and the axes
+    of the operation's output that hold the output features (in ``perm``'s order)."""
+    kind: str
+    leaf: int
+    perm: tuple
+    d_in: int
+    d_out: int
+    out_axes: tuple
+    out_shape: tuple
+    act_operand: int = 0  # which operand is the layer input
+    act_axes: tuple = ()  # dense: the input's contracted axes, in the kernel's order
+    index: int | None = None  # the slice of a stacked leaf (a layer inside a scan)
+
+
+@dataclasses.dataclass
+class _Tape:
+    """State of one interpretation: ``perts`` (site -> perturbation added to its output) and
+    ``want`` (sites whose input rows to record) in a run; what discovery records."""
+
+    perts: dict | None = None
+    want: frozenset = frozenset()
+    rows: dict = dataclasses.field(default_factory=dict)  # site -> (positions, d_in)
+    sites: dict = dataclasses.field(default_factory=dict)  # site -> _Site
+    bias: dict = dataclasses.field(default_factory=dict)  # site -> [leaf]
+    uses: dict = dataclasses.field(default_factory=dict)  # (leaf, index) -> uses
+    counter: int = 0
+
+    def use(self, prov):
+        if prov is not None:
+            key = (prov.leaf, prov.index)
+            self.uses[key] = self.uses.get(key, 0) + 1
+
+
+def _read(env, v):
+    return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+
+def _pass_prov(name, params, p, shape_in, leaf_shape):
+    """Provenance of the output of a one-operand value-preserving op, or ``None``."""
+    if name in _PASS:
+        return p
+    if name == "transpose" and isinstance(p, _Param):
+        return _Param(p.leaf, tuple(p.perm[i] for i in params["permutation"]), p.index)
+    plain = isinstance(p, _Bias) or (isinstance(p, _Param) and p.perm == tuple(range(len(p.perm))))
+    if not plain:
+        return None
+    nd = len(leaf_shape)
+    if name == "reshape":
+        new = tuple(params["new_sizes"])
+        if len(new) >= nd and new[len(new) - nd:] == tuple(leaf_shape) and all(
+                d == 1 for d in new[:len(new) - nd]):
+            return _Bias(p.leaf, p.index)
+    if name == "broadcast_in_dim":
+        shape, bd = tuple(params["shape"]), tuple(params["broadcast_dimensions"])
+        lead = len(shape_in) - nd
+        if (nd and lead >= 0 and tuple(shape_in[lead:]) == tuple(leaf_shape)
+                and all(d == 1 for d in shape_in[:lead])
+                and bd[lead:] == tuple(range(len(shape) - nd, len(shape)))
+                and shape[len(shape) - nd:] == tuple(leaf_shape)):
+            return _Bias(p.leaf, p.index)
+    return None
+
+
+def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
+    """Evaluates ``jaxpr``; returns ``(outs, out_provs, out_sites)``."""
+    env, prov, site_of = {}, {}, {}
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for v, a, p in zip(jaxpr.invars, args, provs):
+        env[v] = a
+        if p is not None:
+            prov[v] = p
+    get = lambda v: None if isinstance(v, jex.core.Literal) else prov.get(v)  # noqa: E731
+    for eqn in jaxpr.eqns:
+        invals = [_read(env, v) for v in eqn.invars]
+        name, pin = eqn.primitive.name, [get(v) for v in eqn.invars]
+        if name in _CALLS and "jaxpr" in eqn.params:
+            c = eqn.params["jaxpr"]
+            outs, oprov, osite = _interp(c.jaxpr, c.consts, invals, pin, tape, leaf_shapes)
+            for v, o, p, s in zip(eqn.outvars, outs, oprov, osite):
+                env[v] = o
+                if p is not None:
+                    prov[v] = p
+                if s is not None:
+                    site_of[v] = s
+            continue
+        if name == "scan" and _unrollable(eqn, pin):
+            for v, o in zip(eqn.outvars, _unroll_scan(eqn, invals, pin, tape, leaf_shapes)):
+                env[v] = o
+            continue
+        if len(pin) == 1 and pin[0] is not None:
+            p = _pass_prov(name, eqn.params, pin[0], np.shape(invals[0]), _shape(pin[0], leaf_shapes))
+            if p is not None:
+                env[eqn.outvars[0]] = eqn.primitive.bind(*invals, **eqn.params)
+                prov[eqn.outvars[0]] = p
+                continue
+        site = _match(name, eqn, invals, pin, leaf_shapes)
+        if site is not None:
+            sid = tape.counter
+            tape.counter += 1
+            tape.sites[sid] = site
+            tape.use(_Param(site.leaf, (), site.index))
+            ans = eqn.primitive.bind(*invals, **eqn.params)
+            if sid in tape.want:
+                tape.rows[sid] = _rows(name, eqn, invals, site)
+            if tape.perts is not None and sid in tape.perts:
+                ans = ans + tape.perts[sid]
+            env[eqn.outvars[0]] = ans
+            site_of[eqn.outvars[0]] = sid
+            continue
+        if name == "add" and _bias_add(eqn, invals, pin, site_of, tape, leaf_shapes):
+            env[eqn.outvars[0]] = eqn.primitive.bind(*invals, **eqn.params)
+            continue
+        for p in pin:
+            tape.use(p)
+        ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+        for v, a in zip(eqn.outvars, ans if eqn.primitive.multiple_results else [ans]):
+            env[v] = a
+    outs = [_read(env, v) for v in jaxpr.outvars]
+    return outs, [get(v) for v in jaxpr.outvars], [
+        None if isinstance(v, jex.core.Literal) else site_of.get(v) for v in jaxpr.outvars]
+
+
+def _unrollable(eqn, pin) -> bool:
+    """A ``scan`` that slices a parameter leaf along its leading axis (stacked layers)."""
+    first = eqn.params["num_consts"] + eqn.params["num_carry"]
+    return any(isinstance(p, _Param) and p.index is None and p.perm[:1] == (0,)
+               for p in pin[first:])
+
+
+def _unroll_scan(eqn, invals, pin, tape: _Tape, leaf_shapes):
+    """Evaluates a ``scan`` step by step, so that every slice of a stacked parameter leaf is
+    a layer of its own (one block per slice); returns the scan's outputs."""
+    prm = eqn.params
+    nc, nk, body = prm["num_consts"], prm["num_carry"], prm["jaxpr"]
+    consts, carry, xs = invals[:nc], list(invals[nc:nc + nk]), invals[nc + nk:]
+    xprov = []
+    for p in pin[nc + nk:]:
+        if isinstance(p, _Param) and p.index is None and p.perm[:1] == (0,):
+            xprov.append(p)
+        else:
+            tape.use(p)  # carried or nested-sliced parameters: no block
+            xprov.append(None)
+    ys = []
+    steps = range(prm["length"] - 1, -1, -1) if prm["reverse"] else range(prm["length"])
+    for i in steps:
+        provs = list(pin[:nc]) + [None] * nk + [
+            None if p is None else _Param(p.leaf, tuple(a - 1 for a in p.perm[1:]), i) for p in xprov]
+        outs, _, _ = _interp(body.jaxpr, body.consts, list(consts) + carry + [x[i] for x in xs],
+                             provs, tape, leaf_shapes)
+        carry, y = outs[:nk], outs[nk:]
+        ys.append(y)
+    if prm["reverse"]:
+        ys = ys[::-1]
+    stacked = [jnp.stack(col) for col in zip(*ys)] if ys else []
+    return carry + stacked
+
+
+def _bias_add(eqn, invals, pin, site_of, tape, leaf_shapes) -> bool:
+    """Records ``site output + bias`` (bias over the trailing output-feature axes)."""
+    for k in (0, 1):
+        v, p = eqn.invars[k], pin[1 - k]
+        if isinstance(v, jex.core.Literal) or v not in site_of or p is None:
+            continue
+        if isinstance(p, _Param) and p.perm != tuple(range(len(p.perm))):
+            continue
+        site = tape.sites[site_of[v]]
+        nfeat = len(site.out_axes)
+        feat_last = site.out_axes == tuple(range(len(site.out_shape) - nfeat, len(site.out_shape)))
+        bshape = _shape(p, leaf_shapes)
+        if (feat_last and bshape == tuple(site.out_shape[len(site.out_shape) - nfeat:])
+                and np.shape(invals[1 - k])[-len(bshape):] == bshape
+                and np.shape(invals[k]) == np.shape(eqn.outvars[0].aval)):
+            tape.bias.setdefault(site_of[v], []).append((p.leaf, p.index))
+            return True
+    return False
+
+
+def _match(name, eqn, invals, pin, leaf_shapes) -> _Site | None:
+    """The layer an equation is, or ``None``."""
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        if lb or rb:
+            return None
+        for k in (1, 0):  # prefer the rhs as the kernel (x @ W)
+            p, other = pin[k], pin[1 - k]
+            if isinstance(p, _Param) and other is None:
+                kc = list(rc if k == 1 else lc)
+                nd = np.ndim(invals[k])
+                kf = [i for i in range(nd) if i not in kc]
+                shp = np.shape(invals[k])
+                out_nd = np.ndim(invals[1 - k]) - len(kc) + len(kf)
+                out_axes = (tuple(range(out_nd - len(kf), out_nd)) if k == 1
+                            else tuple(range(len(kf))))
+                return _Site("dense", p.leaf, tuple(p.perm[i] for i in kc + kf),
+                             math.prod(shp[i] for i in kc), math.prod(shp[i] for i in kf),
+                             out_axes, tuple(eqn.outvars[0].aval.shape), 1 - k,
+                             tuple(lc if k == 1 else rc), p.index)
+        return None
+    if name == "conv_general_dilated":
+        prm = eqn.params
+        p = pin[1]
+        if (not isinstance(p, _Param) or pin[0] is not None or prm["feature_group_count"] != 1
+                or prm["batch_group_count"] != 1):
+            return None
+        dn = prm["dimension_numbers"]
+        rs = dn.rhs_spec  # (out, in, spatial...)
+        shp = np.shape(invals[1])
+        kin = [rs[1], *rs[2:]]
+        return _Site("conv", p.leaf, tuple(p.perm[i] for i in kin + [rs[0]]),
+                     math.prod(shp[i] for i in kin), int(shp[rs[0]]), (dn.out_spec[1],),
+                     tuple(eqn.outvars[0].aval.shape), index=p.index)
+    if name == "gather":
+        p = pin[0]
+        if not isinstance(p, _Param) or p.perm != (0, 1) or pin[1] is not None:
+            return None
+        d = eqn.params["dimension_numbers"]
+        idx = np.shape(invals[1])
+        table = _shape(p, leaf_shapes)
+        if (len(table) == 2 and idx and idx[-1] == 1 and tuple(d.offset_dims) == (len(idx) - 1,)
+                and tuple(d.collapsed_slice_dims) == (0,) and tuple(d.start_index_map) == (0,)
+                and not d.operand_batching_dims
+                and tuple(eqn.params["slice_sizes"]) == (1, table[1])):
+            out = tuple(eqn.outvars[0].aval.shape)
+            return _Site("embedding", p.leaf, (0, 1), int(table[0]), int(table[1]),
+                         (len(out) - 1,), out, index=p.index)
+    return None
+
+
+def _rows(name, eqn, invals, site: _Site):
+    """The layer's input rows ``(positions, d_in)`` (patches for a convolution, one-hot
+    vectors for an embedding), in the order of the output positions."""
+    if name == "dot_general":
+        act, ac = invals[site.act_operand], list(site.act_axes)
+        a = jnp.moveaxis(act, ac, list(range(act.ndim - len(ac), act.ndim)))
+        return a.reshape(-1, site.d_in)
+    if name == "conv_general_dilated":
+        prm = eqn.params
+        dn = prm["dimension_numbers"]
+        filt = tuple(np.shape(invals[1])[i] for i in dn.rhs_spec[2:])
+        pt = jax.lax.conv_general_dilated_patches(
+            invals[0], filt, prm["window_strides"], prm["padding"],
+            lhs_dilation=prm["lhs_dilation"], rhs_dilation=prm["rhs_dilation"],
+            dimension_numbers=dn, precision=prm["precision"])
+        return jnp.moveaxis(pt, dn.out_spec[1], -1).reshape(-1, site.d_in)
+    idx = invals[1][..., 0].reshape(-1)
+    return jax.nn.one_hot(idx, site.d_in, dtype=eqn.outvars[0].aval.dtype)
+
+
+def out_rows(g, out_axes, d_out):
+    """Layer-output gradients ``(K, *out_shape)`` -> ``(K, positions, d_out)``; ``out_axes``:
+    the output-feature axes of ``out_shape``."""
+    lead = 1
+    axes = [lead + a for a in out_axes]
+    g = jnp.moveaxis(g, axes, list(range(g.ndim - len(axes), g.ndim)))
+    return g.reshape(g.shape[:lead] + (-1, d_out))
+
+
+# ------------------------------------------------------------------ tracing and discovery
+class Traced(NamedTuple):
+    """``apply_fn`` traced on one example: the program, its input structure and leaf shapes."""
+    closed: Any
+    treedef: Any
+    x_def: Any
+    leaf_shapes: tuple
+
+
+def trace(apply_fn, params, x_example) -> Traced:
+    """Traces ``apply_fn(params, x_example)`` (abstractly: works on tracers too)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    x_leaves, x_def = jax.tree_util.tree_flatten(x_example)
+    n_p = len(leaves)
+
+    def flat(*ls):
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, ls[:n_p]),
+                        jax.tree_util.tree_unflatten(x_def, ls[n_p:]))
+
+    spec = [jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)) for a in leaves + x_leaves]
+    closed = jax.make_jaxpr(flat)(*spec)
+    if len(closed.out_avals) != 1:
+        raise InputError(f"ekfac/kfac: apply_fn must return one array of outputs, got "
+                         f"{len(closed.out_avals)} arrays")
+    return Traced(closed, treedef, x_def, tuple(np.shape(a) for a in leaves))
+
+
+def run(traced: Traced, leaves, x, tape: _Tape):
+    """Evaluates the traced model on parameter ``leaves`` and inputs ``x`` with ``tape``."""
+    xl = jax.tree_util.tree_leaves(x)
+    provs = [_Param(i, tuple(range(len(s)))) for i, s in enumerate(traced.leaf_shapes)]
+    c = traced.closed
+    outs, _, _ = _interp(c.jaxpr, c.consts, list(leaves) + xl, provs + [None] * len(xl), tape,
+                         traced.leaf_shapes)
+    return outs[0]
+
+
+def _complete(keys, leaf_shapes, uses) -> set:
+    """The leaves whose every use in ``keys`` (``(leaf, index)``) is accounted for: used
+    whole (``index None``, once), or every slice along the leading axis once and never whole."""
+    by_leaf = {}
+    for leaf, index in keys:
+        by_leaf.setdefault(leaf, []).append(index)
+    ok = set()
+    for leaf, idx in by_leaf.items():
+        if idx == [None] or (None not in idx and sorted(idx) == list(range(leaf_shapes[leaf][0]))
+                             and uses.get((leaf, None), 0) == 0):
+            ok.add(leaf)
+    return ok
+
+
+def _discover(apply_fn, params, x_example) -> tuple[Traced, tuple]:
+    traced = trace(apply_fn, params, x_example)
+    leaves = jax.tree_util.tree_leaves(params)
+    tape = _Tape()
+    jax.eval_shape(lambda ls, x: run(traced, ls, x, tape), leaves, x_example)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    floating = [jnp.issubdtype(jnp.result_type(l), jnp.floating) for l in leaves]
+    kernels = [(s.leaf, s.index) for s in tape.sites.values()]
+    kernel_leaves = {k[0] for k in kernels}
+    sites = {sid: s for sid, s in tape.sites.items() if tape.uses.get((s.leaf, s.index), 0) == 1
+             and kernels.count((s.leaf, s.index)) == 1 and floating[s.leaf]}
+    good = _complete([(s.leaf, s.index) for s in sites.values()], traced.leaf_shapes, tape.uses)
+    sites = {sid: s for sid, s in sites.items() if s.leaf in good}
+    all_bias = [x for v in tape.bias.values() for x in v]
+    bias = {}
+    for sid, s in sites.items():
+        b = tape.bias.get(sid, [])
+        if (len(b) == 1 and b[0][1] == s.index and tape.uses.get(b[0], 0) == 0 and floating[b[0][0]]
+                and b[0][0] not in kernel_leaves and all_bias.count(b[0]) == 1):
+            bias[sid] = b[0]
+    good_b = _complete(list(bias.values()), traced.leaf_shapes, tape.uses)
+    found = []
+    for sid, s in sorted(sites.items()):
+        b = bias[sid][0] if sid in bias and bias[sid][0] in good_b else None
+        path = paths[s.leaf] + ("" if s.index is None else f"[{s.index}]")
+        found.append(Block(s.kind, sid, s.leaf, b, s.perm, s.d_in, s.d_out, path, s.index))
+    return traced, tuple(found)
+
+
+def blocks(apply_fn, params, x_example) -> tuple[Block, ...]:
+    """The Kronecker blocks K-FAC/EK-FAC will use for ``apply_fn(params, x_example)``
+    (``x_example``: the inputs of one example as a batch of one, e.g. ``x[:1]``)."""
+    return _discover(apply_fn, params, x_example)[1]
+
+
+def _report(params, found) -> list[LeafReport]:
+    role = {}
+    for b in found:
+        role[b.kernel] = (b.kind, "kernel")
+        if b.bias is not None:
+            role[b.bias] = (b.kind, "bias")
+    out = []
+    for i, (k, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
+        fl = jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+        blk, r = role.get(i, ("diagonal" if fl else "none", ""))
+        out.append(LeafReport(jax.tree_util.keystr(k), tuple(np.shape(leaf)), int(np.size(leaf)),
+                              blk, r))
+    return out
+
+
+def layers(apply_fn, params, x_example) -> list[LeafReport]:
+    """Every parameter leaf of ``params`` with the block it gets (:class:`LeafReport`):
+    ``"dense"`` / ``"conv"`` / ``"embedding"`` (Kronecker-factored; an embedding's input
+    factor is its exact diagonal), ``"diagonal"`` (the exact Gauss-Newton diagonal) or
+    ``"none"`` (not floating point). ``x_example``: one example as a batch of one."""
+    return _report(params, blocks(apply_fn, params, x_example))
+
+
+def _coverage(params, found) -> float:
+    rep = _report(params, found)
+    total = sum(r.size for r in rep if r.block != "none")
+    return sum(r.size for r in rep if r.block not in ("none", "diagonal")) / max(total, 1)
+
+
+def coverage(apply_fn, params, x_example) -> float:
+    """Share of the (floating-point) parameters that are in Kronecker blocks, in ``[0, 1]``;
+    K-FAC/EK-FAC warn in ``prepare`` when it is below ``COVERAGE_WARNING`` (0.9)."""
+    return _coverage(params, blocks(apply_fn, params, x_example))
