@@ -117,7 +117,7 @@ from jax.flatten_util import ravel_pytree
 
 from influx.curvature import chunked_map
 from influx.errors import InputError, SolveError
-from influx.models import minibatch_indices
+from influx.models import _check_int, minibatch_indices  # one integer check (until influx.validation)
 from influx.objective import Objective, check_data, check_like, num_examples, tree_sqnorm
 from influx.solvers._base import Status
 
@@ -196,13 +196,6 @@ def _check_removed(removed, n: int) -> np.ndarray:
     if np.any(counts > 1):
         raise InputError(f"removed: duplicated indices {uniq[counts > 1][:10].tolist()}")
     return arr.astype(np.int32)
-
-
-def _check_int(v, name: str, lo: int) -> int:
-    """Local positive-integer check (until ``influx.validation`` is merged): InputError."""
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
 
 
 def _check_nonneg(v, name: str) -> float:
