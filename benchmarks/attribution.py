@@ -43,15 +43,9 @@ def lds_section(problem: str, optimizer: str, quick: bool) -> dict:
     kw = dict(problem=problem, optimizer=optimizer, warm_timing=True, progress=False)
     if problem == "digits":
         kw.update(n_train=400, width=32, steps=200, n_subsets=32, n_test_points=30)
-        if optimizer == "sgd":
-            kw.update(learning_rate=0.1)  # at 0.3: metagradient LDS 0.947 / 0.898 at 1% / 5%
     else:
         kw.update(n_train=500, width=32, steps=100, n_subsets=16, n_test_points=10,
                   data_dir=str(common.HERE.parent.parent / "shared" / "data"))
-        if optimizer == "sgd":
-            # 784 inputs: at lr 0.3 full-batch GD runs at the edge of stability and the run is far
-            # from linear in the weights (metagradient LDS 0.58 at 1%); 0.03 gives 0.98, 0.1 gives 0.86
-            kw.update(learning_rate=0.03)
         if problem == "mnist_cnn":
             kw.update(n_train=300, steps=60, n_subsets=12, n_test_points=6)
     if quick:
