@@ -52,6 +52,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 import influx  # noqa: E402
 from benchmarks import common  # noqa: E402
 from influx import curvature, solvers  # noqa: E402
+from influx.solvers._base import compiled  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (1e-1, 1e-2, 1e-3)
@@ -145,18 +146,18 @@ def measure(solver, op, rhs, ref, *, shared_prepare_products=0.0, cache=None):
     compile time reported is the first one."""
     cache = {} if cache is None else cache
     hit = cache.get(id(solver))
-    prep = solver.prepare
     if hit is None:
         compile_s = 0.0
-        if hasattr(prep, "lower"):
+        inner = getattr(type(solver), "_prepare", None)  # the traced part of prepare, if any
+        if inner is not None:
             t0 = time.perf_counter()
-            prep_c = prep.lower(op).compile()
+            prep_c = compiled(inner).lower(solver, op).compile()
             compile_s = time.perf_counter() - t0
-        else:  # direct: a Python wrapper (it may raise); compile + run together
-            prep_c, compile_s = prep, float("nan")
+        else:  # nothing to compile, or a Python-level prepare: compile + run together
+            prep_c, compile_s = solver.prepare, float("nan")
         state = jax.block_until_ready(prep_c(op))
         t0 = time.perf_counter()
-        apply_c = solver._batched_apply.lower(state, op, rhs).compile()
+        apply_c = compiled(type(solver).apply_many).lower(solver, state, op, rhs).compile()
         compile_s += time.perf_counter() - t0
         hit = cache[id(solver)] = (prep_c, apply_c, compile_s)
     prep_c, apply_c, compile_s = hit

@@ -51,14 +51,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec
 
 from influx import curvature as _curvature
 from influx._xla import jit
+from influx.errors import InputError, SolveError
 from influx.measurements import Measurement, _bind_measurement, _check_measurement, _check_test, measurements
 from influx.objective import Objective, check_data, num_examples
-from influx.solvers._base import Solution, Solver, Status, status_message
+from influx.solvers._base import Solution, Solver, Status, compiled, failure_message
 
 __all__ = [
     "Measurement",
@@ -99,17 +99,63 @@ def default_solver(params=None) -> Solver:
     ``influx.solvers.cg(tol=1e-8, block=True)`` for float64 parameters, ``tol=1e-4`` for
     float32 and narrower (float32 CG cannot reach much below ``1e-5`` relative residual on
     ill-conditioned curvature; asking for more wastes steps or drifts). ``block=True``
-    solves the test gradients of one call together in one shared Krylov space (2-3x fewer
-    products than independent CGs in ``benchmarks/``); a single right-hand side is plain
-    CG. Falls back to ``influx.solvers.direct()`` when ``cg`` is not available.
+    solves the test gradients of one call together in one shared Krylov space; a single
+    right-hand side is plain CG. Equal parameters dtypes give equal solvers (and so shared
+    compiled programs).
     """
-    from influx import solvers
+    from influx.solvers import cg
 
-    cg = getattr(solvers, "cg", None)
-    if cg is None:
-        return solvers.direct()
     wide = params is not None and _itemsize(params) >= 8
     return cg(tol=1e-8 if wide else 1e-4, max_steps=1000, block=True)
+
+
+ON_FAILURE = ("raise", "nan", "warn")
+
+
+def _check_on_failure(on_failure) -> str:
+    if on_failure not in ON_FAILURE:
+        raise InputError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    return on_failure
+
+
+def _failed_rows(sol: Solution, on_failure: str, what: str):
+    """The failure policy: ``None`` when every solve converged; else raise ``SolveError``
+    (``"raise"``), or return the boolean mask of failed solves (``"nan"``; ``"warn"`` also
+    warns) for the caller to set to NaN."""
+    msg = failure_message(sol, what=what)
+    if msg is None:
+        return None
+    if on_failure == "raise":
+        raise SolveError(msg + ". Pass on_failure='nan' to get NaN for the failed rows (and their "
+                         "status in the info) instead of this error.")
+    if on_failure == "warn":
+        warnings.warn(msg + " (their scores are NaN)", RuntimeWarning, stacklevel=_user_stacklevel())
+    return np.asarray(sol.status).reshape(-1) != Status.CONVERGED
+
+
+def _nan_rows(tree, bad):
+    """``tree`` (leading axis = solves) with the rows ``bad`` set to NaN."""
+    if bad is None:
+        return tree
+    mask = jnp.asarray(bad)
+    return jax.tree_util.tree_map(
+        lambda a: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.nan, a), tree)
+
+
+def _upcast_params(params):
+    """float16/bfloat16 parameters -> float32, with a warning (solves in half precision fail
+    in LAPACK and lose all accuracy in CG)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    narrow = {str(jnp.result_type(l)) for l in leaves
+              if jnp.issubdtype(jnp.result_type(l), jnp.floating) and jnp.finfo(jnp.result_type(l)).bits < 32}
+    if not narrow:
+        return params
+    warnings.warn(f"parameters in {', '.join(sorted(narrow))}: influx computes influence in float32 "
+                  "(half-precision solves are not accurate enough); scores are float32",
+                  UserWarning, stacklevel=_user_stacklevel())
+    return jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float32) if jnp.issubdtype(jnp.result_type(a), jnp.floating)
+        and jnp.finfo(jnp.result_type(a)).bits < 32 else a, params)
 
 
 def _check_method(method):
@@ -122,7 +168,7 @@ def _n_params(params) -> int:
     return sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
 
 
-def choose_method(n_test: int, n_params: int, chunk_size: int | None = None, *, itemsize: int = 4,
+def choose_method(n_test: int, n_params: int, *, itemsize: int = 4,
                   flops_per_example: float | None = None) -> str:
     """The cost rule of ``method="auto"``: ``"jvp"`` or ``"per_example"``.
 
@@ -136,14 +182,12 @@ def choose_method(n_test: int, n_params: int, chunk_size: int | None = None, *, 
     so the per-example path is chosen when
     ``n_test (1 - CONTRACTION_FACTOR * 2P / F) > PER_EXAMPLE_OVERHEAD``. Dense layers have
     ``F ~ 2P`` (each weight used once per example): per-example from ~50 test vectors
-    (measured on MLP 784-256-10: level at 64, per-example 1.3x faster at 256);
-    convolutions reuse weights (``F >> P``): from ~20 (measured on a 28x28 CNN: JVP faster
-    at 16, per-example 3x faster at 64). ``flops_per_example`` comes from XLA's cost
-    analysis of ``apply_fn`` on one example (:func:`forward_flops`); when it is unknown the
-    rule is ``n_test > JVP_MAX_TEST``. Never per-example when its ``PER_EXAMPLE_BATCH x P``
-    gradient block would exceed ``PER_EXAMPLE_MAX_BYTES``. (``chunk_size`` is unused.)
+    (``benchmarks/scoring.py``); convolutions reuse weights (``F >> P``): from ~20.
+    ``flops_per_example`` comes from XLA's cost analysis of ``apply_fn`` on one example
+    (:func:`forward_flops`); when it is unknown the rule is ``n_test > JVP_MAX_TEST``. Never
+    per-example when its ``PER_EXAMPLE_BATCH x P`` gradient block would exceed
+    ``PER_EXAMPLE_MAX_BYTES``.
     """
-    del chunk_size
     if PER_EXAMPLE_BATCH * n_params * itemsize > PER_EXAMPLE_MAX_BYTES:
         return "jvp"
     if n_test <= PER_EXAMPLE_OVERHEAD:
@@ -192,20 +236,22 @@ def _measurement_grads(f, params, test, *, batch_size):
 
 @functools.partial(jit, static_argnames=("solver", "batch_size"))
 def _solve_many(solver, state, op, rhs, *, batch_size):
-    many = getattr(solver, "apply_many", None)
-    if many is None:
-        return jax.lax.map(lambda b: solver.apply(state, op, b), rhs, batch_size=batch_size)
-    # the solver's native batched apply, ``batch_size`` right-hand sides per call
-    return _curvature.chunked_map(lambda b: many(state, op, b), rhs, chunk_size=batch_size)
+    """``solver.apply_many``, ``batch_size`` right-hand sides per call (compiled once per
+    solver value, operator structure and batch shape)."""
+    return _curvature.chunked_map(lambda b: solver.apply_many(state, op, b), rhs, chunk_size=batch_size)
 
 
 class InfluenceInfo(NamedTuple):
     """Diagnostics of an influence computation.
 
-    method: ``"jvp"`` or ``"per_example"`` (the path that scored the training set).
+    method: the path that scored the training set: ``"jvp"`` or ``"per_example"`` for
+    :func:`influence` / :func:`group_influence` / the baselines, ``"self"`` for
+    :func:`self_influence` (the solver's ``inverse_quadratic``).
     n_train, n_test: sizes. solver: ``repr`` of the solver (``None`` for baselines).
-    residual_norm, iterations, converged, status: per test vector, from the solves
-    (``None`` for baselines).
+    residual_norm, iterations, converged, status: per test vector (per training example
+    for ``"self"``), from the solves (``None`` for baselines and for closed forms that
+    report nothing per example). With ``on_failure="nan"`` the rows whose ``status`` is not
+    ``Status.CONVERGED`` are NaN in the scores.
     """
 
     method: str
@@ -227,59 +273,60 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _warn_unconverged(sol: Solution, what: str) -> None:
-    status = np.asarray(sol.status).reshape(-1)
-    bad = status != Status.CONVERGED
-    if bad.any():
-        worst = float(np.nanmax(np.asarray(sol.residual_norm)))
-        codes = sorted(set(status[bad].tolist()))
-        warnings.warn(
-            f"{what}: {int(bad.sum())} of {status.size} solves did not converge "
-            f"(worst residual {worst:.3g}): " + "; ".join(status_message(c) for c in codes),
-            RuntimeWarning,
-            stacklevel=_user_stacklevel(),
-        )
-
-
 def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
-                 solver: Solver | None = None, measurement=None, chunk_size: int = 256,
-                 rhs_batch_size: int = 64):
+                       solver: Solver | None = None, measurement=None, chunk_size: int = 256,
+                       rhs_batch_size: int = 64, on_failure: str = "raise"):
     """The solved test vectors ``s_t = (C + (l2 + damping) I)^-1 grad f_t`` (batched pytree).
 
     ``train`` is the data the curvature ``C`` is taken over (arrays ``(x, y)``). Returns
     ``(vectors, solution)``: ``vectors`` is a pytree like ``params`` with a leading
     ``n_test`` axis; ``solution`` the batched :class:`~influx.solvers.Solution`. Cost:
     ``n_test`` measurement gradients, one ``solver.prepare`` and ``n_test`` solves
-    (``rhs_batch_size`` at a time, vmapped). Warns (``RuntimeWarning``) with the worst
-    residual when a solve did not converge.
+    (``rhs_batch_size`` at a time, batched). A failed solve raises
+    :class:`influx.errors.SolveError` (``on_failure="raise"``) or gives a NaN vector
+    (``"nan"``, ``"warn"``), never a plausible one.
     """
     chunk_size = _check_chunk_size(chunk_size)
+    _check_on_failure(on_failure)
+    params = _upcast_params(params)
     f = _bind_measurement(obj, measurement)
+    _check_kind_damping(kind, damping)
     check_data(obj, params, train, name="train")
-    n_test = _check_test(obj, params, test)
+    _check_test(obj, params, test)
     _check_measurement(f, params, test)
-    op = _curvature.operator(obj, params, train, kind=kind, damping=damping, chunk_size=chunk_size)
+    solver = _check_solver(solver, params)
+    return _solve_test_vectors(obj, params, train, test, f, kind=kind, damping=damping, solver=solver,
+                               chunk_size=chunk_size, rhs_batch_size=rhs_batch_size, on_failure=on_failure)
+
+
+def _check_kind_damping(kind, damping):
+    if kind not in _curvature.KINDS:
+        raise InputError(f"kind must be one of {_curvature.KINDS}, got {kind!r}")
+    _curvature._check_damping(damping)
+
+
+def _check_solver(solver, params) -> Solver:
     if solver is None:
-        solver = default_solver(params)
+        return default_solver(params)
     if not isinstance(solver, Solver):
-        raise TypeError(f"solver must be an influx.solvers.Solver, got {type(solver).__name__}")
+        raise InputError(f"solver must be an influx.solvers.Solver, got {type(solver).__name__}")
+    return solver
+
+
+def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, chunk_size,
+                        rhs_batch_size=64, on_failure="raise"):
+    """:func:`solve_test_vectors` on validated inputs (no data scan), with the failure policy."""
+    n_test = num_examples(test[0], name="test inputs")
+    op = _curvature.operator_unchecked(obj, params, train, kind=kind, damping=damping,
+                                       chunk_size=chunk_size)
     grads = _measurement_grads(f, params, test, batch_size=min(chunk_size, n_test))
     state = solver.prepare(op)
     sol = _solve_many(solver, state, op, grads, batch_size=min(rhs_batch_size, n_test))
-    _warn_unconverged(sol, f"influence ({solver!r})")
-    return sol.x, sol
+    bad = _failed_rows(sol, on_failure, f"influence ({solver!r})")
+    return _nan_rows(sol.x, bad), sol
 
 
 # ------------------------------------------------------------------ training side
-def _per_example_flat(obj, params, chunk):
-    def one(ex):
-        single = jax.tree_util.tree_map(lambda a: a[None], ex)
-        g = jax.grad(lambda p: jnp.sum(obj.per_example_loss(p, single)))(params)
-        return ravel_pytree(g)[0]
-
-    return jax.vmap(one)(chunk)
-
-
 def _kernel(obj, method, params, vecs, chunk, scale):
     """``scale * grad L(z_m)^T v_t`` for every ``v_t`` in ``vecs`` and ``m`` in ``chunk``."""
     vecs = jax.tree_util.tree_map(lambda v, p: v.astype(jnp.result_type(p)), vecs, params)
@@ -290,8 +337,7 @@ def _kernel(obj, method, params, vecs, chunk, scale):
         # per-example gradients, PER_EXAMPLE_BATCH at a time (cache-sized blocks are several
         # times faster on CPU than one (chunk, P) block), contracted leaf by leaf (no ravel copy)
         def one(ex):
-            single = jax.tree_util.tree_map(lambda a: a[None], ex)
-            g = jax.grad(lambda p: jnp.sum(obj.per_example_loss(p, single)))(params)
+            g = _curvature.example_grad(obj, params, ex)
             parts = jax.tree_util.tree_map(lambda v, gl: jnp.tensordot(v, gl, axes=gl.ndim), vecs, g)
             return sum(jax.tree_util.tree_leaves(parts))
 
@@ -360,15 +406,14 @@ def _resolve_method(method, n_test, params, chunk_size, x=None, obj=None):
         flops = None
         if n_test > PER_EXAMPLE_OVERHEAD and x is not None and obj is not None:
             flops = forward_flops(obj, params, x)
-        method = choose_method(n_test, n_params, chunk_size, itemsize=_itemsize(params),
-                               flops_per_example=flops)
+        method = choose_method(n_test, n_params, itemsize=_itemsize(params), flops_per_example=flops)
     return method
 
 
 # ------------------------------------------------------------------ public functions
 def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
               solver: Solver | None = None, measurement=None, chunk_size: int = 256,
-              method: str = "auto", return_info: bool = False):
+              method: str = "auto", return_info: bool = False, on_failure: str = "raise"):
     """Pairwise influence matrix ``(n_test, n_train)`` (see the module docstring).
 
     ``score[t, m] = (1/N) grad f_t^T (C + (l2 + damping) I)^-1 grad L(z_m)``, the
@@ -376,7 +421,8 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
     test loss.
 
     Args:
-      obj, params: the objective and the trained parameters ``theta_s``.
+      obj, params: the objective and the trained parameters ``theta_s`` (float16/bfloat16
+        parameters are upcast to float32, with a warning).
       train, test: ``(x, y)`` arrays with leading example axes (``train`` is also the
         data of the curvature operator; ``N = len(train)``).
       kind: ``"gnh"`` or ``"hessian"``. damping: ``lambda >= 0`` on top of ``obj.l2``.
@@ -386,27 +432,53 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
       chunk_size: training examples per scoring step (and curvature chunk).
       method: ``"auto"`` | ``"jvp"`` | ``"per_example"`` (see :func:`choose_method`).
       return_info: also return an :class:`InfluenceInfo`.
+      on_failure: what a failed solve (status not ``CONVERGED``: e.g. CG meeting negative
+        curvature, a stagnating or unfinished solve, a failed factorisation) does:
+        ``"raise"`` (default) raises :class:`influx.errors.SolveError` naming how many
+        solves failed, why, the worst residual and the fix; ``"nan"`` returns NaN in the
+        rows of the failed test vectors (``InfluenceInfo.status`` says which);
+        ``"warn"`` is ``"nan"`` plus a ``RuntimeWarning``. A failed row is never 0.
 
     Cost: ``n_test`` gradients + one solver preparation + ``n_test`` solves, then one
     pass over the training set (``n_test`` JVPs or one per-example-gradient pass per
     chunk). Memory: ``n_test x N`` scores plus one chunk.
 
-    Raises ``ValueError``/``TypeError`` before any heavy work for data that does not fit
-    ``apply_fn``, labels out of range, empty data, a bad measurement or option; warns
-    (``RuntimeWarning``, worst residual) when a solve did not converge.
+    Raises ``InputError`` (a ``ValueError``)/``TypeError`` before any heavy work for data
+    that does not fit ``apply_fn``, labels out of range, empty data, a bad measurement or
+    option; the inputs are validated once, here.
     """
-    chunk_size = _check_chunk_size(chunk_size)
+    params, n, n_test, f, solver = _validate(obj, params, train, test, kind=kind, damping=damping,
+                                             solver=solver, measurement=measurement,
+                                             chunk_size=chunk_size, method=method, on_failure=on_failure)
+    scores, info = _influence(obj, params, train, test, f, n=n, n_test=n_test, kind=kind, damping=damping,
+                              solver=solver, chunk_size=chunk_size, method=method, on_failure=on_failure)
+    return (scores, info) if return_info else scores
+
+
+def _validate(obj, params, train, test, *, kind, damping, solver, measurement, chunk_size, method,
+              on_failure):
+    """The checks of the public entry points, once: ``(params, N, n_test, f, solver)``."""
+    _check_chunk_size(chunk_size)
     _check_method(method)
+    _check_on_failure(on_failure)
+    _check_kind_damping(kind, damping)
+    params = _upcast_params(params)
     n = check_data(obj, params, train, name="train")
     n_test = _check_test(obj, params, test)
-    if solver is None:
-        solver = default_solver(params)
-    vecs, sol = solve_test_vectors(obj, params, train, test, kind=kind, damping=damping, solver=solver,
-                             measurement=measurement, chunk_size=chunk_size)
+    f = _bind_measurement(obj, measurement)
+    _check_measurement(f, params, test)
+    return params, n, n_test, f, _check_solver(solver, params)
+
+
+def _influence(obj, params, train, test, f, *, n, n_test, kind, damping, solver, chunk_size, method,
+               on_failure):
+    """:func:`influence` on validated inputs: ``(scores, info)``."""
+    vecs, sol = _solve_test_vectors(obj, params, train, test, f, kind=kind, damping=damping,
+                                    solver=solver, chunk_size=chunk_size, on_failure=on_failure)
     method = _resolve_method(method, n_test, params, chunk_size, train[0], obj)
     scores = _score_arrays(obj, params, vecs, train, method=method, chunk_size=chunk_size, n_total=n)
-    if not return_info:
-        return scores
+    bad = np.asarray(sol.status).reshape(-1) != Status.CONVERGED
+    scores = _nan_rows(scores, bad if bad.any() else None)  # explicit: a failed row is NaN
     info = InfluenceInfo(method, n, n_test, repr(solver), np.asarray(sol.residual_norm),
                          np.asarray(sol.iterations), np.asarray(sol.converged), np.asarray(sol.status))
     return scores, info
@@ -447,8 +519,9 @@ def _groups_matrix(groups, n: int) -> np.ndarray:
                     f"or a sequence of index arrays; got {type(groups).__name__}")
 
 
-def group_influence(obj: Objective, params, train, test, groups, *, return_info: bool = False,
-                    **kwargs):
+def group_influence(obj: Objective, params, train, test, groups, *, kind: str = "gnh", damping=1e-3,
+                    solver: Solver | None = None, measurement=None, chunk_size: int = 256,
+                    method: str = "auto", return_info: bool = False, on_failure: str = "raise"):
     """Influence of removing whole groups of training examples at once: ``(n_test, n_groups)``.
 
     Removing a set ``S`` (each member up-weighted by ``-1/N``) changes the parameters, to
@@ -460,149 +533,74 @@ def group_influence(obj: Objective, params, train, test, groups, *, return_info:
 
     ``groups``: an ``(N,)`` int array of group ids (groups ``0..max``), an
     ``(n_groups, N)`` boolean mask, or a sequence of index arrays (possibly overlapping).
-    Other keyword arguments as :func:`influence`.
+    Other keyword arguments (and the failure policy ``on_failure``: a failed test vector
+    gives a NaN row) as :func:`influence`.
     """
-    n = check_data(obj, params, train, name="train")
+    params, n, n_test, f, solver = _validate(obj, params, train, test, kind=kind, damping=damping,
+                                             solver=solver, measurement=measurement,
+                                             chunk_size=chunk_size, method=method, on_failure=on_failure)
     m = _groups_matrix(groups, n)
-    out = influence(obj, params, train, test, return_info=True, **kwargs)
-    scores, info = out
+    scores, info = _influence(obj, params, train, test, f, n=n, n_test=n_test, kind=kind, damping=damping,
+                              solver=solver, chunk_size=chunk_size, method=method, on_failure=on_failure)
     g = scores @ jnp.asarray(m, dtype=scores.dtype)
     return (g, info) if return_info else g
 
 
 def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=1e-3,
-                   solver: Solver | None = None, chunk_size: int = 256, return_info: bool = False):
+                   solver: Solver | None = None, chunk_size: int = 256, return_info: bool = False,
+                   on_failure: str = "raise"):
     """Self-influence ``(1/N) grad L(z_m)^T (C + (l2 + damping) I)^-1 grad L(z_m)``, ``(N,)``.
 
     The diagonal of ``influence(obj, params, train, train, ...)``: large values flag
     examples the model bends to fit (mislabel detection). Non-negative for a positive
     definite operator.
 
-    Cost depends on the solver (per-example gradients, one chunk of ``chunk_size`` at a
-    time, are computed in every case):
+    Computed chunk by chunk (``chunk_size`` examples) with the solver's
+    :meth:`~influx.solvers.Solver.inverse_quadratic`: a closed form from the state of
+    ``direct`` (Cholesky or eigh factor), ``arnoldi`` (low-rank eigenpairs, ``O(N P r)``
+    flops) and ``ekfac``/``kfac`` (the factored eigenbasis), with no per-example solve;
+    for any other solver (``cg``, ``lissa``) one solve per example (``N`` in all).
 
-    * ``direct``: one dense factorisation, then ``||L^-1 g_m||^2`` (Cholesky) or
-      ``sum_k (u_k^T g_m)^2 / w_k`` (eigh) for all ``m`` -- no per-example solves.
-    * ``arnoldi`` (state with ``eigvecs`` ``U`` and ``eigvals`` ``w``, shift
-      ``s = l2 + damping``): exactly the solver's ``A^-1 ~ U diag(1/(w + s)) U^T +
-      (I - U U^T)/s``, evaluated from the projections ``U^T g_m`` of the per-example
-      gradients -- ``O(N P r)`` flops, no operator product, no per-example solves.
-    * ``ekfac`` / ``kfac``: the factored inverse in its eigenbasis, ``sum_l sum_ij
-      (Q_A^T G_m Q_S)_ij^2 / (Lambda_ij + s)`` plus the diagonal part, from per-layer
-      inputs and output gradients of each example -- no per-example solves.
-    * any other solver (``cg``, ``lissa``): one solve per example, batched ``chunk_size``
-      at a time (``N`` solves in total).
-
-    Warns (``RuntimeWarning``) when a solve did not converge.
+    ``on_failure`` as in :func:`influence`: an example whose solve failed raises
+    :class:`influx.errors.SolveError` (default) or is NaN (``"nan"``/``"warn"``), never 0.
     """
     chunk_size = _check_chunk_size(chunk_size)
+    _check_on_failure(on_failure)
+    _check_kind_damping(kind, damping)
+    params = _upcast_params(params)
     n = check_data(obj, params, train, name="train")
-    op = _curvature.operator(obj, params, train, kind=kind, damping=damping, chunk_size=chunk_size)
-    if solver is None:
-        solver = default_solver(params)
+    solver = _check_solver(solver, params)
+    op = _curvature.operator_unchecked(obj, params, train, kind=kind, damping=damping, chunk_size=chunk_size)
     state = solver.prepare(op)
-    quad = _quadratic_form(solver, state, op)
+    vals, sol = _self_values(solver, state, op, train, n, chunk_size)
+    if sol is not None:
+        bad = _failed_rows(sol, on_failure, f"self_influence ({solver!r})")
+        vals = _nan_rows(vals, bad)
+    if not return_info:
+        return vals
+    fields = ("residual_norm", "iterations", "converged", "status")
+    info = InfluenceInfo("self", n, n, repr(solver),
+                         *(None if sol is None else np.asarray(getattr(sol, k)) for k in fields))
+    return vals, info
+
+
+def _self_values(solver, state, op, train, n, chunk_size):
+    """``(g_m^T A^-1 g_m / N for all m, batched Solution | None)`` chunk by chunk."""
+    quad = compiled(type(solver).inverse_quadratic)
     c = min(chunk_size, n)
     out, sols = [], []
     for start in range(0, n, c):
         chunk = _take(train, start, start + c)
         m = num_examples(chunk)
-        vals, sol = quad(params, _pad_to(chunk, c) if m < c else chunk)
+        vals, sol = quad(solver, state, op, _pad_to(chunk, c) if m < c else chunk)
         out.append(vals[:m])
         if sol is not None:
-            sols.append(_take(sol, 0, m))
+            sols.append(_take(sol._replace(x=None, stats={}), 0, m))
     vals = jnp.concatenate(out) / n
-    sol = None
-    if sols:
-        sol = Solution(None, *(np.concatenate([np.asarray(getattr(s, f)) for s in sols])
-                               for f in ("residual_norm", "iterations", "converged", "status")))
-        _warn_unconverged(sol, f"self_influence ({solver!r})")
-    if not return_info:
-        return vals
-    info = InfluenceInfo("self", n, n, repr(solver),
-                         *(None if sol is None else np.asarray(getattr(sol, f))
-                           for f in ("residual_norm", "iterations", "converged", "status")))
-    return vals, info
-
-
-def _lowrank_factors(state):
-    """``(eigvals (r,), eigvecs (P, r))`` of a low-rank solver state, else ``None``."""
-    w = getattr(state, "eigvals", None)
-    u = getattr(state, "eigvecs", None)
-    if w is None or u is None:
-        return None
-    return w, u
-
-
-def _quadratic_form(solver, state, op):
-    """Returns a jitted ``(params, chunk) -> (g_m^T A^-1 g_m for m in chunk, Solution|None)``."""
-    obj = op.obj
-    name = getattr(solver, "name", "")
-    if name == "direct" and "factor" in state:
-        fac = state["factor"]
-
-        @jit
-        def quad(params, chunk):
-            g = _per_example_flat(obj, params, chunk)
-            y = jax.scipy.linalg.solve_triangular(fac, g.T, lower=True)
-            return jnp.sum(y * y, axis=0), None
-
-        return lambda params, chunk: quad(params, chunk)
-    if name == "direct" and "w" in state:
-        u, w = state["u"], state["w"]
-
-        @jit
-        def quad_e(params, chunk):
-            g = _per_example_flat(obj, params, chunk)
-            proj = g @ u
-            return jnp.sum(proj * proj / w, axis=1), None
-
-        return quad_e
-    if name in ("ekfac", "kfac"):
-        from influx.solvers.ekfac import quadratic_form as _ekfac_quad
-
-        @jit
-        def quad_k(params, chunk):
-            return _ekfac_quad(state, obj, params, chunk), None
-
-        return quad_k
-    low = _lowrank_factors(state) if name == "arnoldi" else None
-    if low is not None:
-        # exactly what arnoldi's apply does: x = U diag(1/(w + s)) U^T g [+ (g - U U^T g) / s],
-        # components with w + s <= 0 dropped, the complement dropped when s == 0.
-        w, u = low
-        complement = bool(solver.options.get("complement", False))
-        shift = jnp.asarray(op.shift)
-        denom = w + shift
-        ok = denom > 0
-        if not isinstance(ok, jax.core.Tracer) and not bool(jnp.all(ok)):
-            warnings.warn("self_influence (arnoldi): a kept eigenvalue has w + shift <= 0 "
-                          "(indefinite curvature); those components are dropped -- add damping or "
-                          "use kind='gnh'", RuntimeWarning, stacklevel=_user_stacklevel())
-
-        @jit
-        def quad_l(params, chunk):
-            g = _per_example_flat(obj, params, chunk)
-            proj = g @ u.astype(g.dtype)
-            inside = jnp.sum(jnp.where(ok, proj * proj / jnp.where(ok, denom, 1.0), 0.0), axis=1)
-            if not complement:
-                return inside, None
-            rest = (jnp.sum(g * g, axis=1) - jnp.sum(proj * proj, axis=1))
-            rest = jnp.where(shift > 0, rest / jnp.where(shift > 0, shift, 1.0), 0.0)
-            return inside + rest, None
-
-        return quad_l
-
-    @jit
-    def quad_g(params, chunk):
-        grads = jax.vmap(lambda ex: jax.grad(
-            lambda p: jnp.sum(obj.per_example_loss(p, jax.tree_util.tree_map(lambda a: a[None], ex)))
-        )(params))(chunk)
-        sol = jax.vmap(lambda b: solver.apply(state, op, b))(grads)
-        dots = jax.vmap(lambda a, b: ravel_pytree(a)[0] @ ravel_pytree(b)[0])(grads, sol.x)
-        return dots, sol._replace(x=None, stats={})
-
-    return quad_g
+    if not sols:
+        return vals, None
+    fields = ("residual_norm", "iterations", "converged", "status")
+    return vals, Solution(None, *(np.concatenate([np.asarray(getattr(t, k)) for t in sols]) for k in fields))
 
 
 def grad_dot(obj: Objective, params, train, test, *, damping=None, measurement=None,

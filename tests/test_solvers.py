@@ -19,7 +19,9 @@ jax.config.update("jax_enable_x64", True)
 
 # Shared solver instances: each compiles once per operator structure.
 CG = solvers.cg(tol=1e-10, max_steps=500, preconditioner="jacobi")
-LISSA = solvers.lissa(depth=800, samples=4, batch_size=16, key=jax.random.PRNGKey(0))
+# LiSSA's minibatch noise leaves true relative residuals of 0.1-0.35 on these problems (errors
+# < 1e-1): tol=0.5 states that this accuracy is accepted (the default 1e-2 would not be reached)
+LISSA = solvers.lissa(depth=800, samples=4, batch_size=16, key=jax.random.PRNGKey(0), tol=0.5)
 
 
 def flat(tree):
@@ -435,3 +437,145 @@ def test_cg_float32_tolerance_too_small_stagnates_and_returns_best():
     sols = solvers.cg(tol=1e-6, max_steps=1500)(op, bs, batched=True)
     assert np.all(np.asarray(sols.status) == Status.STAGNATED)
     assert float(np.max(np.asarray(sols.stats["relative_residual"]))) < 1e-3
+
+
+# ------------------------------------------------------------------ solvers as values
+def test_solvers_are_values_hashing_by_options():
+    for make, other in ((lambda: solvers.cg(tol=1e-4), lambda: solvers.cg(tol=1e-5)),
+                        (lambda: solvers.cg(block=True), lambda: solvers.cg()),
+                        (lambda: solvers.direct(), lambda: solvers.direct(method="eigh")),
+                        (lambda: solvers.lissa(depth=10), lambda: solvers.lissa(depth=11)),
+                        (lambda: solvers.arnoldi(rank=3),
+                         lambda: solvers.arnoldi(rank=3, key=jax.random.PRNGKey(1)))):
+        a, b = make(), make()
+        assert a == b and hash(a) == hash(b) and a is not b
+        assert a != other()
+        assert repr(a).startswith(f"influx.solvers.{a.name}(")
+        assert isinstance(a, solvers.Solver) and a.options == b.options
+    # the closure form of the former constructor still works (hashing by identity)
+    inner = solvers.direct()
+    legacy = solvers.Solver("mine", inner.prepare, inner.apply, {"x": 1})
+    assert isinstance(legacy, solvers.FunctionSolver) and legacy.options == {"x": 1}
+
+
+def test_operator_implements_the_protocol():
+    obj, params, data = make_problem("logistic")
+    op = curvature.operator(obj, params, data, damping=1e-3)
+    assert isinstance(op, solvers.LinearOperator)
+    assert solvers._base.is_positive_semidefinite(op)
+    assert not solvers._base.is_positive_semidefinite(op.replace(kind="hessian"))
+    idx = jnp.asarray([0, 3, 5])
+    sub = op.subsample(idx)
+    ref = curvature.operator(obj, params, jax.tree_util.tree_map(lambda a: a[idx], data), damping=1e-3)
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+    np.testing.assert_allclose(flat(sub(v)), flat(ref(v)), rtol=1e-12)
+
+
+def test_direct_reports_its_true_residual_against_tol():
+    pr = _problem("gnh", 1e-2)
+    b = pr["unravel"](pr["bs"][0])
+    ok = solvers.direct()(pr["op"], b)
+    assert int(ok.status) == Status.CONVERGED and float(ok.stats["relative_residual"]) < 1e-12
+    strict = solvers.direct(tol=1e-30)(pr["op"], b)  # below what float64 reaches
+    assert int(strict.status) == Status.MAX_STEPS and not bool(strict.converged)
+
+
+# ------------------------------------------------------------------ memory refusals
+def test_dense_methods_refused_before_allocation(monkeypatch):
+    """direct, curvature.dense and arnoldi's basis are checked against the available memory
+    before any program runs; the message names the size (never '0.0 TB') and the alternative."""
+    from influx import _memory
+    from influx.errors import ResourceError
+    from influx.solvers.arnoldi import Arnoldi
+    from influx.solvers.direct import Direct
+
+    obj, params, data = make_problem("tanh_mlp")
+    op = curvature.operator(obj, params, data, damping=1e-3)
+    p = op.dim
+    monkeypatch.setattr(_memory, "available_bytes", lambda device=None: 1000)
+
+    def never(*a, **k):
+        raise AssertionError("ran before the memory check")
+
+    monkeypatch.setattr(Direct, "_prepare", never)
+    monkeypatch.setattr(Arnoldi, "_prepare", never)
+    monkeypatch.setattr(curvature, "_dense", never)
+    with pytest.raises(ResourceError, match=r"direct \(cholesky\).*P = 51.*needs [0-9.]+ KB.*cg\(\)"):
+        solvers.direct().prepare(op)
+    with pytest.raises(ResourceError, match=r"direct \(eigh\)"):
+        solvers.direct(method="eigh").prepare(op)
+    with pytest.raises(ResourceError, match=rf"curvature.dense: a {p} x {p} matrix.*cg\(\)"):
+        curvature.dense(op)
+    with pytest.raises(ResourceError, match=r"arnoldi: the Lanczos basis.*lower rank"):
+        solvers.arnoldi(rank=5).prepare(op)
+    with pytest.raises(ResourceError) as e:
+        solvers.direct().prepare(op)
+    assert "0.0" not in str(e.value)
+
+
+# ------------------------------------------------------------------ honest convergence (Iris)
+@pytest.fixture(scope="module")
+def iris():
+    import optax
+
+    from influx import data as _data
+    from influx import models
+
+    ds = _data.load("iris", seed=0)
+    model = models.MLP(widths=(8,), out=3)
+    apply_fn = models.apply_fn(model)
+    params = models.init(model, ds.train[0][:1], seed=0)
+    params, _ = models.train(apply_fn, influx.losses.softmax_cross_entropy, params, ds.train,
+                             l2=1e-3, optimizer=optax.adam(1e-2), steps=300)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+    x, y = ds.train
+    train = (jnp.asarray(x, jnp.float64), jnp.asarray(y))
+    obj = influx.Objective(apply_fn, influx.losses.softmax_cross_entropy, l2=1e-3)
+    f = lambda p, ex: obj.per_example_loss(p, (ex[0][None], ex[1][None]))[0]
+    test = (jnp.asarray(ds.test[0][:6], jnp.float64), jnp.asarray(ds.test[1][:6]))
+    g = jax.vmap(lambda ex: jax.grad(f)(params, ex))(test)
+    return apply_fn, params, train, g
+
+
+def _iris_op(iris, l2, damping):
+    apply_fn, params, train, g = iris
+    obj = influx.Objective(apply_fn, influx.losses.softmax_cross_entropy, l2=l2)
+    return curvature.operator(obj, params, train, damping=damping), g
+
+
+def test_lissa_shallow_is_not_converged_on_iris(iris):
+    op, g = _iris_op(iris, 1e-3, 1e-3)
+    sol = solvers.lissa(depth=3)(op, g, batched=True)
+    rel = np.asarray(sol.stats["relative_residual"])
+    ref = solvers.direct()(op, g, batched=True)
+    err = np.linalg.norm(np.asarray(jax.vmap(flat)(sol.x) - jax.vmap(flat)(ref.x)), axis=1)
+    err /= np.linalg.norm(np.asarray(jax.vmap(flat)(ref.x)), axis=1)
+    assert np.all(err > 0.5)  # the issue measured 0.77
+    assert not np.any(np.asarray(sol.converged))
+    assert np.all((np.asarray(sol.status) == Status.MAX_STEPS) == (rel > 1e-2))
+    with pytest.raises(SolveError, match="raise .*depth"):
+        solvers.check_solution(sol)
+
+
+def test_arnoldi_rank_above_parameter_count_is_handled(iris):
+    op, g = _iris_op(iris, 1e-3, 1e-3)
+    p = op.dim
+    sol = solvers.arnoldi(rank=p + 10)(op, g, batched=True)  # clamped to P: the full spectrum
+    ref = solvers.direct()(op, g, batched=True)
+    np.testing.assert_allclose(np.asarray(jax.vmap(flat)(sol.x)), np.asarray(jax.vmap(flat)(ref.x)),
+                               rtol=1e-6, atol=1e-8)
+    assert np.all(np.asarray(sol.converged))
+    assert np.all(np.asarray(sol.stats["relative_residual"]) < 1e-6)
+
+
+def test_small_shift_on_iris_is_not_reported_converged(iris):
+    """l2 = 0, damping 1e-6: Arnoldi (rank 20) and LiSSA are far from A^-1 b (errors ~1); the
+    issue saw both report CONVERGED. With the true-residual check they (mostly) do not, and
+    influx.influence refuses their scores by default."""
+    op, g = _iris_op(iris, 0.0, 1e-6)
+    for solver in (solvers.arnoldi(), solvers.lissa()):
+        sol = solver(op, g, batched=True)
+        status = np.asarray(sol.status)
+        assert np.mean(status == Status.CONVERGED) < 0.5, (solver, status)
+        rel = np.asarray(sol.stats["relative_residual"])
+        assert np.all((status == Status.CONVERGED) == (rel <= solver.tol))

@@ -8,21 +8,38 @@
 * :func:`ekfac` / :func:`kfac`: (eigenvalue-corrected) Kronecker-factored Gauss-Newton
   per dense layer, diagonal for the other parameters; no curvature product per solve.
 
-Every solver: ``solver(op, b)``, ``solver(op, B, batched=True)``, or
+Every solver is a value (a frozen dataclass of its options: equal options, equal solvers,
+shared compiled programs): ``solver(op, b)``, ``solver(op, B, batched=True)``, or
 ``state = solver.prepare(op)`` then ``solver.apply(state, op, b)`` /
-``solver.apply_batch(state, op, B)`` / ``jax.vmap(lambda b: solver.apply(state, op, b))(B)``.
+``solver.apply_batch(state, op, B)`` / ``solver.inverse_quadratic(state, op, chunk)``.
+Every solver checks the true residual of what it returns against its ``tol``. Operators:
+anything implementing :class:`LinearOperator` (``influx.curvature.Operator`` does).
 """
 
-from influx.solvers._base import Solution, Solver, Status, check_solution, status_message
-from influx.solvers.arnoldi import ArnoldiState, arnoldi, lanczos, top_eigenpairs
-from influx.solvers.cg import block_cg, cg, diagonal_preconditioner, estimate_diagonal
-from influx.solvers.direct import direct
+from influx.solvers._base import (
+    FunctionSolver,
+    LinearOperator,
+    Solution,
+    Solver,
+    Status,
+    check_solution,
+    status_message,
+)
+from influx.solvers.arnoldi import Arnoldi, ArnoldiState, arnoldi, lanczos, top_eigenpairs
+from influx.solvers.cg import CG, block_cg, cg, diagonal_preconditioner, estimate_diagonal
+from influx.solvers.direct import Direct, direct
 from influx.solvers.ekfac import EKFACState, ekfac, kfac
-from influx.solvers.lissa import estimate_top_eigenvalue, lissa
+from influx.solvers.lissa import LiSSA, estimate_top_eigenvalue, lissa
 
 __all__ = [
+    "CG",
+    "Arnoldi",
     "ArnoldiState",
+    "Direct",
     "EKFACState",
+    "FunctionSolver",
+    "LiSSA",
+    "LinearOperator",
     "Solution",
     "Solver",
     "Status",

@@ -29,9 +29,12 @@ decides (see :func:`check_solution`). Every solver computes the true residual
 ``||A x - b|| <= tol ||b||`` for its ``tol`` (every solver has a default ``tol`` it can
 reach).
 
-Writing a solver: subclass :class:`Solver` as a ``@dataclasses.dataclass(frozen=True)``
-whose fields are the options, set ``name``, implement ``prepare`` and ``apply`` (and
-optionally ``apply_many`` / ``inverse_quadratic``).
+Writing a solver: subclass :class:`Solver` as a
+``@dataclasses.dataclass(frozen=True, repr=False)`` (``repr=False`` keeps the base's
+``influx.solvers.name(...)`` repr) whose fields are the options, set ``name`` (a
+``ClassVar``), implement ``prepare`` and ``apply`` (and optionally ``apply_many`` /
+``inverse_quadratic``); wrap the traced parts in :func:`compiled` so that equal solvers
+share one program.
 """
 
 from __future__ import annotations

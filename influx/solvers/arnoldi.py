@@ -22,7 +22,7 @@ is replaced by ``1/s``), which is the approximation error of the method.
 
 Failure modes: a kept Ritz value with ``lambda_i + s <= 0`` (indefinite Hessian without
 enough damping) gives ``Status.NEGATIVE_CURVATURE`` and that component is dropped; NaN/inf
-in ``b`` gives ``NONFINITE``; a true residual above ``tol ||b||`` (default ``tol`` 0.5)
+in ``b`` gives ``NONFINITE``; a true residual above ``tol ||b||`` (default ``tol`` 1e-2)
 gives ``MAX_STEPS`` (the rank was too small for that accuracy: raise ``rank``, add
 damping, or use cg).
 
@@ -118,13 +118,14 @@ def top_eigenpairs(mv, v0, iterations: int, rank: int):
     return w[order], qs.T @ s[:, order]
 
 
-#: default tolerance of :func:`arnoldi`: the true relative residual a low-rank inverse
-#: typically reaches when the right-hand sides lie mostly in the top eigenspace
-#: (``benchmarks/README.md``); tighter targets need a larger rank or cg.
-DEFAULT_TOL = 0.5
+#: default tolerance of :func:`arnoldi` on the true relative residual: reached when the
+#: right-hand sides lie almost entirely in the top eigenspace (a rank near the effective
+#: rank of the curvature); a larger rank, ``complement=True`` at large shifts, or cg
+#: otherwise (``benchmarks/README.md``).
+DEFAULT_TOL = 1e-2
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Arnoldi(Solver):
     """Low-rank inverse from top Ritz pairs (made by :func:`arnoldi`; fields are its options)."""
 
@@ -232,7 +233,7 @@ def arnoldi(*, rank: int = 20, iterations: int | None = None, key=None, tol: flo
         ``>= rank``; capped at ``P``.
       key: PRNG key of the start vector (default ``PRNGKey(0)``).
       tol: a solve is ``CONVERGED`` only when its true relative residual is ``<= tol``
-        (default :data:`DEFAULT_TOL` = 0.5; a larger rank or cg for tighter targets).
+        (default :data:`DEFAULT_TOL` = 1e-2; a larger rank or cg when it is not reached).
       residual: compute the true residual ``||A x - b||`` (one product per solve); when
         False, ``residual_norm`` is NaN and the status ``UNCHECKED`` (never ``CONVERGED``).
       complement: ``False`` (default) keeps only the projection

@@ -77,7 +77,7 @@ def _check_positive_int(name, v, *, minimum=1):
     return int(v)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class CG(Solver):
     """Conjugate gradients (made by :func:`cg`; the fields are its options)."""
 

@@ -56,7 +56,7 @@ def dense_bytes(op, *, matrices: int = 1) -> int:
     return matrices * p * p * solve_dtype(op.params).itemsize
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Direct(Solver):
     """Dense factorisation (made by :func:`direct`; the fields are its options)."""
 
