@@ -319,8 +319,8 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
     n_test = num_examples(test[0], name="test inputs")
     op = _curvature.operator_unchecked(obj, params, train, kind=kind, damping=damping,
                                        chunk_size=chunk_size)
+    state = solver.prepare(op)  # first: a refused dense allocation comes before any program runs
     grads = _measurement_grads(f, params, test, batch_size=min(chunk_size, n_test))
-    state = solver.prepare(op)
     sol = _solve_many(solver, state, op, grads, batch_size=min(rhs_batch_size, n_test))
     bad = _failed_rows(sol, on_failure, f"influence ({solver!r})")
     return _nan_rows(sol.x, bad), sol

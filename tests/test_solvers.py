@@ -296,7 +296,8 @@ def test_cg_negative_curvature_on_nonconvex_hessian():
     _, unravel = ravel_pytree(params)
     # a right-hand side with a component along the most negative direction
     b = unravel(jnp.asarray(v[:, 0] + 0.1 * v[:, -1]))
-    sol = solvers.cg(tol=1e-10)(op, b)
+    with pytest.warns(RuntimeWarning, match="not tagged positive semidefinite"):
+        sol = solvers.cg(tol=1e-10)(op, b)
     assert int(sol.status) == Status.NEGATIVE_CURVATURE
     assert not bool(sol.converged)
     assert np.all(np.isfinite(flat(sol.x))) and np.isfinite(float(sol.residual_norm))
@@ -579,3 +580,20 @@ def test_small_shift_on_iris_is_not_reported_converged(iris):
         assert np.mean(status == Status.CONVERGED) < 0.5, (solver, status)
         rel = np.asarray(sol.stats["relative_residual"])
         assert np.all((status == Status.CONVERGED) == (rel <= solver.tol))
+
+
+def test_direct_on_singular_gnh_does_not_suggest_gnh():
+    """issue 14.18: the error suggested kind='gnh' when kind was already 'gnh'."""
+    obj, params, (x, y) = make_problem("tanh_mlp")
+    obj = influx.Objective(obj.apply_fn, obj.loss_fn, l2=0.0)
+    op = curvature.operator(obj, params, (x[:3], y[:3]), kind="gnh", damping=0.0)  # rank <= 9 < P
+    b = jax.tree_util.tree_map(jnp.ones_like, params)
+    with pytest.raises(SolveError, match="not positive definite.*add damping") as e:
+        solvers.direct(method="eigh")(op, b)
+    assert "kind='gnh'" not in str(e.value)
+    # no PSD-tag warning for a PSD-tagged operator
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        solvers.cg(max_steps=5)(op, b)
