@@ -109,7 +109,9 @@ def default_solver(params=None) -> Solver:
     return cg(tol=1e-8 if wide else 1e-4, max_steps=1000, block=True)
 
 
-ON_FAILURE = ("raise", "nan", "warn")
+ON_FAILURE = ("raise", "nan", "warn", "keep")
+# statuses whose answer is the solver's finite best iterate, usable under on_failure="keep"
+_STOPPED_SHORT = (Status.MAX_STEPS, Status.STAGNATED)
 
 
 def _check_on_failure(on_failure) -> str:
@@ -120,17 +122,22 @@ def _check_on_failure(on_failure) -> str:
 
 def _failed_rows(sol: Solution, on_failure: str, what: str):
     """The failure policy: ``None`` when every solve converged; else raise ``SolveError``
-    (``"raise"``), or return the boolean mask of failed solves (``"nan"``; ``"warn"`` also
-    warns) for the caller to set to NaN."""
+    (``"raise"``), or return the boolean mask of failed solves for the caller to set to NaN
+    (``"nan"``; ``"warn"`` also warns). ``"keep"`` keeps the answer of solves that only
+    stopped short of their tolerance (``MAX_STEPS``, ``STAGNATED``: the solver's finite best
+    iterate, e.g. to measure a practical solver's error) and masks every other failure."""
     msg = failure_message(sol, what=what)
     if msg is None:
         return None
     if on_failure == "raise":
         raise SolveError(msg + ". Pass on_failure='nan' to get NaN for the failed rows (and their "
                          "status in the info) instead of this error.")
+    status = np.asarray(sol.status).reshape(-1)
     if on_failure == "warn":
         warnings.warn(msg + " (their scores are NaN)", RuntimeWarning, stacklevel=_user_stacklevel())
-    return np.asarray(sol.status).reshape(-1) != Status.CONVERGED
+    if on_failure == "keep":
+        return ~np.isin(status, (Status.CONVERGED, *_STOPPED_SHORT))
+    return status != Status.CONVERGED
 
 
 def _nan_rows(tree, bad):
@@ -437,7 +444,10 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
         ``"raise"`` (default) raises :class:`influx.errors.SolveError` naming how many
         solves failed, why, the worst residual and the fix; ``"nan"`` returns NaN in the
         rows of the failed test vectors (``InfluenceInfo.status`` says which);
-        ``"warn"`` is ``"nan"`` plus a ``RuntimeWarning``. A failed row is never 0.
+        ``"warn"`` is ``"nan"`` plus a ``RuntimeWarning``; ``"keep"`` keeps the rows of
+        solves that only stopped short of their tolerance (``MAX_STEPS``/``STAGNATED``: the
+        solver's finite best iterate, for measuring a practical solver's error) and gives NaN
+        for every other failure. A failed row is never 0.
 
     Cost: ``n_test`` gradients + one solver preparation + ``n_test`` solves, then one
     pass over the training set (``n_test`` JVPs or one per-example-gradient pass per
