@@ -271,6 +271,13 @@ def test_layers_report_every_leaf_and_coverage_of_an_attention_model():
     assert kron.coverage(obj.apply_fn, params, data[0][:1]) >= 0.9
 
 
+def test_layers_inside_jit_and_checkpoint_are_found():
+    obj, params, data = _nonlinear("scan")
+    wrapped = jax.checkpoint(jax.jit(obj.apply_fn))
+    assert kron.blocks(wrapped, params, data[0][:1]) == kron.blocks(obj.apply_fn, params, data[0][:1])
+    assert kron.coverage(wrapped, params, data[0][:1]) == 1.0
+
+
 def test_coverage_warning_and_tied_weights():
     # a tied (shared) kernel gets no block: 100% of the big matrix on the diagonal
     def apply(p, x):

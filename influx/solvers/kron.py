@@ -20,8 +20,8 @@ A layer's weight is viewed as a ``(d_in, d_out)`` matrix by a transpose ``perm``
 followed by a reshape (contracted/input axes first, output-feature axes last); its bias is a
 parameter leaf added right after it, broadcast along the output features (trailing axes). A
 leaf used anywhere else (weight tying, a kernel also used in a regulariser inside
-``apply_fn``) gets no block. Nested ``jit`` calls are inlined; layers inside ``scan``,
-``cond``, ``while`` or custom derivatives are not seen, except a ``scan`` over stacked
+``apply_fn``) gets no block. Nested ``jit`` and ``checkpoint``/``remat`` calls are inlined;
+layers inside ``scan``, ``cond``, ``while`` or custom derivatives are not seen, except a ``scan`` over stacked
 parameters (``lax.scan``, ``nn.scan``, ``nnx.scan`` with the layer weights as scanned
 inputs): it is unrolled and every slice of a stacked leaf is a layer of its own (one block
 per slice, when every slice is one).
@@ -47,7 +47,7 @@ __all__ = ["Block", "LeafReport", "blocks", "coverage", "layers", "COVERAGE_WARN
 
 COVERAGE_WARNING = 0.9  # prepare warns when less than this share of parameters is in blocks
 _PASS = {"convert_element_type", "copy", "copy_p"}
-_CALLS = {"pjit", "jit", "closed_call", "core_call"}
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2"}  # inlined
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +198,9 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
         invals = [_read(env, v) for v in eqn.invars]
         name, pin = eqn.primitive.name, [get(v) for v in eqn.invars]
         if name in _CALLS and "jaxpr" in eqn.params:
-            c = eqn.params["jaxpr"]
-            outs, oprov, osite = _interp(c.jaxpr, c.consts, invals, pin, tape, leaf_shapes)
+            c = eqn.params["jaxpr"]  # closed (jit) or open (checkpoint / remat)
+            inner, consts = (c.jaxpr, c.consts) if hasattr(c, "consts") else (c, [])
+            outs, oprov, osite = _interp(inner, consts, invals, pin, tape, leaf_shapes)
             for v, o, p, s in zip(eqn.outvars, outs, oprov, osite):
                 env[v] = o
                 if p is not None:
