@@ -425,11 +425,20 @@ class EKFAC(Solver):
                           RuntimeWarning, stacklevel=3)
 
     def _resolve_samples(self, obj, params, x0) -> int:
-        if self.samples is not None:
-            return int(self.samples)
-        has_sampler = isinstance(obj.loss_fn, _losses.Loss) and obj.loss_fn.sample is not None
-        big = _num_outputs(obj, params, x0) > EXACT_MAX_OUTPUTS
-        return AUTO_SAMPLES if big and has_sampler else 0
+        loss = obj.loss_fn
+        has_sampler = isinstance(loss, _losses.Loss) and loss.sample is not None
+        d = _num_outputs(obj, params, x0)
+        samples = self.samples
+        if samples is None:
+            samples = AUTO_SAMPLES if d > EXACT_MAX_OUTPUTS and has_sampler else 0
+        closed = isinstance(loss, _losses.Loss) and loss.hessian_factor is not None
+        if not samples and not closed and d > EXACT_MAX_OUTPUTS:
+            warnings.warn(f"{self.name}: {loss!r} registers no output-Hessian factor and no "
+                          f"predictive distribution: the factor is an eigendecomposition of the "
+                          f"dense {d} x {d} output Hessian of every example; give the loss a "
+                          "hessian_factor or sample (influx.losses.Loss)", RuntimeWarning,
+                          stacklevel=3)
+        return int(samples)
 
     def prepare(self, op) -> EKFACState:
         """The factors and eigenvalues for ``op`` (two passes over ``op.data``)."""
