@@ -289,6 +289,8 @@ def _bias_add(eqn, invals, pin, site_of, tape, leaf_shapes) -> bool:
         if isinstance(p, _Param) and p.perm != tuple(range(len(p.perm))):
             continue
         site = tape.sites[site_of[v]]
+        if site.kind == "embedding":  # a table row plus a vector: the vector gets the diagonal
+            continue
         nfeat = len(site.out_axes)
         feat_last = site.out_axes == tuple(range(len(site.out_shape) - nfeat, len(site.out_shape)))
         bshape = _shape(p, leaf_shapes)
@@ -352,8 +354,9 @@ def _match(name, eqn, invals, pin, leaf_shapes) -> _Site | None:
 
 
 def _rows(name, eqn, invals, site: _Site):
-    """The layer's input rows ``(positions, d_in)`` (patches for a convolution, one-hot
-    vectors for an embedding), in the order of the output positions."""
+    """The layer's input rows ``(positions, d_in)`` (patches for a convolution), in the order
+    of the output positions; for an embedding the token ids ``(positions,)`` that stand for
+    the one-hot rows."""
     if name == "dot_general":
         act, ac = invals[site.act_operand], list(site.act_axes)
         a = jnp.moveaxis(act, ac, list(range(act.ndim - len(ac), act.ndim)))
@@ -368,7 +371,7 @@ def _rows(name, eqn, invals, site: _Site):
             dimension_numbers=dn, precision=prm["precision"])
         return jnp.moveaxis(pt, dn.out_spec[1], -1).reshape(-1, site.d_in)
     idx = invals[1][..., 0].reshape(-1)
-    return jax.nn.one_hot(idx, site.d_in, dtype=eqn.outvars[0].aval.dtype)
+    return idx  # the token ids: the one-hot rows, without materialising them
 
 
 def out_rows(g, out_axes, d_out):
