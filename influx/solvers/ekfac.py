@@ -559,7 +559,8 @@ def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = Tr
       correct: refit the eigenvalues in the Kronecker-factored eigenbasis (EK-FAC, one
         more pass over the data in ``prepare``); ``False``: plain K-FAC (:func:`kfac`).
       tol: ``CONVERGED`` only when the true relative residual ``||A x - b|| / ||b||`` is
-        ``<= tol`` (default ``DEFAULT_TOL`` = 1, the residual of ``x = 0``; ``math.inf`` accepts any).
+        ``<= tol`` (default ``DEFAULT_TOL`` = 1, the residual of ``x = 0``; ``math.inf`` or
+        ``None`` accept any).
       residual: spend one operator product per right-hand side on the true residual
         (batched over right-hand sides). ``False`` skips the check: the status is then
         ``CONVERGED`` unchecked and ``residual_norm`` NaN -- an explicit opt-out.
@@ -573,13 +574,18 @@ def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = Tr
     ``op.params``, ``op.data``, ``op.chunk_size``).
     """
     cls = EKFAC if correct else KFAC
-    return cls(tol=tol, residual=residual, samples=samples, key=_seed(key))
+    return cls(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key))
 
 
 def kfac(*, tol: float = DEFAULT_TOL, residual: bool = True, samples: int | None = None,
          key=None) -> KFAC:
     """Plain K-FAC: ``ekfac(correct=False)``."""
-    return KFAC(tol=tol, residual=residual, samples=samples, key=_seed(key))
+    return KFAC(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key))
+
+
+def _tol(tol):
+    """``None`` (the former "no tolerance") is ``math.inf``: any finite residual passes."""
+    return float("inf") if tol is None else tol
 
 
 def _seed(key) -> tuple:
