@@ -37,6 +37,13 @@ test example *without* a leading axis (``apply_fn`` needs ``x_t[None]``).
 
 Baselines with the same call shape: :func:`grad_dot` (identity curvature) and
 :func:`tracin` (sum of gradient dot products over checkpoints).
+
+Errors, never a plausible number: the inputs are validated once, at the public entry
+point, before any heavy work (:class:`influx.errors.InputError`); a solve that did not
+converge (its true residual above the solver's ``tol``, negative curvature, a failed
+factorisation, ...) raises :class:`influx.errors.SolveError` naming the failure and the
+fix, or, with ``on_failure="nan"``, gives NaN in the rows that depend on it and their
+status in :class:`InfluenceInfo`. A failed solve is never scored as 0.
 """
 
 from __future__ import annotations
@@ -450,8 +457,8 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
     n_test = num_examples(test[0], name="test inputs")
     op = _curvature.operator_unchecked(obj, params, train, kind=kind, damping=damping,
                                        chunk_size=chunk_size)
+    state = solver.prepare(op)  # first: a refused dense allocation comes before any program runs
     grads = _measurement_grads(f, params, test, batch_size=min(chunk_size, n_test))
-    state = solver.prepare(op)
     sol = _solve_many(solver, state, op, grads, batch_size=min(rhs_batch_size, n_test))
     bad = _failed_rows(sol, on_failure, f"influence ({solver!r})")
     return _nan_rows(sol.x, bad), sol

@@ -296,7 +296,8 @@ def test_cg_negative_curvature_on_nonconvex_hessian():
     _, unravel = ravel_pytree(params)
     # a right-hand side with a component along the most negative direction
     b = unravel(jnp.asarray(v[:, 0] + 0.1 * v[:, -1]))
-    sol = solvers.cg(tol=1e-10)(op, b)
+    with pytest.warns(RuntimeWarning, match="not tagged positive semidefinite"):
+        sol = solvers.cg(tol=1e-10)(op, b)
     assert int(sol.status) == Status.NEGATIVE_CURVATURE
     assert not bool(sol.converged)
     assert np.all(np.isfinite(flat(sol.x))) and np.isfinite(float(sol.residual_norm))
@@ -579,3 +580,62 @@ def test_small_shift_on_iris_is_not_reported_converged(iris):
         assert np.mean(status == Status.CONVERGED) < 0.5, (solver, status)
         rel = np.asarray(sol.stats["relative_residual"])
         assert np.all((status == Status.CONVERGED) == (rel <= solver.tol))
+
+
+def test_direct_on_singular_gnh_does_not_suggest_gnh():
+    """issue 14.18: the error suggested kind='gnh' when kind was already 'gnh'."""
+    obj, params, (x, y) = make_problem("tanh_mlp")
+    obj = influx.Objective(obj.apply_fn, obj.loss_fn, l2=0.0)
+    op = curvature.operator(obj, params, (x[:3], y[:3]), kind="gnh", damping=0.0)  # rank <= 9 < P
+    b = jax.tree_util.tree_map(jnp.ones_like, params)
+    with pytest.raises(SolveError, match="not positive definite.*add damping") as e:
+        solvers.direct(method="eigh")(op, b)
+    assert "kind='gnh'" not in str(e.value)
+    # no PSD-tag warning for a PSD-tagged operator
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        solvers.cg(max_steps=5)(op, b)
+
+
+@jax.tree_util.register_pytree_node_class
+class _MatrixOperator:
+    """A user's own operator ``(M + shift I)`` on a dict of two leaves (the protocol only)."""
+
+    positive_semidefinite = True
+
+    def __init__(self, m, shift, params):
+        self.m, self.shift, self.params = m, shift, params
+
+    def tree_flatten(self):
+        return (self.m, self.shift, self.params), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    def curvature(self, v):
+        flat_v, unravel = ravel_pytree(v)
+        return unravel(self.m @ flat_v)
+
+    def __call__(self, v):
+        return jax.tree_util.tree_map(lambda c, x: c + self.shift * x, self.curvature(v), v)
+
+
+def test_bring_your_own_operator():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(7, 5))
+    m = jnp.asarray(g.T @ g / 7)  # PSD, P = 5
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    op = _MatrixOperator(m, jnp.asarray(0.1), params)
+    assert isinstance(op, solvers.LinearOperator)
+    b_flat = rng.normal(size=5)
+    b = ravel_pytree(params)[1](jnp.asarray(b_flat))
+    want = np.linalg.solve(np.asarray(m) + 0.1 * np.eye(5), b_flat)
+    for solver in (solvers.cg(tol=1e-10), solvers.direct(), solvers.arnoldi(rank=5, complement=True)):
+        sol = solver(op, b)
+        assert bool(sol.converged), solver
+        np.testing.assert_allclose(np.asarray(flat(sol.x)), want, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="subsample"):
+        solvers.lissa()(op, b)  # LiSSA needs the optional minibatch operators
