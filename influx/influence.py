@@ -37,6 +37,13 @@ test example *without* a leading axis (``apply_fn`` needs ``x_t[None]``).
 
 Baselines with the same call shape: :func:`grad_dot` (identity curvature) and
 :func:`tracin` (sum of gradient dot products over checkpoints).
+
+Errors, never a plausible number: the inputs are validated once, at the public entry
+point, before any heavy work (:class:`influx.errors.InputError`); a solve that did not
+converge (its true residual above the solver's ``tol``, negative curvature, a failed
+factorisation, ...) raises :class:`influx.errors.SolveError` naming the failure and the
+fix, or, with ``on_failure="nan"``, gives NaN in the rows that depend on it and their
+status in :class:`InfluenceInfo`. A failed solve is never scored as 0.
 """
 
 from __future__ import annotations

@@ -399,3 +399,17 @@ def test_no_warning_when_converged():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         influx.influence(obj, params, train, test, solver=DIRECT)
+
+
+def test_self_influence_closed_forms_follow_the_failure_policy():
+    """Arnoldi's closed form on an indefinite Hessian (a kept eigenvalue + shift <= 0) and a
+    failed Cholesky: an error by default, NaN (never 0) with on_failure='nan'."""
+    obj, params, train, _ = _nonconvex()
+    p = ravel_pytree(params)[0].size  # full rank: the negative eigenvalues are among those kept
+    for solver in (solvers.arnoldi(rank=p), solvers.direct(raise_on_failure=False)):
+        with pytest.raises(SolveError, match="self_influence.*(negative curvature|not positive definite)"):
+            influx.self_influence(obj, params, train, kind="hessian", damping=0.0, solver=solver)
+        v, info = influx.self_influence(obj, params, train, kind="hessian", damping=0.0, solver=solver,
+                                        on_failure="nan", return_info=True)
+        assert np.all(np.isnan(np.asarray(v))) and info.method == "self"
+        assert np.all(np.asarray(info.status) != Status.CONVERGED)

@@ -72,11 +72,14 @@ def _linear_problem(name):
         m, x = nnx.LinearGeneral((2, 2), 3, axis=(-2, -1), rngs=rngs), (5, 2, 2)
     elif name == "sequence_dense":  # one dense layer at every position of a sequence
         m, x = nnx.Linear(3, 2, rngs=rngs), (3, 4, 3)
+    elif name == "embedding":  # a table lookup at every position: A = diag(token counts)
+        m, x = nnx.Embed(6, 3, dtype=jnp.float64, param_dtype=jnp.float64, rngs=rngs), (4, 5)
     else:
         raise KeyError(name)
     apply, params = _nnx(m)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-    xs = jax.random.normal(kx, x, jnp.float64)
+    xs = (jax.random.randint(kx, x, 0, 6) if name == "embedding"
+          else jax.random.normal(kx, x, jnp.float64))
 
     def flat_apply(p, xx):
         z = apply(p, xx)
@@ -86,14 +89,16 @@ def _linear_problem(name):
     return influx.Objective(flat_apply, losses.squared_error, l2=1e-3), params, (xs, y)
 
 
-LINEAR = ["conv2d", "conv1d", "conv3d", "dense_general_out2", "dense_general_in2", "sequence_dense"]
+LINEAR = ["conv2d", "conv1d", "conv3d", "dense_general_out2", "dense_general_in2", "sequence_dense",
+          "embedding"]
 
 
 @pytest.mark.parametrize("name", LINEAR)
 def test_kfac_block_is_the_exact_gauss_newton_block_for_linear_models(name):
     obj, params, data = _linear_problem(name)
     blks = kron.blocks(obj.apply_fn, params, data[0][:1])
-    assert len(blks) == 1 and blks[0].kind == ("conv" if name.startswith("conv") else "dense")
+    kind = "conv" if name.startswith("conv") else "embedding" if name == "embedding" else "dense"
+    assert len(blks) == 1 and blks[0].kind == kind
     # every parameter is in the block: K-FAC is the whole matrix
     assert kron.coverage(obj.apply_fn, params, data[0][:1]) == 1.0
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=3)
@@ -269,6 +274,13 @@ def test_layers_report_every_leaf_and_coverage_of_an_attention_model():
     assert cov >= 0.9
     obj, params, data = _nonlinear("convnet")
     assert kron.coverage(obj.apply_fn, params, data[0][:1]) >= 0.9
+
+
+def test_layers_inside_jit_and_checkpoint_are_found():
+    obj, params, data = _nonlinear("scan")
+    wrapped = jax.checkpoint(jax.jit(obj.apply_fn))
+    assert kron.blocks(wrapped, params, data[0][:1]) == kron.blocks(obj.apply_fn, params, data[0][:1])
+    assert kron.coverage(wrapped, params, data[0][:1]) == 1.0
 
 
 def test_coverage_warning_and_tied_weights():

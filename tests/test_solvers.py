@@ -597,3 +597,45 @@ def test_direct_on_singular_gnh_does_not_suggest_gnh():
     with _w.catch_warnings():
         _w.simplefilter("error")
         solvers.cg(max_steps=5)(op, b)
+
+
+@jax.tree_util.register_pytree_node_class
+class _MatrixOperator:
+    """A user's own operator ``(M + shift I)`` on a dict of two leaves (the protocol only)."""
+
+    positive_semidefinite = True
+
+    def __init__(self, m, shift, params):
+        self.m, self.shift, self.params = m, shift, params
+
+    def tree_flatten(self):
+        return (self.m, self.shift, self.params), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    def curvature(self, v):
+        flat_v, unravel = ravel_pytree(v)
+        return unravel(self.m @ flat_v)
+
+    def __call__(self, v):
+        return jax.tree_util.tree_map(lambda c, x: c + self.shift * x, self.curvature(v), v)
+
+
+def test_bring_your_own_operator():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(7, 5))
+    m = jnp.asarray(g.T @ g / 7)  # PSD, P = 5
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    op = _MatrixOperator(m, jnp.asarray(0.1), params)
+    assert isinstance(op, solvers.LinearOperator)
+    b_flat = rng.normal(size=5)
+    b = ravel_pytree(params)[1](jnp.asarray(b_flat))
+    want = np.linalg.solve(np.asarray(m) + 0.1 * np.eye(5), b_flat)
+    for solver in (solvers.cg(tol=1e-10), solvers.direct(), solvers.arnoldi(rank=5, complement=True)):
+        sol = solver(op, b)
+        assert bool(sol.converged), solver
+        np.testing.assert_allclose(np.asarray(flat(sol.x)), want, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="subsample"):
+        solvers.lissa()(op, b)  # LiSSA needs the optional minibatch operators

@@ -192,9 +192,13 @@ def _factor_stats(blks, rows, g_other, g_out):
     d = [jnp.sum(g * g, axis=(0, 1)) for g in g_other]
     a_stats, s_stats = [], []
     for b in blks:
-        a = rows[b.site]  # (B, T, rows)
-        af = a.reshape(-1, a.shape[-1])
-        a_stats.append((jnp.sum(af * af, axis=0) if b.diagonal_inputs else af.T @ af) / a.shape[1])
+        a = rows[b.site]  # (B, T, rows), or the token ids (B, T) of an embedding
+        if b.diagonal_inputs:  # A = diag(token counts): one-hot rows squared
+            counts = jnp.zeros(b.d_in, g_out[b.site].dtype).at[a.reshape(-1)].add(1.0, mode="drop")
+            a_stats.append(counts / a.shape[1])
+        else:
+            af = a.reshape(-1, a.shape[-1])
+            a_stats.append(af.T @ af / a.shape[1])
         gf = g_out[b.site].reshape(-1, b.d_out)  # (B K T, d_out)
         s_stats.append(gf.T @ gf)
     return d, a_stats, s_stats
@@ -204,8 +208,11 @@ def _correction_stats(blks, qa, qs, rows, g_out):
     """Per-chunk sums of ``(Q_A^T G_{n,c} Q_S)^2`` for every block."""
     out = []
     for k, b in enumerate(blks):
-        ar = rows[b.site] if qa[k] is None else rows[b.site] @ qa[k]  # (B, T, rows)
         gr = g_out[b.site] @ qs[k]  # (B, K, T, d_out)
+        if b.diagonal_inputs:  # Q_A = I: G_{n,c} = per-token sums of the output gradients
+            out.append(_squared_projections(rows[b.site], gr, tokens=b.d_in))
+            continue
+        ar = rows[b.site] @ qa[k]  # (B, T, rows)
         if ar.shape[1] == 1:  # one position: (Q_A^T G Q_S)_ij = ar_i gr_j
             out.append((ar[:, 0] ** 2).T @ jnp.sum(gr[:, :, 0] ** 2, axis=1))
         else:
@@ -216,17 +223,29 @@ def _correction_stats(blks, qa, qs, rows, g_out):
 _CORRECTION_BYTES = 256 * 2**20  # bound on the (examples, K, rows, d_out) projections at once
 
 
-def _squared_projections(ar, gr):
-    """``sum_{b,k} (ar_b^T gr_{b,k})^2`` for ``ar`` ``(B, T, rows)``, ``gr`` ``(B, K, T, d_out)``,
-    at most ``_CORRECTION_BYTES`` of per-example ``(K, rows, d_out)`` matrices at a time."""
+def _token_rows(ids, g, tokens: int):
+    """``onehot(ids)^T g`` (``(tokens, d_out)``) as a per-token sum, for ``g`` ``(T, d_out)``."""
+    return jax.ops.segment_sum(g, ids, num_segments=tokens)
+
+
+def _squared_projections(ar, gr, tokens: int | None = None):
+    """``sum_{b,k} (ar_b^T gr_{b,k})^2`` for ``ar`` ``(B, T, rows)`` (or token ids ``(B, T)``
+    standing for one-hot rows of width ``tokens``), ``gr`` ``(B, K, T, d_out)``, at most
+    ``_CORRECTION_BYTES`` of per-example ``(K, rows, d_out)`` matrices at a time."""
     b, k, _, d_out = gr.shape
-    per_example = k * ar.shape[-1] * d_out * gr.dtype.itemsize
+    per_example = k * (tokens or ar.shape[-1]) * d_out * gr.dtype.itemsize
     batch = max(1, min(b, _CORRECTION_BYTES // max(per_example, 1)))
 
     def one(pair):
-        gm = jnp.einsum("ti,ktj->kij", *pair)
+        a, g = pair
+        if tokens is None:
+            gm = jnp.einsum("ti,ktj->kij", a, g)
+        else:
+            gm = jax.vmap(lambda gk: _token_rows(a, gk, tokens))(g)
         return jnp.sum(gm * gm, axis=0)
 
+    if tokens is not None:
+        return jnp.sum(jax.lax.map(one, (ar, gr), batch_size=batch), axis=0)
     if batch >= b:
         gm = jnp.einsum("bti,bktj->bkij", ar, gr)
         return jnp.sum(gm * gm, axis=(0, 1))
@@ -368,7 +387,9 @@ def _inverse_quadratic(state: EKFACState, obj, params, chunk):
         rows, g_other, g_out = pseudo(ex, cot)
         tot = sum(jnp.sum(g[0] * g[0] / (dleaves[i] + s)) for i, g in zip(other, g_other))
         for k, b in enumerate(state.blocks):
-            gm = _rotate(state.qa[k], rows[b.site].T @ g_out[b.site][0], state.qs[k])
+            a, g = rows[b.site], g_out[b.site][0]
+            gmat = _token_rows(a, g, b.d_in) if b.diagonal_inputs else a.T @ g
+            gm = _rotate(state.qa[k], gmat, state.qs[k])
             tot = tot + jnp.sum(gm * gm / (state.lam[k] + s))
         return tot
 
@@ -425,11 +446,20 @@ class EKFAC(Solver):
                           RuntimeWarning, stacklevel=3)
 
     def _resolve_samples(self, obj, params, x0) -> int:
-        if self.samples is not None:
-            return int(self.samples)
-        has_sampler = isinstance(obj.loss_fn, _losses.Loss) and obj.loss_fn.sample is not None
-        big = _num_outputs(obj, params, x0) > EXACT_MAX_OUTPUTS
-        return AUTO_SAMPLES if big and has_sampler else 0
+        loss = obj.loss_fn
+        has_sampler = isinstance(loss, _losses.Loss) and loss.sample is not None
+        d = _num_outputs(obj, params, x0)
+        samples = self.samples
+        if samples is None:
+            samples = AUTO_SAMPLES if d > EXACT_MAX_OUTPUTS and has_sampler else 0
+        closed = isinstance(loss, _losses.Loss) and loss.hessian_factor is not None
+        if not samples and not closed and d > EXACT_MAX_OUTPUTS:
+            warnings.warn(f"{self.name}: {loss!r} registers no output-Hessian factor and no "
+                          f"predictive distribution: the factor is an eigendecomposition of the "
+                          f"dense {d} x {d} output Hessian of every example; give the loss a "
+                          "hessian_factor or sample (influx.losses.Loss)", RuntimeWarning,
+                          stacklevel=3)
+        return int(samples)
 
     def prepare(self, op) -> EKFACState:
         """The factors and eigenvalues for ``op`` (two passes over ``op.data``)."""
@@ -529,7 +559,8 @@ def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = Tr
       correct: refit the eigenvalues in the Kronecker-factored eigenbasis (EK-FAC, one
         more pass over the data in ``prepare``); ``False``: plain K-FAC (:func:`kfac`).
       tol: ``CONVERGED`` only when the true relative residual ``||A x - b|| / ||b||`` is
-        ``<= tol`` (default ``DEFAULT_TOL`` = 1, the residual of ``x = 0``; ``math.inf`` accepts any).
+        ``<= tol`` (default ``DEFAULT_TOL`` = 1, the residual of ``x = 0``; ``math.inf`` or
+        ``None`` accept any).
       residual: spend one operator product per right-hand side on the true residual
         (batched over right-hand sides). ``False`` skips the check: the status is then
         ``CONVERGED`` unchecked and ``residual_norm`` NaN -- an explicit opt-out.
@@ -543,13 +574,18 @@ def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = Tr
     ``op.params``, ``op.data``, ``op.chunk_size``).
     """
     cls = EKFAC if correct else KFAC
-    return cls(tol=tol, residual=residual, samples=samples, key=_seed(key))
+    return cls(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key))
 
 
 def kfac(*, tol: float = DEFAULT_TOL, residual: bool = True, samples: int | None = None,
          key=None) -> KFAC:
     """Plain K-FAC: ``ekfac(correct=False)``."""
-    return KFAC(tol=tol, residual=residual, samples=samples, key=_seed(key))
+    return KFAC(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key))
+
+
+def _tol(tol):
+    """``None`` (the former "no tolerance") is ``math.inf``: any finite residual passes."""
+    return float("inf") if tol is None else tol
 
 
 def _seed(key) -> tuple:

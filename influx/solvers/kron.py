@@ -20,8 +20,8 @@ A layer's weight is viewed as a ``(d_in, d_out)`` matrix by a transpose ``perm``
 followed by a reshape (contracted/input axes first, output-feature axes last); its bias is a
 parameter leaf added right after it, broadcast along the output features (trailing axes). A
 leaf used anywhere else (weight tying, a kernel also used in a regulariser inside
-``apply_fn``) gets no block. Nested ``jit`` calls are inlined; layers inside ``scan``,
-``cond``, ``while`` or custom derivatives are not seen, except a ``scan`` over stacked
+``apply_fn``) gets no block. Nested ``jit`` and ``checkpoint``/``remat`` calls are inlined;
+layers inside ``scan``, ``cond``, ``while`` or custom derivatives are not seen, except a ``scan`` over stacked
 parameters (``lax.scan``, ``nn.scan``, ``nnx.scan`` with the layer weights as scanned
 inputs): it is unrolled and every slice of a stacked leaf is a layer of its own (one block
 per slice, when every slice is one).
@@ -47,7 +47,7 @@ __all__ = ["Block", "LeafReport", "blocks", "coverage", "layers", "COVERAGE_WARN
 
 COVERAGE_WARNING = 0.9  # prepare warns when less than this share of parameters is in blocks
 _PASS = {"convert_element_type", "copy", "copy_p"}
-_CALLS = {"pjit", "jit", "closed_call", "core_call"}
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2"}  # inlined
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +198,9 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
         invals = [_read(env, v) for v in eqn.invars]
         name, pin = eqn.primitive.name, [get(v) for v in eqn.invars]
         if name in _CALLS and "jaxpr" in eqn.params:
-            c = eqn.params["jaxpr"]
-            outs, oprov, osite = _interp(c.jaxpr, c.consts, invals, pin, tape, leaf_shapes)
+            c = eqn.params["jaxpr"]  # closed (jit) or open (checkpoint / remat)
+            inner, consts = (c.jaxpr, c.consts) if hasattr(c, "consts") else (c, [])
+            outs, oprov, osite = _interp(inner, consts, invals, pin, tape, leaf_shapes)
             for v, o, p, s in zip(eqn.outvars, outs, oprov, osite):
                 env[v] = o
                 if p is not None:
@@ -288,6 +289,8 @@ def _bias_add(eqn, invals, pin, site_of, tape, leaf_shapes) -> bool:
         if isinstance(p, _Param) and p.perm != tuple(range(len(p.perm))):
             continue
         site = tape.sites[site_of[v]]
+        if site.kind == "embedding":  # a table row plus a vector: the vector gets the diagonal
+            continue
         nfeat = len(site.out_axes)
         feat_last = site.out_axes == tuple(range(len(site.out_shape) - nfeat, len(site.out_shape)))
         bshape = _shape(p, leaf_shapes)
@@ -351,8 +354,9 @@ def _match(name, eqn, invals, pin, leaf_shapes) -> _Site | None:
 
 
 def _rows(name, eqn, invals, site: _Site):
-    """The layer's input rows ``(positions, d_in)`` (patches for a convolution, one-hot
-    vectors for an embedding), in the order of the output positions."""
+    """The layer's input rows ``(positions, d_in)`` (patches for a convolution), in the order
+    of the output positions; for an embedding the token ids ``(positions,)`` that stand for
+    the one-hot rows."""
     if name == "dot_general":
         act, ac = invals[site.act_operand], list(site.act_axes)
         a = jnp.moveaxis(act, ac, list(range(act.ndim - len(ac), act.ndim)))
@@ -367,7 +371,7 @@ def _rows(name, eqn, invals, site: _Site):
             dimension_numbers=dn, precision=prm["precision"])
         return jnp.moveaxis(pt, dn.out_spec[1], -1).reshape(-1, site.d_in)
     idx = invals[1][..., 0].reshape(-1)
-    return jax.nn.one_hot(idx, site.d_in, dtype=eqn.outvars[0].aval.dtype)
+    return idx  # the token ids: the one-hot rows, without materialising them
 
 
 def out_rows(g, out_axes, d_out):
