@@ -165,7 +165,7 @@ class GapDecomposition:
         lines += ["", "| object | mean abs delta | pearson vs cold LOO | spearman vs cold LOO | "
                       "pearson vs PBRF | spearman vs PBRF | max grad norm | converged |",
                   "|---|---|---|---|---|---|---|---|"]
-        for name in OBJECTS:
+        for name in OBJECTS + tuple(k for k in self.deltas if k not in OBJECTS):
             c, p, dg = self.vs_cold[name], self.vs_pbrf[name], self.diagnostics.get(name, {})
             lines.append(
                 f"| {name} | {f(float(np.mean(np.abs(self.deltas[name]))))} | {f(c['pearson'])} | "
@@ -241,7 +241,7 @@ def decompose(obj: Objective, init_params, params, train, test, removed, *, damp
               solver=None, optimizer=None, steps: int = 50, train_optimizer=None,
               train_steps: int | None = None, train_batch_size: int | None = None, seed: int = 0,
               baseline: str = "params", exact_solver=None, chunk_size: int = 64, tol: float = 1e-8,
-              measurement=None, on_failure: str = "raise") -> GapDecomposition:
+              measurement=None, on_failure: str = "raise", metagradient: bool = True) -> GapDecomposition:
     """Computes the six objects and the five gaps (see the module docstring).
 
     Args:
@@ -267,6 +267,12 @@ def decompose(obj: Objective, init_params, params, train, test, removed, *, damp
         did not converge): ``"raise"`` (default, :class:`influx.errors.SolveError`) or
         ``"nan"`` (the affected removed examples / test points are dropped from every
         object and listed in ``dropped`` / ``dropped_test`` and ``notes``).
+      metagradient: also compute the exact metagradient of the original training run
+        (:func:`influx.metagradients`, same init, optimizer, steps, batches and seed as the
+        cold LOO) as an extra object ``"metagradient"`` outside the chain of gaps: its
+        correlations with the cold LOO and with the PBRF are in ``vs_cold`` / ``vs_pbrf``.
+        It is the first-order answer to the cold LOO itself, so it closes the warm-start,
+        proximity and non-convergence gaps that influence leaves open.
 
     Every option is validated (one :class:`influx.response.ResponseOptions` per object,
     the data, indices and measurement) before the first retraining, so a bad value such as
@@ -300,6 +306,9 @@ def decompose(obj: Objective, init_params, params, train, test, removed, *, damp
     deltas["influence"], inf_diag = _practical(obj, params, train, test, removed, damping=damping,
                                                solver=solver, measurement=measurement, on_failure=on_failure)
     deltas, rows, dropped_test = _drop_failed(deltas)
+    if metagradient:  # an extra object: a failed metagradient is NaN here, it drops nothing else
+        meta = _metagradient(obj, init_params, train, test, removed, options=cold_opts)
+        deltas["metagradient"] = np.delete(meta[rows], dropped_test, axis=1)
 
     warm_cfg = f"{_describe(warm_opts.optimizer)}, {steps} steps, tol {tol:g}"
     configs = {"cold_loo": f"{_describe(train_optimizer)}, {train_steps} steps, "
@@ -370,6 +379,18 @@ def _practical(obj, params, train, test, removed, *, damping, solver, measuremen
             "failed_test": np.flatnonzero(bad).tolist(), "unconverged_test": int(unconv.sum()),
             "worst_residual": worst}
     return delta, diag
+
+
+def _metagradient(obj, init_params, train, test, removed, *, options):
+    """The metagradient object, ``(n_removed, n_test)``: ``-d f_t / d w_m`` through the
+    original training run (``options`` of the cold LOO), in the same sign and scale as the
+    LOO deltas (predicted ``f(theta without m) - f(theta_s)``)."""
+    from influx.metagrad import metagradients
+
+    scores = metagradients(obj, init_params, tuple(train), tuple(test), optimizer=options.optimizer,
+                           steps=options.steps, batch_size=options.batch_size, seed=options.seed,
+                           measurement=options.measurement, on_failure="nan")
+    return np.asarray(scores, np.float64)[:, removed].T
 
 
 def _drop_failed(deltas: dict):

@@ -139,9 +139,15 @@ def _failed_rows(sol: Solution, on_failure: str, what: str):
     if on_failure == "raise":
         raise SolveError(msg + ". Pass on_failure='nan' to get NaN for the failed rows (and their "
                          "status in the info) instead of this error.")
-    status = np.asarray(sol.status).reshape(-1)
     if on_failure == "warn":
         warnings.warn(msg + " (their scores are NaN)", RuntimeWarning, stacklevel=_user_stacklevel())
+    return _masked(sol.status, on_failure)
+
+
+def _masked(status, on_failure: str) -> np.ndarray:
+    """Which solves' rows are NaN under ``on_failure`` (every non-converged one, except those
+    that stopped short under ``"keep"``)."""
+    status = np.asarray(status).reshape(-1)
     if on_failure == "keep":
         return ~np.isin(status, (Status.CONVERGED, *_STOPPED_SHORT))
     return status != Status.CONVERGED
@@ -494,7 +500,7 @@ def _influence(obj, params, train, test, f, *, n, n_test, kind, damping, solver,
                                     solver=solver, chunk_size=chunk_size, on_failure=on_failure)
     method = _resolve_method(method, n_test, params, chunk_size, train[0], obj)
     scores = _score_arrays(obj, params, vecs, train, method=method, chunk_size=chunk_size, n_total=n)
-    bad = np.asarray(sol.status).reshape(-1) != Status.CONVERGED
+    bad = _masked(sol.status, on_failure)
     scores = _nan_rows(scores, bad if bad.any() else None)  # explicit: a failed row is NaN
     info = InfluenceInfo(method, n, n_test, repr(solver), np.asarray(sol.residual_norm),
                          np.asarray(sol.iterations), np.asarray(sol.converged), np.asarray(sol.status))

@@ -989,7 +989,6 @@ def linearized(obj: Objective, params, train, removed, *, test, damping: float, 
     training set). ``params``, ``grad_norm`` and ``objective`` of the result are
     ``None``/NaN (nothing is minimised).
     """
-    import inspect
 
     from influx.influence import influence
 
@@ -1010,9 +1009,7 @@ def linearized(obj: Objective, params, train, removed, *, test, damping: float, 
     if solver is None:
         dim = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
         solver = _default_exact_solver(dim)
-    kw = {}
-    if "on_failure" in inspect.signature(influence).parameters:  # the policy is applied here, per column
-        kw["on_failure"] = "nan"
+    kw = {"on_failure": "nan"}  # the policy is applied here, per column
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # reported below, with the policy
         scores, info = influence(obj, params, tuple(train), tuple(test), kind="gnh", damping=damping,

@@ -115,7 +115,6 @@ After ``jax.distributed.initialize(...)`` (``jax.process_count() > 1``) every pr
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import re
 import sys
@@ -926,9 +925,7 @@ def _solve_flat(obj, params, test, plan: _Plan):
     """The solved test vectors, flattened ``(n_test, P)`` (NaN rows for failed solves), and the
     solve report; raises SolveError under ``on_failure="raise"``."""
     kw = dict(kind=plan.kind, damping=plan.damping, solver=plan.solver, measurement=plan.f,
-              chunk_size=plan.chunk_size)
-    if "on_failure" in inspect.signature(solve_test_vectors).parameters:
-        kw["on_failure"] = "nan"  # the policy is applied here, once, with the scoring context
+              chunk_size=plan.chunk_size, on_failure="nan")  # the policy is applied here, once
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*did not converge", category=RuntimeWarning)
         vecs, sol = solve_test_vectors(obj, params, plan.curv, test, **kw)

@@ -181,6 +181,23 @@ def test_failed_solve_raises_by_default_and_gives_nan_rows_on_request():
         influx.influence(obj, params, train, test, solver=DIRECT, on_failure="zero")
 
 
+def test_keep_policy_keeps_stopped_short_rows_and_masks_other_failures():
+    """on_failure='keep': a solve that ran out of steps keeps its (finite) answer, exactly the
+    solver's iterate; any other failure is NaN, never 0."""
+    obj, params, train, test = problem("logistic")
+    short = solvers.cg(tol=1e-14, max_steps=2)
+    s, info = influx.influence(obj, params, train, test, solver=short, damping=1e-2, on_failure="keep",
+                               return_info=True)
+    assert np.all(np.asarray(info.status) == Status.MAX_STEPS)
+    ref = np.asarray(influx.influence(obj, params, train, test, damping=1e-2, solver=DIRECT))
+    s = np.asarray(s)
+    assert np.all(np.isfinite(s)) and np.abs(s).min() > 0
+    assert 1e-6 < np.abs(s - ref).max() / np.abs(ref).max() < 1.0  # an approximate answer, not the exact one
+    bad = _mock(DIRECT, status=Status.NEGATIVE_CURVATURE)
+    s = influx.influence(obj, params, train, test, solver=bad, on_failure="keep")
+    assert np.all(np.isnan(np.asarray(s)))
+
+
 def _nonconvex():
     obj, params, train, test = problem("relu_mlp")
     return influx.Objective(obj.apply_fn, obj.loss_fn, l2=0.0), params, train, test

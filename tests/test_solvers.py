@@ -435,7 +435,7 @@ def test_cg_float32_tolerance_too_small_stagnates_and_returns_best():
     with pytest.raises(RuntimeError, match="stagnated.*raise tol"):
         solvers.check_solution(sol)
     # the block (batched) solver does the same per column
-    sols = solvers.cg(tol=1e-6, max_steps=1500)(op, bs, batched=True)
+    sols = solvers.cg(tol=1e-7, max_steps=1500)(op, bs, batched=True)  # 1e-6 is reached by some columns
     assert np.all(np.asarray(sols.status) == Status.STAGNATED)
     assert float(np.max(np.asarray(sols.stats["relative_residual"]))) < 1e-3
 

@@ -45,7 +45,7 @@ from influx.studies import _common as C
 
 __all__ = ["GapsConfig", "GapsRow", "GapsResult", "run", "quick", "GAP_NAMES", "OBJECTS"]
 
-OBJECTS = ("cold_loo", "warm_loo", "proximal", "pbrf", "linearized", "influence")
+OBJECTS = ("cold_loo", "warm_loo", "proximal", "pbrf", "linearized", "influence", "metagradient")
 GAP_NAMES = ("warm_start_gap", "proximity_gap", "non_convergence_gap", "linearization_error", "solver_error")
 
 
@@ -309,8 +309,8 @@ def _one_config(cfg: GapsConfig, ds, width: int, steps: int) -> GapsRow:
     cold = deltas["cold_loo"]
     gaps = {t.name: float(t.mean_abs) for t in g.terms}
     keep = ("pearson", "spearman")
-    corr_loo = {o: {k: float(g.vs_cold[o][k]) for k in keep} for o in OBJECTS}
-    corr_pbrf = {o: {k: float(g.vs_pbrf[o][k]) for k in keep} for o in OBJECTS}
+    corr_loo = {o: {k: float(g.vs_cold[o][k]) for k in keep} for o in OBJECTS if o in g.vs_cold}
+    corr_pbrf = {o: {k: float(g.vs_pbrf[o][k]) for k in keep} for o in OBJECTS if o in g.vs_pbrf}
     notes.extend(g.notes)  # each names the object's configuration (solver, steps, tol)
     return GapsRow(
         dataset=ds.name, task=ds.task, width=width, steps=steps, n_params=n_params, grad_norm=grad_norm,
