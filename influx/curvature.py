@@ -35,6 +35,7 @@ from influx import _memory
 from influx import losses as _losses
 from influx._xla import jit
 from influx.objective import Objective, check_data, check_like, num_examples
+from influx.validation import boundary as _boundary
 
 __all__ = [
     "hvp",
@@ -279,6 +280,7 @@ def _chunk_product(obj: Objective, kind: str, params, v):
     return fn
 
 
+@_boundary
 def operator(obj: Objective, params, data, *, kind: str = "gnh", damping=0.0,
              chunk_size: int = 256) -> Operator:
     """The damped curvature operator ``v -> (C + (obj.l2 + damping) I) v`` on ``data``.

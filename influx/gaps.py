@@ -48,6 +48,7 @@ import numpy as np
 from influx import response as _response
 from influx.errors import InputError, SolveError
 from influx.objective import Objective, check_data, check_like
+from influx.validation import boundary as _boundary
 
 __all__ = ["GapDecomposition", "GapTerm", "decompose", "OBJECTS", "TERMS"]
 
@@ -237,6 +238,7 @@ def _notes(diagnostics: dict) -> tuple:
     return tuple(notes)
 
 
+@_boundary
 def decompose(obj: Objective, init_params, params, train, test, removed, *, damping: float,
               solver=None, optimizer=None, steps: int = 50, train_optimizer=None,
               train_steps: int | None = None, train_batch_size: int | None = None, seed: int = 0,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from influx import curvature as _curvature
 from influx.solvers._base import Solution, Solver
+from influx.validation import boundary as _boundary
 
 __all__ = ["ihvp"]
 
 
+@_boundary
 def ihvp(obj, params, data, b, *, kind: str = "gnh", damping=0.0, solver: Solver | None = None,
          chunk_size: int = 256, batched: bool = False) -> Solution:
     """``x = (C + (obj.l2 + damping) I)^-1 b`` with ``C`` the ``kind`` curvature of ``obj`` on ``data``.

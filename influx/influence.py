@@ -66,6 +66,7 @@ from influx.errors import InputError, SolveError
 from influx.measurements import Measurement, _bind_measurement, _check_measurement, _check_test, measurements
 from influx.objective import Objective, check_data, num_examples
 from influx.solvers._base import Solution, Solver, Status, compiled, failure_message
+from influx.validation import boundary as _boundary
 
 __all__ = [
     "Measurement",
@@ -287,6 +288,7 @@ def _user_stacklevel() -> int:
     return level
 
 
+@_boundary
 def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
                        solver: Solver | None = None, measurement=None, chunk_size: int = 256,
                        rhs_batch_size: int = 64, on_failure: str = "raise"):
@@ -425,6 +427,7 @@ def _resolve_method(method, n_test, params, chunk_size, x=None, obj=None):
 
 
 # ------------------------------------------------------------------ public functions
+@_boundary
 def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
               solver: Solver | None = None, measurement=None, chunk_size: int = 256,
               method: str = "auto", return_info: bool = False, on_failure: str = "raise"):
@@ -536,6 +539,7 @@ def _groups_matrix(groups, n: int) -> np.ndarray:
                     f"or a sequence of index arrays; got {type(groups).__name__}")
 
 
+@_boundary
 def group_influence(obj: Objective, params, train, test, groups, *, kind: str = "gnh", damping=1e-3,
                     solver: Solver | None = None, measurement=None, chunk_size: int = 256,
                     method: str = "auto", return_info: bool = False, on_failure: str = "raise"):
@@ -563,6 +567,7 @@ def group_influence(obj: Objective, params, train, test, groups, *, kind: str = 
     return (g, info) if return_info else g
 
 
+@_boundary
 def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=1e-3,
                    solver: Solver | None = None, chunk_size: int = 256, return_info: bool = False,
                    on_failure: str = "raise"):
@@ -620,6 +625,7 @@ def _self_values(solver, state, op, train, n, chunk_size):
     return vals, Solution(None, *(np.concatenate([np.asarray(getattr(t, k)) for t in sols]) for k in fields))
 
 
+@_boundary
 def grad_dot(obj: Objective, params, train, test, *, damping=None, measurement=None,
              chunk_size: int = 256, method: str = "auto", return_info: bool = False):
     """Gradient-dot-product baseline: influence with identity curvature.
@@ -646,6 +652,7 @@ def grad_dot(obj: Objective, params, train, test, *, damping=None, measurement=N
     return scores
 
 
+@_boundary
 def tracin(obj: Objective, checkpoints: Sequence[Any], train, test, learning_rates, *,
            measurement=None, chunk_size: int = 256, method: str = "auto"):
     """TracIn-CP baseline (Pruthi et al., 2020) over a list of checkpoints.

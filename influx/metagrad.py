@@ -51,6 +51,7 @@ import optax
 
 from influx.errors import InputError, SolveError
 from influx.objective import Objective, check_data, tree_sqnorm
+from influx.validation import boundary as _boundary
 
 __all__ = ["MetagradInfo", "metagradients", "minibatch_indices", "replay", "segment_length", "trajectory"]
 
@@ -316,6 +317,7 @@ class MetagradInfo(NamedTuple):
     seconds: float
 
 
+@_boundary
 def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps: int,
                   batch_size: int | None = None, seed=0, measurement=None, remat="sqrt",
                   params=None, params_rtol: float | None = None, test_batch_size: int | None = None,

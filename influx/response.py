@@ -120,6 +120,7 @@ from influx.errors import InputError, SolveError
 from influx.models import _check_int, minibatch_indices  # one integer check (until influx.validation)
 from influx.objective import Objective, check_data, check_like, num_examples, tree_sqnorm
 from influx.solvers._base import Status
+from influx.validation import boundary as _boundary
 
 __all__ = ["Response", "ResponseOptions", "NewtonCG", "newton", "loo", "proximal", "pbrf", "respond",
            "linearized", "DEFAULT_OPTIMIZER", "Retrain", "retrain", "random_subsets", "check_replay"]
@@ -825,6 +826,7 @@ def _warn(res: Response, kind: str, tol: float, steps: int) -> None:
         )
 
 
+@_boundary
 def respond(kind: str, obj: Objective, params, train, removed, *, test, init=None,
             options: ResponseOptions | None = None) -> Response:
     """The response object ``kind`` (``"loo"``, ``"proximal"`` or ``"pbrf"``) with ``options``.
@@ -894,6 +896,7 @@ _COMMON_DOC = """
 """
 
 
+@_boundary
 def loo(obj: Objective, params, train, removed, *, test, init=None, optimizer=None,
         steps: int = _DEFAULT_STEPS, epsilon: float | None = None, normalization: str = "n",
         baseline: str = "params", batch_size: int | None = None, seed: int = 0,
@@ -922,6 +925,7 @@ def loo(obj: Objective, params, train, removed, *, test, init=None, optimizer=No
     return _respond("loo", obj, params, train, removed, test=test, init=init, options=options)
 
 
+@_boundary
 def proximal(obj: Objective, params, train, removed, *, test, damping: float, optimizer=None,
              steps: int = _DEFAULT_STEPS, epsilon: float | None = None, batch_size: int | None = None,
              seed: int = 0, chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
@@ -936,6 +940,7 @@ def proximal(obj: Objective, params, train, removed, *, test, damping: float, op
     return _respond("proximal", obj, params, train, removed, test=test, init=None, options=options)
 
 
+@_boundary
 def pbrf(obj: Objective, params, train, removed, *, test, damping: float, optimizer=None,
          steps: int = _DEFAULT_STEPS, epsilon: float | None = None, batch_size: int | None = None,
          seed: int = 0, chunk_size: int = 64, tol: float | None = None, keep_params: bool = True,
@@ -967,6 +972,7 @@ def _default_exact_solver(dim: int):
     return solvers.cg(tol=1e-12, max_steps=10 * dim)
 
 
+@_boundary
 def linearized(obj: Objective, params, train, removed, *, test, damping: float, solver=None,
                epsilon: float | None = None, chunk_size: int = 256, measurement=None,
                on_failure: str = "raise") -> Response:
@@ -1193,6 +1199,7 @@ def _probe_optimizer(opt, init) -> str:
     return _digest_tree((u1, u2))
 
 
+@_boundary
 def retrain(obj: Objective, init_params, train, weights, *, test, optimizer, steps: int,
             batch_size: int | None = None, seed: int = 0, measurement=None, chunk_size: int = 32,
             keep_params: bool = False, on_failure: str = "raise", out_dir=None) -> Retrain:

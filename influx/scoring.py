@@ -147,6 +147,7 @@ from influx.influence import (
 )
 from influx.objective import Objective, check_data, num_examples
 from influx.solvers import Solver, status_message
+from influx.validation import boundary as _boundary
 
 __all__ = ["score", "ScoreResult", "TopK", "load", "ON_FAILURE"]
 
@@ -1106,6 +1107,7 @@ def _progress(progress: bool | None, *, total: int, initial: int):
 
 
 # ------------------------------------------------------------------ entry points
+@_boundary
 def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_size: int = 256,
           kind: str = "gnh", damping=1e-3, solver=None, measurement=None, method: str = "auto",
           top_k: int | None = None, keep_scores: bool = True, on_failure: str = "raise",
