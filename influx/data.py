@@ -48,6 +48,7 @@ import jax
 import numpy as np
 
 from influx.errors import InputError
+from influx.validation import check_int, check_positive_int
 
 __all__ = [
     "Dataset",
@@ -342,11 +343,6 @@ def _tfds(spec: str, data_dir, keys: tuple[str, str]):
 # --------------------------------------------------------------------------- load
 
 
-def _check_n(n, name: str):
-    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
-        raise InputError(f"{name} must be a positive integer or None, got {n!r}")
-
-
 def load(
     name: str,
     *,
@@ -385,8 +381,8 @@ def load(
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}")
-    _check_n(n_train, "n_train")
-    _check_n(n_test, "n_test")
+    check_positive_int(n_train, "n_train", allow_none=True)
+    check_positive_int(n_test, "n_test", allow_none=True)
     if not 0.0 < float(test_fraction) < 1.0:
         raise InputError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     key = name.lower()
@@ -515,10 +511,7 @@ def batches(data, batch_size: int, *, drop_remainder: bool = False) -> Iterator[
     leading size N. Yields ``ceil(N / batch_size)`` chunks in order (the last one smaller
     unless ``drop_remainder``), suitable as the iterable-of-chunks data form.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     leaves = jax.tree_util.tree_leaves(data)
     if not leaves:
         raise InputError("data has no arrays")
@@ -545,10 +538,7 @@ def flip_labels(y, fraction: float, num_classes: int, *, seed: int = 0):
         raise InputError(f"y must be a 1-D array of integer labels, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise InputError(f"y must hold integer labels, got dtype {y.dtype}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    if num_classes < 2:
-        raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    num_classes = check_int(num_classes, "num_classes", minimum=2)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise InputError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
     try:

@@ -49,6 +49,7 @@ from influx import response as _response
 from influx.errors import InputError, SolveError
 from influx.objective import Objective, check_data, check_like
 from influx.validation import boundary as _boundary
+from influx.validation import check_int, check_nonnegative
 
 __all__ = ["GapDecomposition", "GapTerm", "decompose", "OBJECTS", "TERMS"]
 
@@ -336,8 +337,8 @@ def _check_inputs(obj, init_params, params, train, test, removed, *, damping, me
     removed = _response._check_removed(removed, n)
     _response._check_test(obj, params, test, measurement)
     check_like(params, init_params, name="init_params")
-    damping = _response._check_nonneg(damping, "damping")
-    if train_batch_size is not None and _response._check_int(train_batch_size, "train_batch_size", 1) > n:
+    damping = check_nonnegative(damping, "damping")
+    if train_batch_size is not None and check_int(train_batch_size, "train_batch_size", minimum=1) > n:
         raise InputError(f"train_batch_size must be <= the number of training examples {n}, "
                          f"got {train_batch_size}")
     return n, removed, damping

@@ -61,12 +61,16 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from influx import curvature as _curvature
+from influx import validation as _validation
 from influx._xla import jit
 from influx.errors import InputError, SolveError
-from influx.measurements import Measurement, _bind_measurement, _check_measurement, _check_test, measurements
+from influx.measurements import Measurement, measurements
+from influx.measurements import bind as _bind_measurement
+from influx.measurements import check as _check_measurement
 from influx.objective import Objective, check_data, num_examples
 from influx.solvers._base import Solution, Solver, Status, compiled, failure_message
 from influx.validation import boundary as _boundary
+from influx.validation import check_test as _check_test
 
 __all__ = [
     "Measurement",
@@ -117,15 +121,9 @@ def default_solver(params=None) -> Solver:
     return cg(tol=1e-8 if wide else 1e-4, max_steps=1000, block=True)
 
 
-ON_FAILURE = ("raise", "nan", "warn", "keep")
+ON_FAILURE = _validation.ON_FAILURE
 # statuses whose answer is the solver's finite best iterate, usable under on_failure="keep"
 _STOPPED_SHORT = (Status.MAX_STEPS, Status.STAGNATED)
-
-
-def _check_on_failure(on_failure) -> str:
-    if on_failure not in ON_FAILURE:
-        raise InputError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
-    return on_failure
 
 
 def _failed_rows(sol: Solution, on_failure: str, what: str):
@@ -171,12 +169,6 @@ def _upcast_params(params):
     return jax.tree_util.tree_map(
         lambda a: jnp.asarray(a, jnp.float32) if jnp.issubdtype(jnp.result_type(a), jnp.floating)
         and jnp.finfo(jnp.result_type(a)).bits < 32 else a, params)
-
-
-def _check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return method
 
 
 def _n_params(params) -> int:
@@ -233,14 +225,6 @@ def forward_flops(obj: Objective, params, x) -> float | None:
 def _itemsize(params) -> int:
     leaves = jax.tree_util.tree_leaves(params)
     return max((jnp.result_type(l).itemsize for l in leaves), default=4)
-
-
-def _check_chunk_size(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"chunk_size must be an int, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return int(chunk_size)
 
 
 # ------------------------------------------------------------------ test side
@@ -302,8 +286,8 @@ def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh"
     :class:`influx.errors.SolveError` (``on_failure="raise"``) or gives a NaN vector
     (``"nan"``, ``"warn"``), never a plausible one.
     """
-    chunk_size = _check_chunk_size(chunk_size)
-    _check_on_failure(on_failure)
+    chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
+    _validation.check_on_failure(on_failure)
     params = _upcast_params(params)
     f = _bind_measurement(obj, measurement)
     _check_kind_damping(kind, damping)
@@ -316,9 +300,8 @@ def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh"
 
 
 def _check_kind_damping(kind, damping):
-    if kind not in _curvature.KINDS:
-        raise InputError(f"kind must be one of {_curvature.KINDS}, got {kind!r}")
-    _curvature._check_damping(damping)
+    _validation.check_choice(kind, "kind", _curvature.KINDS)
+    _validation.check_damping(damping)
 
 
 def _check_solver(solver, params) -> Solver:
@@ -390,16 +373,6 @@ def _take(tree, a, b):
     return jax.tree_util.tree_map(lambda x: x[a:b], tree)
 
 
-def _pad_to(chunk, size):
-    """Pads a chunk to ``size`` examples by repeating its last example (masked later)."""
-    n = num_examples(chunk)
-    if n == size:
-        return chunk
-    return jax.tree_util.tree_map(
-        lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], size - n, axis=0)]), chunk
-    )
-
-
 def _score_arrays(obj, params, vecs, train, *, method, chunk_size, n_total):
     """Scores in-memory ``train`` against ``vecs`` chunk by chunk -> ``(n_test, N)``."""
     n = num_examples(train)
@@ -410,13 +383,13 @@ def _score_arrays(obj, params, vecs, train, *, method, chunk_size, n_total):
     for start in range(0, n, c):
         chunk = _take(train, start, start + c)
         m = num_examples(chunk)
-        out = fn(params, vecs, _pad_to(chunk, c) if m < c else chunk, scale)
+        out = fn(params, vecs, _curvature.pad_rows(chunk, c) if m < c else chunk, scale)
         outs.append(out[:, :m])
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
 def _resolve_method(method, n_test, params, chunk_size, x=None, obj=None):
-    method = _check_method(method)
+    method = _validation.check_choice(method, "method", METHODS)
     if method == "auto":
         n_params = _n_params(params)
         flops = None
@@ -478,9 +451,9 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
 def _validate(obj, params, train, test, *, kind, damping, solver, measurement, chunk_size, method,
               on_failure):
     """The checks of the public entry points, once: ``(params, N, n_test, f, solver)``."""
-    _check_chunk_size(chunk_size)
-    _check_method(method)
-    _check_on_failure(on_failure)
+    _validation.check_positive_int(chunk_size, "chunk_size")
+    _validation.check_choice(method, "method", METHODS)
+    _validation.check_on_failure(on_failure)
     _check_kind_damping(kind, damping)
     params = _upcast_params(params)
     n = check_data(obj, params, train, name="train")
@@ -586,8 +559,8 @@ def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=
     ``on_failure`` as in :func:`influence`: an example whose solve failed raises
     :class:`influx.errors.SolveError` (default) or is NaN (``"nan"``/``"warn"``), never 0.
     """
-    chunk_size = _check_chunk_size(chunk_size)
-    _check_on_failure(on_failure)
+    chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
+    _validation.check_on_failure(on_failure)
     _check_kind_damping(kind, damping)
     params = _upcast_params(params)
     n = check_data(obj, params, train, name="train")
@@ -614,7 +587,7 @@ def _self_values(solver, state, op, train, n, chunk_size):
     for start in range(0, n, c):
         chunk = _take(train, start, start + c)
         m = num_examples(chunk)
-        vals, sol = quad(solver, state, op, _pad_to(chunk, c) if m < c else chunk)
+        vals, sol = quad(solver, state, op, _curvature.pad_rows(chunk, c) if m < c else chunk)
         out.append(vals[:m])
         if sol is not None:
             sols.append(_take(sol._replace(x=None, stats={}), 0, m))
@@ -635,7 +608,7 @@ def grad_dot(obj: Objective, params, train, test, *, damping=None, measurement=N
     I / c``) and ``c = 1`` otherwise. Same sign convention and call shape as
     :func:`influence`; no solve.
     """
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
     c = 1.0 if damping is None else float(damping)
     if not c > 0 or not np.isfinite(c):
         raise ValueError(f"grad_dot: damping must be None or > 0, got {damping!r}")

@@ -49,9 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from influx import validation as _validation
 from influx.errors import InputError, SolveError
 from influx.objective import Objective, check_data, tree_sqnorm
 from influx.validation import boundary as _boundary
+from influx.validation import check_int
 
 __all__ = ["MetagradInfo", "metagradients", "minibatch_indices", "replay", "segment_length", "trajectory"]
 
@@ -164,12 +166,6 @@ def _check_optimizer(opt):
     return opt
 
 
-def _check_int(v, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
-
-
 def _check_batch_size(batch_size, n: int):
     if batch_size is None:
         return None
@@ -241,7 +237,7 @@ def replay(obj: Objective, init_params, train, weights=None, *, optimizer, steps
         raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
     _check_params(init_params)
     n = check_data(obj, init_params, train, name="train")
-    steps = _check_int(steps, "steps", 1)
+    steps = check_int(steps, "steps", minimum=1)
     batch_size = _check_batch_size(batch_size, n)
     opt = _check_optimizer(optimizer)
     w = _check_weights(weights, n, _float_dtype(init_params))
@@ -282,8 +278,8 @@ def trajectory(obj: Objective, init_params, train, *, optimizer, steps: int, eve
         raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
     _check_params(init_params)
     n = check_data(obj, init_params, train, name="train")
-    steps = _check_int(steps, "steps", 1)
-    every = min(_check_int(every, "every", 1), steps)
+    steps = check_int(steps, "steps", minimum=1)
+    every = min(check_int(every, "every", minimum=1), steps)
     batch_size = _check_batch_size(batch_size, n)
     opt = _check_optimizer(optimizer)
     x, y = jax.tree_util.tree_map(jnp.asarray, tuple(train))
@@ -359,24 +355,24 @@ def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps:
     as a ``SolveError``; ``optax.adam(lr, eps_root=1e-16)`` makes it differentiable.
     A diverging run (non-finite ``theta_T``) fails every row.
     """
-    from influx.influence import _bind_measurement, _check_measurement, _check_test
+    from influx.measurements import bind as _bind_measurement
+    from influx.measurements import check as _check_measurement
 
     t0 = time.perf_counter()
     if not isinstance(obj, Objective):
         raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
-    if on_failure not in ("raise", "nan"):
-        raise InputError(f"on_failure must be 'raise' or 'nan', got {on_failure!r}")
+    _validation.check_on_failure(on_failure, allowed=("raise", "nan"))
     _check_params(init_params)
     n = check_data(obj, init_params, train, name="train")
-    n_test = _check_test(obj, init_params, test)
-    steps = _check_int(steps, "steps", 1)
+    n_test = _validation.check_test(obj, init_params, test)
+    steps = check_int(steps, "steps", minimum=1)
     batch_size = _check_batch_size(batch_size, n)
     opt = _check_optimizer(optimizer)
     seg = segment_length(steps, remat)
     f = _bind_measurement(obj, measurement)
     test = tuple(test)
     _check_measurement(f, init_params, test)
-    chunk = n_test if test_batch_size is None else _check_int(test_batch_size, "test_batch_size", 1)
+    chunk = n_test if test_batch_size is None else check_int(test_batch_size, "test_batch_size", minimum=1)
     chunk = min(chunk, n_test)
     dtype = _float_dtype(init_params)
     if params_rtol is None:
