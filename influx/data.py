@@ -48,7 +48,7 @@ import jax
 import numpy as np
 
 from influx.errors import InputError
-from influx.validation import check_int, check_positive_int
+from influx.validation import InputTypeError, check_fraction, check_int, check_positive_int
 
 __all__ = [
     "Dataset",
@@ -343,50 +343,14 @@ def _tfds(spec: str, data_dir, keys: tuple[str, str]):
 # --------------------------------------------------------------------------- load
 
 
-def load(
-    name: str,
-    *,
-    data_dir=None,
-    n_train: int | None = None,
-    n_test: int | None = None,
-    seed: int = 0,
-    standardize: bool = True,
-    dtype: Any = np.float32,
-    flatten: bool = True,
-    test_fraction: float = _DEFAULT_TEST_FRACTION,
-    tfds_keys: tuple[str, str] = ("image", "label"),
-) -> Dataset:
-    """Load a data set, split it with a seeded permutation, and standardise it.
+def _read_source(name: str, *, data_dir, n_train, n_test, tfds_keys):
+    """The examples of ``name``: ``(x, y, pools, task, num_classes, image, n_train, n_test)``.
 
-    Args:
-      name: ``"iris" | "digits" | "diabetes" | "mnist" | "concrete" | "energy"``, a path
-        to a UCI-style ``.txt`` file, or ``"tfds:<name>"``.
-      data_dir: directory with the files (``mnist``, ``concrete``, ``energy``) or the tfds
-        data directory; default :func:`default_data_dir` (tfds: ``$TFDS_DATA_DIR`` or
-        ``~/tensorflow_datasets``).
-      n_train, n_test: sizes of the splits (subsampled, seeded). Defaults: MNIST 8000 /
-        2000; single-pool sets ``test_fraction`` of the pool for test, the rest train;
-        sets that come with their own train/test (tfds, full MNIST) use everything.
-      seed: seed of the permutation.
-      standardize: standardise features (and regression targets) with training stats.
-      dtype: float dtype of features and regression targets.
-      flatten: images as flat vectors (default) or (N, H, W, C) for a CNN.
-      test_fraction: test share of a single pool when ``n_test`` is not given.
-      tfds_keys: feature names of inputs and labels for ``tfds:`` sets.
-
-    Raises:
-      InputError: (a ``ValueError``) unknown name, bad sizes, malformed files, tfds extra not
-        installed.
-      FileNotFoundError: missing data directory or file (message names both).
+    ``pools`` is ``(train_pool, test_pool)`` when the source has its own split (then ``x``,
+    ``y`` are ``None``); MNIST fills in its default sizes.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a string, got {type(name).__name__}")
-    check_positive_int(n_train, "n_train", allow_none=True)
-    check_positive_int(n_test, "n_test", allow_none=True)
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    x = y = None
     key = name.lower()
-    rng = np.random.default_rng(seed)
     image = False
     pools = None  # (train_pool, test_pool) when the source has its own split
     if key in ("iris", "digits", "diabetes"):
@@ -425,7 +389,11 @@ def load(
         pools = (train_pool, test_pool)
     else:
         raise InputError(f"unknown data set {name!r}; known: {', '.join(KNOWN)}, or a path to a .txt file")
+    return x, y, pools, task, num_classes, image, n_train, n_test
 
+
+def _split(name: str, x, y, pools, *, n_train, n_test, test_fraction, rng):
+    """Seeded train/test selection: ``(xtr, ytr, xte, yte, train_index, test_index)``."""
     if pools is None:
         n = x.shape[0]
         nte = n_test if n_test is not None else int(round(test_fraction * n))
@@ -448,7 +416,13 @@ def load(
         tr = rng.permutation(xa.shape[0])[:ntr]
         te = rng.permutation(xb.shape[0])[:nte]
         xtr, ytr, xte, yte = xa[tr], ya[tr], xb[te], yb[te]
+    return xtr, ytr, xte, yte, tr, te
 
+
+def _standardize_inputs(xtr, xte, *, image: bool, standardize: bool, flatten: bool):
+    """Inputs in float64, standardised with training statistics (one scalar for images, per
+    feature otherwise; constant features keep scale 1), images flattened if asked:
+    ``(xtr, xte, x_mean, x_std)``."""
     xtr = np.asarray(xtr, dtype=np.float64)
     xte = np.asarray(xte, dtype=np.float64)
     if standardize:
@@ -469,6 +443,57 @@ def load(
         xte = xte.reshape(xte.shape[0], -1)
         if x_mean.ndim:
             x_mean, x_std = x_mean.reshape(-1), x_std.reshape(-1)
+    return xtr, xte, x_mean, x_std
+
+
+def load(
+    name: str,
+    *,
+    data_dir=None,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    standardize: bool = True,
+    dtype: Any = np.float32,
+    flatten: bool = True,
+    test_fraction: float = _DEFAULT_TEST_FRACTION,
+    tfds_keys: tuple[str, str] = ("image", "label"),
+) -> Dataset:
+    """Load a data set, split it with a seeded permutation, and standardise it.
+
+    Args:
+      name: ``"iris" | "digits" | "diabetes" | "mnist" | "concrete" | "energy"``, a path
+        to a UCI-style ``.txt`` file, or ``"tfds:<name>"``.
+      data_dir: directory with the files (``mnist``, ``concrete``, ``energy``) or the tfds
+        data directory; default :func:`default_data_dir` (tfds: ``$TFDS_DATA_DIR`` or
+        ``~/tensorflow_datasets``).
+      n_train, n_test: sizes of the splits (subsampled, seeded). Defaults: MNIST 8000 /
+        2000; single-pool sets ``test_fraction`` of the pool for test, the rest train;
+        sets that come with their own train/test (tfds, full MNIST) use everything.
+      seed: seed of the permutation.
+      standardize: standardise features (and regression targets) with training stats.
+      dtype: float dtype of features and regression targets.
+      flatten: images as flat vectors (default) or (N, H, W, C) for a CNN.
+      test_fraction: test share of a single pool when ``n_test`` is not given.
+      tfds_keys: feature names of inputs and labels for ``tfds:`` sets.
+
+    Raises:
+      InputError: (a ``ValueError``) unknown name, bad sizes, malformed files, tfds extra not
+        installed.
+      FileNotFoundError: missing data directory or file (message names both).
+    """
+    if not isinstance(name, str):
+        raise InputTypeError(f"name must be a string, got {type(name).__name__}")
+    check_positive_int(n_train, "n_train", allow_none=True)
+    check_positive_int(n_test, "n_test", allow_none=True)
+    check_fraction(test_fraction, "test_fraction")
+    x, y, pools, task, num_classes, image, n_train, n_test = _read_source(
+        name, data_dir=data_dir, n_train=n_train, n_test=n_test, tfds_keys=tfds_keys)
+    xtr, ytr, xte, yte, tr, te = _split(name, x, y, pools, n_train=n_train, n_test=n_test,
+                                        test_fraction=test_fraction, rng=np.random.default_rng(seed))
+
+    xtr, xte, x_mean, x_std = _standardize_inputs(xtr, xte, image=image, standardize=standardize,
+                                                  flatten=flatten)
 
     y_mean = y_std = None
     if task == "classification":

@@ -313,6 +313,36 @@ class MetagradInfo(NamedTuple):
     seconds: float
 
 
+def _check_replay(theta, params, rtol: float, run: str) -> float:
+    """The replay's relative difference from ``params``; :class:`InputError` above ``rtol``."""
+    error, where = _replay_mismatch(theta, params)
+    if not error <= rtol:
+        raise InputError(
+            f"metagradients: replaying the training run ({run}) from init_params does not "
+            f"reproduce params: relative difference {error:.3g} at params{where} "
+            f"(tolerance {rtol:.3g}). Pass the run's exact settings and initialisation.")
+    return error
+
+
+def _failed_rows(scores, vals, theta, on_failure: str) -> np.ndarray:
+    """The failure policy: rows with a non-finite score or measurement, or all rows when
+    ``theta_T`` is not finite; raises :class:`SolveError` (``"raise"``) or sets them to NaN
+    in ``scores`` (``"nan"``). Returns the boolean mask."""
+    theta_ok = all(bool(np.all(np.isfinite(np.asarray(l)))) for l in jax.tree_util.tree_leaves(theta))
+    failed = ~np.all(np.isfinite(scores), axis=1) | ~np.isfinite(vals) | (not theta_ok)
+    if failed.any():
+        if on_failure == "raise":
+            cause = ("the training run itself diverged (non-finite final parameters)" if not theta_ok else
+                     "non-finite values in the backward pass")
+            raise SolveError(
+                f"metagradients: {int(failed.sum())} of {len(failed)} test rows are not finite: {cause}. "
+                "With Adam, a gradient entry that is exactly zero makes d sqrt(nu) infinite: use "
+                "optax.adam(lr, eps_root=1e-16); otherwise lower the learning rate or use float64. "
+                "on_failure='nan' returns NaN rows instead.")
+        scores[failed] = np.nan
+    return failed
+
+
 @_boundary
 def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps: int,
                   batch_size: int | None = None, seed=0, measurement=None, remat="sqrt",
@@ -354,6 +384,8 @@ def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps:
     exactly zero (unused parameters, dead ReLUs): the backward pass then gives NaN, reported
     as a ``SolveError``; ``optax.adam(lr, eps_root=1e-16)`` makes it differentiable.
     A diverging run (non-finite ``theta_T``) fails every row.
+
+    (Over 80 lines only by this docstring: about 50 lines of code.)
     """
     from influx.measurements import bind as _bind_measurement
     from influx.measurements import check as _check_measurement
@@ -393,31 +425,14 @@ def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps:
         theta, v, jac = _metagrad_jit(init_params, x, y, test, w, key, jnp.asarray(cot), obj=obj, opt=opt,
                                       f=f, steps=steps, batch_size=batch_size, segment=seg)
         if a == 0:
-            replay_error = None
-            if params is not None:
-                replay_error, where = _replay_mismatch(theta, params)
-                if not replay_error <= params_rtol:
-                    raise InputError(
-                        f"metagradients: replaying the training run (optimizer={optimizer!r}, steps={steps}, "
-                        f"batch_size={batch_size}, seed={seed}, l2={obj.l2}) from init_params does not "
-                        f"reproduce params: relative difference {replay_error:.3g} at params{where} "
-                        f"(tolerance {params_rtol:.3g}). Pass the run's exact settings and initialisation.")
+            run = (f"optimizer={optimizer!r}, steps={steps}, batch_size={batch_size}, seed={seed}, "
+                   f"l2={obj.l2}")
+            replay_error = None if params is None else _check_replay(theta, params, params_rtol, run)
             vals = np.asarray(v)
         rows.append(np.asarray(jac)[: b - a])
     jac = np.concatenate(rows, axis=0)
     scores = -jac
-    theta_ok = all(bool(np.all(np.isfinite(np.asarray(l)))) for l in jax.tree_util.tree_leaves(theta))
-    failed = ~np.all(np.isfinite(scores), axis=1) | ~np.isfinite(vals) | (not theta_ok)
-    if failed.any():
-        if on_failure == "raise":
-            cause = ("the training run itself diverged (non-finite final parameters)" if not theta_ok else
-                     "non-finite values in the backward pass")
-            raise SolveError(
-                f"metagradients: {int(failed.sum())} of {n_test} test rows are not finite: {cause}. "
-                "With Adam, a gradient entry that is exactly zero makes d sqrt(nu) infinite: use "
-                "optax.adam(lr, eps_root=1e-16); otherwise lower the learning rate or use float64. "
-                "on_failure='nan' returns NaN rows instead.")
-        scores[failed] = np.nan
+    failed = _failed_rows(scores, vals, theta, on_failure)
     if not return_info:
         return scores
     n_seg = 1 if seg is None else -(-steps // seg)

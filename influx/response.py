@@ -1220,6 +1220,8 @@ def retrain(obj: Objective, init_params, train, weights, *, test, optimizer, ste
 
     Cost: ``(M + 1) x steps`` gradient evaluations on the (mini)batch, plus one full-batch
     loss and one test measurement per run.
+
+    (Over 80 lines only by this docstring: about 45 lines of code.)
     """
     n, w, measure, optimizer, steps, batch_size, chunk_size = _check_retrain(
         obj, init_params, train, weights, test=test, optimizer=optimizer, steps=steps, batch_size=batch_size,
