@@ -63,12 +63,12 @@ from jax.sharding import PartitionSpec
 from influx import curvature as _curvature
 from influx import validation as _validation
 from influx._xla import jit
-from influx.errors import InputError, SolveError
+from influx.errors import InputError
 from influx.measurements import Measurement, measurements
 from influx.measurements import bind as _bind_measurement
 from influx.measurements import check as _check_measurement
 from influx.objective import Objective, check_data, num_examples
-from influx.solvers._base import Solution, Solver, Status, compiled, failure_message
+from influx.solvers._base import STOPPED_SHORT, Solution, Solver, Status, compiled, failed_rows, nan_rows
 from influx.validation import boundary as _boundary
 from influx.validation import check_test as _check_test
 
@@ -122,37 +122,9 @@ def default_solver(params=None) -> Solver:
 
 
 ON_FAILURE = _validation.ON_FAILURE
-# statuses whose answer is the solver's finite best iterate, usable under on_failure="keep"
-_STOPPED_SHORT = (Status.MAX_STEPS, Status.STAGNATED)
-
-
-def _failed_rows(sol: Solution, on_failure: str, what: str):
-    """The failure policy: ``None`` when every solve converged; else raise ``SolveError``
-    (``"raise"``), or return the boolean mask of failed solves for the caller to set to NaN
-    (``"nan"``; ``"warn"`` also warns). ``"keep"`` keeps the answer of solves that only
-    stopped short of their tolerance (``MAX_STEPS``, ``STAGNATED``: the solver's finite best
-    iterate, e.g. to measure a practical solver's error) and masks every other failure."""
-    msg = failure_message(sol, what=what)
-    if msg is None:
-        return None
-    if on_failure == "raise":
-        raise SolveError(msg + ". Pass on_failure='nan' to get NaN for the failed rows (and their "
-                         "status in the info) instead of this error.")
-    status = np.asarray(sol.status).reshape(-1)
-    if on_failure == "warn":
-        warnings.warn(msg + " (their scores are NaN)", RuntimeWarning, stacklevel=_user_stacklevel())
-    if on_failure == "keep":
-        return ~np.isin(status, (Status.CONVERGED, *_STOPPED_SHORT))
-    return status != Status.CONVERGED
-
-
-def _nan_rows(tree, bad):
-    """``tree`` (leading axis = solves) with the rows ``bad`` set to NaN."""
-    if bad is None:
-        return tree
-    mask = jnp.asarray(bad)
-    return jax.tree_util.tree_map(
-        lambda a: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.nan, a), tree)
+# the failure policy (solvers/_base.py): shared with influx.ihvp
+_STOPPED_SHORT = STOPPED_SHORT
+_failed_rows, _nan_rows = failed_rows, nan_rows
 
 
 def _upcast_params(params):
