@@ -35,7 +35,7 @@ import optax
 
 from influx.errors import InputError
 from influx.objective import Objective, tree_sqnorm
-from influx.validation import check_int
+from influx.validation import check_int, check_nonnegative
 
 __all__ = [
     "ACTIVATIONS",
@@ -329,8 +329,7 @@ def train(
     same optimizer object across calls to skip recompilation.
     """
     steps = check_int(steps, "steps", minimum=1)
-    if not l2 >= 0:
-        raise ValueError(f"l2 must be >= 0, got {l2!r}")
+    check_nonnegative(l2, "l2", as_float=False)
     f = _as_apply(model_or_apply_fn)
     if not _hashable(f) or not _hashable(loss_fn):
         raise TypeError("model_or_apply_fn and loss_fn must be hashable (functions are)")
@@ -432,9 +431,8 @@ def train_to_convergence(
     max_it = check_int(max_lbfgs_steps, "max_lbfgs_steps", minimum=0)
     memory_size = check_int(memory_size, "memory_size", minimum=1)
     if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    if not l2 >= 0:
-        raise ValueError(f"l2 must be >= 0, got {l2!r}")
+        raise InputError(f"tol must be > 0, got {tol!r}")
+    check_nonnegative(l2, "l2", as_float=False)
     x, y, _ = _data_xy(data)
     p_dt = {l.dtype for l in jax.tree_util.tree_leaves(params)}
     x_dt = {l.dtype for l in jax.tree_util.tree_leaves((x, y)) if jnp.issubdtype(l.dtype, jnp.floating)}

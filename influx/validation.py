@@ -38,7 +38,11 @@ Checking once per call
   within one such scope a dataset (the same array objects with the same objective and
   parameters) and a parameter pytree are scanned once; the scope holds references to what
   it checked, so identities cannot be reused while it is open. Outside a scope every call
-  checks.
+  checks. The public entry points open one: ``influence``, ``self_influence``,
+  ``group_influence``, ``grad_dot``, ``tracin``, ``solve_test_vectors``,
+  ``curvature.operator``, ``ihvp``, ``scoring.score``, the response functions
+  (``respond``, ``loo``, ``proximal``, ``pbrf``, ``linearized``, ``retrain``),
+  ``gaps.decompose`` and ``metagradients``.
 """
 
 from __future__ import annotations
