@@ -292,3 +292,24 @@ def test_public_calls_scan_the_training_data_once(monkeypatch):
         m.setattr(validation, "_open_scope", lambda: __import__("contextlib").nullcontext())
         influx.influence(obj, params, train, test, damping=1e-3, solver=DIRECT)
     assert scanned.count(id(train[0])) >= 1 and len(scanned) > 5
+
+
+def test_shared_option_checks():
+    """One check each for the failure policy, damping and fractions, used by every module."""
+    assert validation.check_on_failure("keep") == "keep"
+    with pytest.raises(InputError, match=r"on_failure must be one of \('raise', 'nan'\), got 'keep'"):
+        validation.check_on_failure("keep", allowed=("raise", "nan"))
+    d = jnp.asarray(1e-3)
+    assert validation.check_damping(d) is d  # a JAX scalar stays a leaf
+    for bad in (-1.0, np.inf, np.nan):
+        with pytest.raises(InputError, match="damping must be finite and >= 0"):
+            validation.check_damping(bad)
+    assert validation.check_fraction(0.25, "alpha") == 0.25
+    for bad in (0, 1.0, -0.5):
+        with pytest.raises(InputError, match=r"alpha must be in \(0, 1\)"):
+            validation.check_fraction(bad, "alpha")
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        validation.check_fraction("0.5", "alpha")
+    # the modules' own entry points use them: one message for one mistake
+    with pytest.raises(InputError, match="chunk_size must be an integer >= 1, got 0"):
+        curvature.operator(*_named_problem()[:3], chunk_size=0)
