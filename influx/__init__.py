@@ -31,14 +31,17 @@ __all__ = ["flax", "grad_dot", "group_influence", "influence", "measurements", "
            "self_influence", "tracin", "Objective", "curvature", "gnhvp", "hvp", "ihvp", "losses", "solvers",
            "gaps", "response", "metagrad", "metagradients"]
 
-__all__ += ["studies"]
+__all__ += ["metrics", "studies"]
+
+_LAZY = ("metrics", "studies")
 
 
 def __getattr__(name):
-    # ``influx.studies`` (the research harness) is imported on first use, so that
-    # ``import influx`` loads only the library: jax, optax, numpy, flax.
-    if name == "studies":
+    # ``influx.studies`` (the research harness) and ``influx.metrics`` (evaluation of
+    # scores) are imported on first use, so that ``import influx`` loads only the library:
+    # jax, optax, numpy, flax.
+    if name in _LAZY:
         import importlib
 
-        return importlib.import_module("influx.studies")
+        return importlib.import_module(f"influx.{name}")
     raise AttributeError(f"module 'influx' has no attribute {name!r}")

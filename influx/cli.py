@@ -126,7 +126,9 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``influx`` command (subcommands demo/fragility/gaps/mislabeled)."""
+    """The argument parser of the ``influx`` command (subcommands demo/fragility/gaps/mislabeled).
+
+    (Over 80 lines: a declarative table of subcommands and options, one statement each.)"""
     from influx.studies._common import SOLVERS
     from influx.studies.mislabel import METHODS
 

@@ -35,6 +35,8 @@ from influx import _memory
 from influx import losses as _losses
 from influx._xla import jit
 from influx.objective import Objective, check_data, check_like, num_examples
+from influx.validation import boundary as _boundary
+from influx.validation import check_choice, check_damping, check_positive_int
 
 __all__ = [
     "hvp",
@@ -118,6 +120,17 @@ def chunked_sum(fn: Callable, data, *, chunk_size: int):
     return acc
 
 
+def pad_rows(chunk, size: int):
+    """``chunk`` (a pytree of arrays with a leading example axis) padded to ``size`` examples
+    by repeating its last example, on the host; the caller masks or drops the padding. A
+    last, short chunk then has the shape of the others (one compiled program for all)."""
+    n = num_examples(chunk)
+    if n == size:
+        return chunk
+    return jax.tree_util.tree_map(
+        lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], size - n, axis=0)]), chunk)
+
+
 def chunked_map(fn, xs, *, chunk_size: int):
     """``fn`` applied to consecutive chunks of ``xs``'s leading axis, outputs concatenated.
 
@@ -139,25 +152,6 @@ def chunked_map(fn, xs, *, chunk_size: int):
     if len(outs) == 1:
         return outs[0]
     return jax.tree_util.tree_map(lambda *ls: jnp.concatenate(ls), *outs)
-
-
-def _check_chunk_size(chunk_size):
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"chunk_size must be an int, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return int(chunk_size)
-
-
-def _check_damping(damping):
-    if isinstance(damping, jax.core.Tracer):
-        return damping
-    d = np.asarray(damping)
-    if d.shape != ():
-        raise ValueError(f"damping must be a scalar, got shape {d.shape}")
-    if not np.isfinite(d) or d < 0:
-        raise ValueError(f"damping must be finite and >= 0, got {float(d)}")
-    return damping
 
 
 # ------------------------------------------------------------------ the operator
@@ -279,6 +273,7 @@ def _chunk_product(obj: Objective, kind: str, params, v):
     return fn
 
 
+@_boundary
 def operator(obj: Objective, params, data, *, kind: str = "gnh", damping=0.0,
              chunk_size: int = 256) -> Operator:
     """The damped curvature operator ``v -> (C + (obj.l2 + damping) I) v`` on ``data``.
@@ -295,13 +290,13 @@ def operator(obj: Objective, params, data, *, kind: str = "gnh", damping=0.0,
     ``"gnh"``; one forward-over-reverse pass (~2-3 gradients) for ``"hessian"``.
 
     Raises:
-      ValueError/TypeError: unknown ``kind``, ``chunk_size < 1``, negative or non-finite
+      influx.errors.InputError (a ``ValueError``; also a ``TypeError`` for a wrong type):
+      unknown ``kind``, ``chunk_size < 1``, negative or non-finite
       ``damping``, or data that does not fit the model (see :func:`influx.objective.check_data`).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    chunk_size = _check_chunk_size(chunk_size)
-    damping = _check_damping(damping)
+    check_choice(kind, "kind", KINDS)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    damping = check_damping(damping)
     check_data(obj, params, data)
     return operator_unchecked(obj, params, data, kind=kind, damping=damping, chunk_size=chunk_size)
 
@@ -368,7 +363,7 @@ def per_example_grads(obj: Objective, params, data, *, chunk_size: int = 256):
     Computed with ``vmap`` of :func:`example_grad` over chunks of ``chunk_size``
     (``lax.map``), so peak memory is ``N x P`` for the result plus one chunk of activations.
     """
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
     return jax.lax.map(lambda ex: example_grad(obj, params, ex), data,
                        batch_size=min(chunk_size, num_examples(data)))
 

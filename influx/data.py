@@ -48,6 +48,7 @@ import jax
 import numpy as np
 
 from influx.errors import InputError
+from influx.validation import InputTypeError, check_fraction, check_int, check_positive_int
 
 __all__ = [
     "Dataset",
@@ -342,9 +343,107 @@ def _tfds(spec: str, data_dir, keys: tuple[str, str]):
 # --------------------------------------------------------------------------- load
 
 
-def _check_n(n, name: str):
-    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
-        raise InputError(f"{name} must be a positive integer or None, got {n!r}")
+def _read_source(name: str, *, data_dir, n_train, n_test, tfds_keys):
+    """The examples of ``name``: ``(x, y, pools, task, num_classes, image, n_train, n_test)``.
+
+    ``pools`` is ``(train_pool, test_pool)`` when the source has its own split (then ``x``,
+    ``y`` are ``None``); MNIST fills in its default sizes.
+    """
+    x = y = None
+    key = name.lower()
+    image = False
+    pools = None  # (train_pool, test_pool) when the source has its own split
+    if key in ("iris", "digits", "diabetes"):
+        x, y, task, num_classes, image = _sklearn(key)
+    elif key in ("concrete", "energy"):
+        d = _resolve_dir(data_dir, key)
+        path = _find(d, (f"uci-{key}.txt", f"{key}.txt"), f"UCI {key} data")
+        x, y, task, num_classes, image = _uci(path)
+    elif name.endswith(".txt"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"UCI text file {str(path)!r} does not exist")
+        x, y, task, num_classes, image = _uci(path)
+    elif key == "mnist":
+        d = _resolve_dir(data_dir, key)
+        train_pool, test_pool = _mnist_pools(d)
+        task, num_classes, image = "classification", 10, True
+        n_train = _MNIST_DEFAULT_N_TRAIN if n_train is None else n_train
+        n_test = _MNIST_DEFAULT_N_TEST if n_test is None else n_test
+        if train_pool is None:
+            x, y = test_pool
+        else:
+            pools = (train_pool, test_pool)
+    elif key.startswith("tfds:"):
+        train_pool, test_pool, num_classes = _tfds(name, data_dir, tfds_keys)
+        y_is_int = np.issubdtype(train_pool[1].dtype, np.integer)
+        task = "classification" if y_is_int else "regression"
+        if task == "classification" and num_classes is None:
+            num_classes = int(max(train_pool[1].max(), test_pool[1].max())) + 1
+        if not y_is_int:
+            num_classes = None
+        image = train_pool[0].ndim == 4
+        if image and np.issubdtype(train_pool[0].dtype, np.integer):
+            train_pool = (train_pool[0] / 255.0, train_pool[1])
+            test_pool = (test_pool[0] / 255.0, test_pool[1])
+        pools = (train_pool, test_pool)
+    else:
+        raise InputError(f"unknown data set {name!r}; known: {', '.join(KNOWN)}, or a path to a .txt file")
+    return x, y, pools, task, num_classes, image, n_train, n_test
+
+
+def _split(name: str, x, y, pools, *, n_train, n_test, test_fraction, rng):
+    """Seeded train/test selection: ``(xtr, ytr, xte, yte, train_index, test_index)``."""
+    if pools is None:
+        n = x.shape[0]
+        nte = n_test if n_test is not None else int(round(test_fraction * n))
+        ntr = n_train if n_train is not None else n - nte
+        if nte < 1 or ntr < 1 or nte + ntr > n:
+            raise InputError(
+                f"n_train={ntr} + n_test={nte} must be >= 1 each and fit the {n} examples of {name!r}"
+            )
+        perm = rng.permutation(n)
+        te, tr = perm[:nte], perm[nte : nte + ntr]
+        xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
+    else:
+        (xa, ya), (xb, yb) = pools
+        ntr = xa.shape[0] if n_train is None else n_train
+        nte = xb.shape[0] if n_test is None else n_test
+        if ntr > xa.shape[0] or nte > xb.shape[0]:
+            raise InputError(
+                f"n_train={ntr} / n_test={nte} exceed the {xa.shape[0]} / {xb.shape[0]} examples of {name!r}"
+            )
+        tr = rng.permutation(xa.shape[0])[:ntr]
+        te = rng.permutation(xb.shape[0])[:nte]
+        xtr, ytr, xte, yte = xa[tr], ya[tr], xb[te], yb[te]
+    return xtr, ytr, xte, yte, tr, te
+
+
+def _standardize_inputs(xtr, xte, *, image: bool, standardize: bool, flatten: bool):
+    """Inputs in float64, standardised with training statistics (one scalar for images, per
+    feature otherwise; constant features keep scale 1), images flattened if asked:
+    ``(xtr, xte, x_mean, x_std)``."""
+    xtr = np.asarray(xtr, dtype=np.float64)
+    xte = np.asarray(xte, dtype=np.float64)
+    if standardize:
+        if image:
+            x_mean = np.asarray(xtr.mean())
+            x_std = np.asarray(xtr.std())
+            x_std = x_std if x_std > 0 else np.asarray(1.0)
+        else:
+            x_mean = xtr.mean(axis=0)
+            x_std = xtr.std(axis=0)
+            x_std = np.where(x_std > 1e-12 * np.maximum(np.abs(x_mean), 1.0), x_std, 1.0)
+    else:
+        x_mean, x_std = np.zeros(()), np.ones(())
+    xtr = (xtr - x_mean) / x_std
+    xte = (xte - x_mean) / x_std
+    if image and flatten:
+        xtr = xtr.reshape(xtr.shape[0], -1)
+        xte = xte.reshape(xte.shape[0], -1)
+        if x_mean.ndim:
+            x_mean, x_std = x_mean.reshape(-1), x_std.reshape(-1)
+    return xtr, xte, x_mean, x_std
 
 
 def load(
@@ -384,95 +483,17 @@ def load(
       FileNotFoundError: missing data directory or file (message names both).
     """
     if not isinstance(name, str):
-        raise TypeError(f"name must be a string, got {type(name).__name__}")
-    _check_n(n_train, "n_train")
-    _check_n(n_test, "n_test")
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    key = name.lower()
-    rng = np.random.default_rng(seed)
-    image = False
-    pools = None  # (train_pool, test_pool) when the source has its own split
-    if key in ("iris", "digits", "diabetes"):
-        x, y, task, num_classes, image = _sklearn(key)
-    elif key in ("concrete", "energy"):
-        d = _resolve_dir(data_dir, key)
-        path = _find(d, (f"uci-{key}.txt", f"{key}.txt"), f"UCI {key} data")
-        x, y, task, num_classes, image = _uci(path)
-    elif name.endswith(".txt"):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"UCI text file {str(path)!r} does not exist")
-        x, y, task, num_classes, image = _uci(path)
-    elif key == "mnist":
-        d = _resolve_dir(data_dir, key)
-        train_pool, test_pool = _mnist_pools(d)
-        task, num_classes, image = "classification", 10, True
-        n_train = _MNIST_DEFAULT_N_TRAIN if n_train is None else n_train
-        n_test = _MNIST_DEFAULT_N_TEST if n_test is None else n_test
-        if train_pool is None:
-            x, y = test_pool
-        else:
-            pools = (train_pool, test_pool)
-    elif key.startswith("tfds:"):
-        train_pool, test_pool, num_classes = _tfds(name, data_dir, tfds_keys)
-        y_is_int = np.issubdtype(train_pool[1].dtype, np.integer)
-        task = "classification" if y_is_int else "regression"
-        if task == "classification" and num_classes is None:
-            num_classes = int(max(train_pool[1].max(), test_pool[1].max())) + 1
-        if not y_is_int:
-            num_classes = None
-        image = train_pool[0].ndim == 4
-        if image and np.issubdtype(train_pool[0].dtype, np.integer):
-            train_pool = (train_pool[0] / 255.0, train_pool[1])
-            test_pool = (test_pool[0] / 255.0, test_pool[1])
-        pools = (train_pool, test_pool)
-    else:
-        raise InputError(f"unknown data set {name!r}; known: {', '.join(KNOWN)}, or a path to a .txt file")
+        raise InputTypeError(f"name must be a string, got {type(name).__name__}")
+    check_positive_int(n_train, "n_train", allow_none=True)
+    check_positive_int(n_test, "n_test", allow_none=True)
+    check_fraction(test_fraction, "test_fraction")
+    x, y, pools, task, num_classes, image, n_train, n_test = _read_source(
+        name, data_dir=data_dir, n_train=n_train, n_test=n_test, tfds_keys=tfds_keys)
+    xtr, ytr, xte, yte, tr, te = _split(name, x, y, pools, n_train=n_train, n_test=n_test,
+                                        test_fraction=test_fraction, rng=np.random.default_rng(seed))
 
-    if pools is None:
-        n = x.shape[0]
-        nte = n_test if n_test is not None else int(round(test_fraction * n))
-        ntr = n_train if n_train is not None else n - nte
-        if nte < 1 or ntr < 1 or nte + ntr > n:
-            raise InputError(
-                f"n_train={ntr} + n_test={nte} must be >= 1 each and fit the {n} examples of {name!r}"
-            )
-        perm = rng.permutation(n)
-        te, tr = perm[:nte], perm[nte : nte + ntr]
-        xtr, ytr, xte, yte = x[tr], y[tr], x[te], y[te]
-    else:
-        (xa, ya), (xb, yb) = pools
-        ntr = xa.shape[0] if n_train is None else n_train
-        nte = xb.shape[0] if n_test is None else n_test
-        if ntr > xa.shape[0] or nte > xb.shape[0]:
-            raise InputError(
-                f"n_train={ntr} / n_test={nte} exceed the {xa.shape[0]} / {xb.shape[0]} examples of {name!r}"
-            )
-        tr = rng.permutation(xa.shape[0])[:ntr]
-        te = rng.permutation(xb.shape[0])[:nte]
-        xtr, ytr, xte, yte = xa[tr], ya[tr], xb[te], yb[te]
-
-    xtr = np.asarray(xtr, dtype=np.float64)
-    xte = np.asarray(xte, dtype=np.float64)
-    if standardize:
-        if image:
-            x_mean = np.asarray(xtr.mean())
-            x_std = np.asarray(xtr.std())
-            x_std = x_std if x_std > 0 else np.asarray(1.0)
-        else:
-            x_mean = xtr.mean(axis=0)
-            x_std = xtr.std(axis=0)
-            x_std = np.where(x_std > 1e-12 * np.maximum(np.abs(x_mean), 1.0), x_std, 1.0)
-    else:
-        x_mean, x_std = np.zeros(()), np.ones(())
-    xtr = (xtr - x_mean) / x_std
-    xte = (xte - x_mean) / x_std
-    if image and flatten:
-        xtr = xtr.reshape(xtr.shape[0], -1)
-        xte = xte.reshape(xte.shape[0], -1)
-        if x_mean.ndim:
-            x_mean, x_std = x_mean.reshape(-1), x_std.reshape(-1)
+    xtr, xte, x_mean, x_std = _standardize_inputs(xtr, xte, image=image, standardize=standardize,
+                                                  flatten=flatten)
 
     y_mean = y_std = None
     if task == "classification":
@@ -515,10 +536,7 @@ def batches(data, batch_size: int, *, drop_remainder: bool = False) -> Iterator[
     leading size N. Yields ``ceil(N / batch_size)`` chunks in order (the last one smaller
     unless ``drop_remainder``), suitable as the iterable-of-chunks data form.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     leaves = jax.tree_util.tree_leaves(data)
     if not leaves:
         raise InputError("data has no arrays")
@@ -545,10 +563,7 @@ def flip_labels(y, fraction: float, num_classes: int, *, seed: int = 0):
         raise InputError(f"y must be a 1-D array of integer labels, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise InputError(f"y must hold integer labels, got dtype {y.dtype}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    if num_classes < 2:
-        raise InputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    num_classes = check_int(num_classes, "num_classes", minimum=2)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise InputError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
     try:

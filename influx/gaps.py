@@ -48,6 +48,8 @@ import numpy as np
 from influx import response as _response
 from influx.errors import InputError, SolveError
 from influx.objective import Objective, check_data, check_like
+from influx.validation import boundary as _boundary
+from influx.validation import check_int, check_nonnegative
 
 __all__ = ["GapDecomposition", "GapTerm", "decompose", "OBJECTS", "TERMS"]
 
@@ -237,6 +239,7 @@ def _notes(diagnostics: dict) -> tuple:
     return tuple(notes)
 
 
+@_boundary
 def decompose(obj: Objective, init_params, params, train, test, removed, *, damping: float,
               solver=None, optimizer=None, steps: int = 50, train_optimizer=None,
               train_steps: int | None = None, train_batch_size: int | None = None, seed: int = 0,
@@ -280,6 +283,8 @@ def decompose(obj: Objective, init_params, params, train, test, removed, *, damp
 
     Cost: ``len(removed) x (train_steps + 3 x steps)`` (mini)batch gradient evaluations
     (Newton steps cost a few HVPs more) and two influence computations.
+
+    (Over 80 lines only by this docstring: about 50 lines of code.)
     """
     if train_optimizer is None or train_steps is None:
         raise InputError("decompose: train_optimizer and train_steps (the original training) are "
@@ -343,8 +348,8 @@ def _check_inputs(obj, init_params, params, train, test, removed, *, damping, me
     removed = _response._check_removed(removed, n)
     _response._check_test(obj, params, test, measurement)
     check_like(params, init_params, name="init_params")
-    damping = _response._check_nonneg(damping, "damping")
-    if train_batch_size is not None and _response._check_int(train_batch_size, "train_batch_size", 1) > n:
+    damping = check_nonnegative(damping, "damping")
+    if train_batch_size is not None and check_int(train_batch_size, "train_batch_size", minimum=1) > n:
         raise InputError(f"train_batch_size must be <= the number of training examples {n}, "
                          f"got {train_batch_size}")
     return n, removed, damping

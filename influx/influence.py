@@ -61,11 +61,24 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from influx import curvature as _curvature
+from influx import validation as _validation
 from influx._xla import jit
-from influx.errors import InputError, SolveError
-from influx.measurements import Measurement, _bind_measurement, _check_measurement, _check_test, measurements
+from influx.errors import InputError
+from influx.measurements import Measurement, measurements
+from influx.measurements import bind as _bind_measurement
+from influx.measurements import check as _check_measurement
 from influx.objective import Objective, check_data, num_examples
-from influx.solvers._base import Solution, Solver, Status, compiled, failure_message
+from influx.solvers._base import (
+    STOPPED_SHORT,
+    Solution,
+    Solver,
+    compiled,
+    failed_rows,
+    masked_rows,
+    nan_rows,
+)
+from influx.validation import boundary as _boundary
+from influx.validation import check_test as _check_test
 
 __all__ = [
     "Measurement",
@@ -116,50 +129,10 @@ def default_solver(params=None) -> Solver:
     return cg(tol=1e-8 if wide else 1e-4, max_steps=1000, block=True)
 
 
-ON_FAILURE = ("raise", "nan", "warn", "keep")
-# statuses whose answer is the solver's finite best iterate, usable under on_failure="keep"
-_STOPPED_SHORT = (Status.MAX_STEPS, Status.STAGNATED)
-
-
-def _check_on_failure(on_failure) -> str:
-    if on_failure not in ON_FAILURE:
-        raise InputError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
-    return on_failure
-
-
-def _failed_rows(sol: Solution, on_failure: str, what: str):
-    """The failure policy: ``None`` when every solve converged; else raise ``SolveError``
-    (``"raise"``), or return the boolean mask of failed solves for the caller to set to NaN
-    (``"nan"``; ``"warn"`` also warns). ``"keep"`` keeps the answer of solves that only
-    stopped short of their tolerance (``MAX_STEPS``, ``STAGNATED``: the solver's finite best
-    iterate, e.g. to measure a practical solver's error) and masks every other failure."""
-    msg = failure_message(sol, what=what)
-    if msg is None:
-        return None
-    if on_failure == "raise":
-        raise SolveError(msg + ". Pass on_failure='nan' to get NaN for the failed rows (and their "
-                         "status in the info) instead of this error.")
-    if on_failure == "warn":
-        warnings.warn(msg + " (their scores are NaN)", RuntimeWarning, stacklevel=_user_stacklevel())
-    return _masked(sol.status, on_failure)
-
-
-def _masked(status, on_failure: str) -> np.ndarray:
-    """Which solves' rows are NaN under ``on_failure`` (every non-converged one, except those
-    that stopped short under ``"keep"``)."""
-    status = np.asarray(status).reshape(-1)
-    if on_failure == "keep":
-        return ~np.isin(status, (Status.CONVERGED, *_STOPPED_SHORT))
-    return status != Status.CONVERGED
-
-
-def _nan_rows(tree, bad):
-    """``tree`` (leading axis = solves) with the rows ``bad`` set to NaN."""
-    if bad is None:
-        return tree
-    mask = jnp.asarray(bad)
-    return jax.tree_util.tree_map(
-        lambda a: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.nan, a), tree)
+ON_FAILURE = _validation.ON_FAILURE
+# the failure policy (solvers/_base.py): shared with influx.ihvp
+_STOPPED_SHORT = STOPPED_SHORT
+_failed_rows, _nan_rows = failed_rows, nan_rows
 
 
 def _upcast_params(params):
@@ -176,12 +149,6 @@ def _upcast_params(params):
     return jax.tree_util.tree_map(
         lambda a: jnp.asarray(a, jnp.float32) if jnp.issubdtype(jnp.result_type(a), jnp.floating)
         and jnp.finfo(jnp.result_type(a)).bits < 32 else a, params)
-
-
-def _check_method(method):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return method
 
 
 def _n_params(params) -> int:
@@ -240,14 +207,6 @@ def _itemsize(params) -> int:
     return max((jnp.result_type(l).itemsize for l in leaves), default=4)
 
 
-def _check_chunk_size(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
-        raise TypeError(f"chunk_size must be an int, got {chunk_size!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return int(chunk_size)
-
-
 # ------------------------------------------------------------------ test side
 @functools.partial(jit, static_argnames=("f", "batch_size"))
 def _measurement_grads(f, params, test, *, batch_size):
@@ -293,6 +252,7 @@ def _user_stacklevel() -> int:
     return level
 
 
+@_boundary
 def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
                        solver: Solver | None = None, measurement=None, chunk_size: int = 256,
                        rhs_batch_size: int = 64, on_failure: str = "raise"):
@@ -306,8 +266,8 @@ def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh"
     :class:`influx.errors.SolveError` (``on_failure="raise"``) or gives a NaN vector
     (``"nan"``, ``"warn"``), never a plausible one.
     """
-    chunk_size = _check_chunk_size(chunk_size)
-    _check_on_failure(on_failure)
+    chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
+    _validation.check_on_failure(on_failure)
     params = _upcast_params(params)
     f = _bind_measurement(obj, measurement)
     _check_kind_damping(kind, damping)
@@ -320,9 +280,8 @@ def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh"
 
 
 def _check_kind_damping(kind, damping):
-    if kind not in _curvature.KINDS:
-        raise InputError(f"kind must be one of {_curvature.KINDS}, got {kind!r}")
-    _curvature._check_damping(damping)
+    _validation.check_choice(kind, "kind", _curvature.KINDS)
+    _validation.check_damping(damping)
 
 
 def _check_solver(solver, params) -> Solver:
@@ -394,16 +353,6 @@ def _take(tree, a, b):
     return jax.tree_util.tree_map(lambda x: x[a:b], tree)
 
 
-def _pad_to(chunk, size):
-    """Pads a chunk to ``size`` examples by repeating its last example (masked later)."""
-    n = num_examples(chunk)
-    if n == size:
-        return chunk
-    return jax.tree_util.tree_map(
-        lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], size - n, axis=0)]), chunk
-    )
-
-
 def _score_arrays(obj, params, vecs, train, *, method, chunk_size, n_total):
     """Scores in-memory ``train`` against ``vecs`` chunk by chunk -> ``(n_test, N)``."""
     n = num_examples(train)
@@ -414,13 +363,13 @@ def _score_arrays(obj, params, vecs, train, *, method, chunk_size, n_total):
     for start in range(0, n, c):
         chunk = _take(train, start, start + c)
         m = num_examples(chunk)
-        out = fn(params, vecs, _pad_to(chunk, c) if m < c else chunk, scale)
+        out = fn(params, vecs, _curvature.pad_rows(chunk, c) if m < c else chunk, scale)
         outs.append(out[:, :m])
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
 def _resolve_method(method, n_test, params, chunk_size, x=None, obj=None):
-    method = _check_method(method)
+    method = _validation.check_choice(method, "method", METHODS)
     if method == "auto":
         n_params = _n_params(params)
         flops = None
@@ -431,6 +380,7 @@ def _resolve_method(method, n_test, params, chunk_size, x=None, obj=None):
 
 
 # ------------------------------------------------------------------ public functions
+@_boundary
 def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
               solver: Solver | None = None, measurement=None, chunk_size: int = 256,
               method: str = "auto", return_info: bool = False, on_failure: str = "raise"):
@@ -481,9 +431,9 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
 def _validate(obj, params, train, test, *, kind, damping, solver, measurement, chunk_size, method,
               on_failure):
     """The checks of the public entry points, once: ``(params, N, n_test, f, solver)``."""
-    _check_chunk_size(chunk_size)
-    _check_method(method)
-    _check_on_failure(on_failure)
+    _validation.check_positive_int(chunk_size, "chunk_size")
+    _validation.check_choice(method, "method", METHODS)
+    _validation.check_on_failure(on_failure)
     _check_kind_damping(kind, damping)
     params = _upcast_params(params)
     n = check_data(obj, params, train, name="train")
@@ -500,7 +450,7 @@ def _influence(obj, params, train, test, f, *, n, n_test, kind, damping, solver,
                                     solver=solver, chunk_size=chunk_size, on_failure=on_failure)
     method = _resolve_method(method, n_test, params, chunk_size, train[0], obj)
     scores = _score_arrays(obj, params, vecs, train, method=method, chunk_size=chunk_size, n_total=n)
-    bad = _masked(sol.status, on_failure)
+    bad = masked_rows(sol.status, on_failure)
     scores = _nan_rows(scores, bad if bad.any() else None)  # explicit: a failed row is NaN
     info = InfluenceInfo(method, n, n_test, repr(solver), np.asarray(sol.residual_norm),
                          np.asarray(sol.iterations), np.asarray(sol.converged), np.asarray(sol.status))
@@ -542,6 +492,7 @@ def _groups_matrix(groups, n: int) -> np.ndarray:
                     f"or a sequence of index arrays; got {type(groups).__name__}")
 
 
+@_boundary
 def group_influence(obj: Objective, params, train, test, groups, *, kind: str = "gnh", damping=1e-3,
                     solver: Solver | None = None, measurement=None, chunk_size: int = 256,
                     method: str = "auto", return_info: bool = False, on_failure: str = "raise"):
@@ -569,6 +520,7 @@ def group_influence(obj: Objective, params, train, test, groups, *, kind: str = 
     return (g, info) if return_info else g
 
 
+@_boundary
 def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=1e-3,
                    solver: Solver | None = None, chunk_size: int = 256, return_info: bool = False,
                    on_failure: str = "raise"):
@@ -587,8 +539,8 @@ def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=
     ``on_failure`` as in :func:`influence`: an example whose solve failed raises
     :class:`influx.errors.SolveError` (default) or is NaN (``"nan"``/``"warn"``), never 0.
     """
-    chunk_size = _check_chunk_size(chunk_size)
-    _check_on_failure(on_failure)
+    chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
+    _validation.check_on_failure(on_failure)
     _check_kind_damping(kind, damping)
     params = _upcast_params(params)
     n = check_data(obj, params, train, name="train")
@@ -615,7 +567,7 @@ def _self_values(solver, state, op, train, n, chunk_size):
     for start in range(0, n, c):
         chunk = _take(train, start, start + c)
         m = num_examples(chunk)
-        vals, sol = quad(solver, state, op, _pad_to(chunk, c) if m < c else chunk)
+        vals, sol = quad(solver, state, op, _curvature.pad_rows(chunk, c) if m < c else chunk)
         out.append(vals[:m])
         if sol is not None:
             sols.append(_take(sol._replace(x=None, stats={}), 0, m))
@@ -626,6 +578,7 @@ def _self_values(solver, state, op, train, n, chunk_size):
     return vals, Solution(None, *(np.concatenate([np.asarray(getattr(t, k)) for t in sols]) for k in fields))
 
 
+@_boundary
 def grad_dot(obj: Objective, params, train, test, *, damping=None, measurement=None,
              chunk_size: int = 256, method: str = "auto", return_info: bool = False):
     """Gradient-dot-product baseline: influence with identity curvature.
@@ -635,7 +588,7 @@ def grad_dot(obj: Objective, params, train, test, *, damping=None, measurement=N
     I / c``) and ``c = 1`` otherwise. Same sign convention and call shape as
     :func:`influence`; no solve.
     """
-    chunk_size = _check_chunk_size(chunk_size)
+    chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
     c = 1.0 if damping is None else float(damping)
     if not c > 0 or not np.isfinite(c):
         raise ValueError(f"grad_dot: damping must be None or > 0, got {damping!r}")
@@ -652,6 +605,7 @@ def grad_dot(obj: Objective, params, train, test, *, damping=None, measurement=N
     return scores
 
 
+@_boundary
 def tracin(obj: Objective, checkpoints: Sequence[Any], train, test, learning_rates, *,
            measurement=None, chunk_size: int = 256, method: str = "auto"):
     """TracIn-CP baseline (Pruthi et al., 2020) over a list of checkpoints.

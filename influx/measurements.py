@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from influx.validation import InputError, InputTypeError, check_int
-from influx.validation import check_test as _check_test  # noqa: F401 -- used by influence, scoring
 
 __all__ = ["Measurement", "loss", "margin", "logit", "bind", "check"]
 
@@ -236,5 +235,3 @@ def check(f, params, test, *, name="test"):
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise InputTypeError(f"measurement must return a float scalar, got dtype {out.dtype}")
 
-
-_bind_measurement, _check_measurement = bind, check  # the names influx.influence, scoring, response use

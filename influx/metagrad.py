@@ -49,8 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from influx import validation as _validation
 from influx.errors import InputError, SolveError
 from influx.objective import Objective, check_data, tree_sqnorm
+from influx.validation import boundary as _boundary
+from influx.validation import check_int
 
 __all__ = ["MetagradInfo", "metagradients", "minibatch_indices", "replay", "segment_length", "trajectory"]
 
@@ -163,12 +166,6 @@ def _check_optimizer(opt):
     return opt
 
 
-def _check_int(v, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
-
-
 def _check_batch_size(batch_size, n: int):
     if batch_size is None:
         return None
@@ -240,7 +237,7 @@ def replay(obj: Objective, init_params, train, weights=None, *, optimizer, steps
         raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
     _check_params(init_params)
     n = check_data(obj, init_params, train, name="train")
-    steps = _check_int(steps, "steps", 1)
+    steps = check_int(steps, "steps", minimum=1)
     batch_size = _check_batch_size(batch_size, n)
     opt = _check_optimizer(optimizer)
     w = _check_weights(weights, n, _float_dtype(init_params))
@@ -281,8 +278,8 @@ def trajectory(obj: Objective, init_params, train, *, optimizer, steps: int, eve
         raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
     _check_params(init_params)
     n = check_data(obj, init_params, train, name="train")
-    steps = _check_int(steps, "steps", 1)
-    every = min(_check_int(every, "every", 1), steps)
+    steps = check_int(steps, "steps", minimum=1)
+    every = min(check_int(every, "every", minimum=1), steps)
     batch_size = _check_batch_size(batch_size, n)
     opt = _check_optimizer(optimizer)
     x, y = jax.tree_util.tree_map(jnp.asarray, tuple(train))
@@ -316,6 +313,37 @@ class MetagradInfo(NamedTuple):
     seconds: float
 
 
+def _check_replay(theta, params, rtol: float, run: str) -> float:
+    """The replay's relative difference from ``params``; :class:`InputError` above ``rtol``."""
+    error, where = _replay_mismatch(theta, params)
+    if not error <= rtol:
+        raise InputError(
+            f"metagradients: replaying the training run ({run}) from init_params does not "
+            f"reproduce params: relative difference {error:.3g} at params{where} "
+            f"(tolerance {rtol:.3g}). Pass the run's exact settings and initialisation.")
+    return error
+
+
+def _failed_rows(scores, vals, theta, on_failure: str) -> np.ndarray:
+    """The failure policy: rows with a non-finite score or measurement, or all rows when
+    ``theta_T`` is not finite; raises :class:`SolveError` (``"raise"``) or sets them to NaN
+    in ``scores`` (``"nan"``). Returns the boolean mask."""
+    theta_ok = all(bool(np.all(np.isfinite(np.asarray(l)))) for l in jax.tree_util.tree_leaves(theta))
+    failed = ~np.all(np.isfinite(scores), axis=1) | ~np.isfinite(vals) | (not theta_ok)
+    if failed.any():
+        if on_failure == "raise":
+            cause = ("the training run itself diverged (non-finite final parameters)" if not theta_ok else
+                     "non-finite values in the backward pass")
+            raise SolveError(
+                f"metagradients: {int(failed.sum())} of {len(failed)} test rows are not finite: {cause}. "
+                "With Adam, a gradient entry that is exactly zero makes d sqrt(nu) infinite: use "
+                "optax.adam(lr, eps_root=1e-16); otherwise lower the learning rate or use float64. "
+                "on_failure='nan' returns NaN rows instead.")
+        scores[failed] = np.nan
+    return failed
+
+
+@_boundary
 def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps: int,
                   batch_size: int | None = None, seed=0, measurement=None, remat="sqrt",
                   params=None, params_rtol: float | None = None, test_batch_size: int | None = None,
@@ -356,25 +384,27 @@ def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps:
     exactly zero (unused parameters, dead ReLUs): the backward pass then gives NaN, reported
     as a ``SolveError``; ``optax.adam(lr, eps_root=1e-16)`` makes it differentiable.
     A diverging run (non-finite ``theta_T``) fails every row.
+
+    (Over 80 lines only by this docstring: about 50 lines of code.)
     """
-    from influx.influence import _bind_measurement, _check_measurement, _check_test
+    from influx.measurements import bind as _bind_measurement
+    from influx.measurements import check as _check_measurement
 
     t0 = time.perf_counter()
     if not isinstance(obj, Objective):
         raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")
-    if on_failure not in ("raise", "nan"):
-        raise InputError(f"on_failure must be 'raise' or 'nan', got {on_failure!r}")
+    _validation.check_on_failure(on_failure, allowed=("raise", "nan"))
     _check_params(init_params)
     n = check_data(obj, init_params, train, name="train")
-    n_test = _check_test(obj, init_params, test)
-    steps = _check_int(steps, "steps", 1)
+    n_test = _validation.check_test(obj, init_params, test)
+    steps = check_int(steps, "steps", minimum=1)
     batch_size = _check_batch_size(batch_size, n)
     opt = _check_optimizer(optimizer)
     seg = segment_length(steps, remat)
     f = _bind_measurement(obj, measurement)
     test = tuple(test)
     _check_measurement(f, init_params, test)
-    chunk = n_test if test_batch_size is None else _check_int(test_batch_size, "test_batch_size", 1)
+    chunk = n_test if test_batch_size is None else check_int(test_batch_size, "test_batch_size", minimum=1)
     chunk = min(chunk, n_test)
     dtype = _float_dtype(init_params)
     if params_rtol is None:
@@ -395,31 +425,14 @@ def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps:
         theta, v, jac = _metagrad_jit(init_params, x, y, test, w, key, jnp.asarray(cot), obj=obj, opt=opt,
                                       f=f, steps=steps, batch_size=batch_size, segment=seg)
         if a == 0:
-            replay_error = None
-            if params is not None:
-                replay_error, where = _replay_mismatch(theta, params)
-                if not replay_error <= params_rtol:
-                    raise InputError(
-                        f"metagradients: replaying the training run (optimizer={optimizer!r}, steps={steps}, "
-                        f"batch_size={batch_size}, seed={seed}, l2={obj.l2}) from init_params does not "
-                        f"reproduce params: relative difference {replay_error:.3g} at params{where} "
-                        f"(tolerance {params_rtol:.3g}). Pass the run's exact settings and initialisation.")
+            run = (f"optimizer={optimizer!r}, steps={steps}, batch_size={batch_size}, seed={seed}, "
+                   f"l2={obj.l2}")
+            replay_error = None if params is None else _check_replay(theta, params, params_rtol, run)
             vals = np.asarray(v)
         rows.append(np.asarray(jac)[: b - a])
     jac = np.concatenate(rows, axis=0)
     scores = -jac
-    theta_ok = all(bool(np.all(np.isfinite(np.asarray(l)))) for l in jax.tree_util.tree_leaves(theta))
-    failed = ~np.all(np.isfinite(scores), axis=1) | ~np.isfinite(vals) | (not theta_ok)
-    if failed.any():
-        if on_failure == "raise":
-            cause = ("the training run itself diverged (non-finite final parameters)" if not theta_ok else
-                     "non-finite values in the backward pass")
-            raise SolveError(
-                f"metagradients: {int(failed.sum())} of {n_test} test rows are not finite: {cause}. "
-                "With Adam, a gradient entry that is exactly zero makes d sqrt(nu) infinite: use "
-                "optax.adam(lr, eps_root=1e-16); otherwise lower the learning rate or use float64. "
-                "on_failure='nan' returns NaN rows instead.")
-        scores[failed] = np.nan
+    failed = _failed_rows(scores, vals, theta, on_failure)
     if not return_info:
         return scores
     n_seg = 1 if seg is None else -(-steps // seg)

@@ -30,6 +30,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from influx.errors import InputError
+from influx.validation import InputTypeError, check_choice, check_int
+
 __all__ = [
     "Correlations",
     "DetectionCurve",
@@ -51,9 +54,9 @@ def _as_float(x, name: str) -> np.ndarray:
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}") from e
+        raise InputTypeError(f"{name} must be a numeric array, got {type(x).__name__}") from e
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains non-finite values (nan or inf)")
+        raise InputError(f"{name} contains non-finite values (nan or inf)")
     return arr
 
 
@@ -62,9 +65,9 @@ def _pair(a, b, names=("a", "b")) -> tuple[np.ndarray, np.ndarray]:
     a = _as_float(a, names[0])
     b = _as_float(b, names[1])
     if a.shape != b.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got {a.shape} and {b.shape}")
+        raise InputError(f"{names[0]} and {names[1]} must have the same shape, got {a.shape} and {b.shape}")
     if a.size < 2:
-        raise ValueError(f"{names[0]} and {names[1]} need at least 2 entries, got {a.size}")
+        raise InputError(f"{names[0]} and {names[1]} need at least 2 entries, got {a.size}")
     return a.ravel(), b.ravel()
 
 
@@ -90,7 +93,7 @@ def rankdata(a) -> np.ndarray:
     """
     a = np.asarray(a)
     if a.ndim != 1:
-        raise ValueError(f"rankdata expects a 1-D array, got shape {a.shape}")
+        raise InputError(f"rankdata expects a 1-D array, got shape {a.shape}")
     n = a.size
     sorter = np.argsort(a, kind="mergesort")
     inv = np.empty(n, dtype=np.intp)
@@ -191,17 +194,17 @@ def linear_datamodeling_score(scores, subsets, actual, *, kept: bool = False) ->
     A = _as_float(actual, "actual")
     M = np.asarray(subsets)
     if S.ndim != 2:
-        raise ValueError(f"scores must be (n_test, n_train), got shape {S.shape}")
+        raise InputError(f"scores must be (n_test, n_train), got shape {S.shape}")
     if M.ndim != 2 or M.shape[1] != S.shape[1]:
-        raise ValueError(f"subsets must be (n_subsets, n_train={S.shape[1]}) masks, got shape {M.shape}")
+        raise InputError(f"subsets must be (n_subsets, n_train={S.shape[1]}) masks, got shape {M.shape}")
     if M.dtype != np.bool_:
         if not np.all((M == 0) | (M == 1)):
-            raise ValueError("subsets must be boolean (or 0/1) masks")
+            raise InputError("subsets must be boolean (or 0/1) masks")
         M = M.astype(bool)
     if A.shape != (M.shape[0], S.shape[0]):
-        raise ValueError(f"actual must be (n_subsets={M.shape[0]}, n_test={S.shape[0]}), got {A.shape}")
+        raise InputError(f"actual must be (n_subsets={M.shape[0]}, n_test={S.shape[0]}), got {A.shape}")
     if M.shape[0] < 2:
-        raise ValueError(f"subsets needs at least 2 subsets, got {M.shape[0]}")
+        raise InputError(f"subsets needs at least 2 subsets, got {M.shape[0]}")
     removed = ~M if kept else M
     pred = removed.astype(np.float64) @ S.T  # (n_subsets, n_test)
     per_test = np.array([_pearson_flat(rankdata(pred[:, j]), rankdata(A[:, j])) for j in range(S.shape[0])])
@@ -224,14 +227,12 @@ def topk_overlap(a, b, k: int, *, by: str = "value"):
     A = _as_float(a, "a")
     B = _as_float(b, "b")
     if A.shape != B.shape:
-        raise ValueError(f"a and b must have the same shape, got {A.shape} and {B.shape}")
+        raise InputError(f"a and b must have the same shape, got {A.shape} and {B.shape}")
     if A.ndim not in (1, 2):
-        raise ValueError(f"a and b must be 1-D or 2-D, got shape {A.shape}")
-    if by not in ("value", "abs"):
-        raise ValueError(f"by must be 'value' or 'abs', got {by!r}")
+        raise InputError(f"a and b must be 1-D or 2-D, got shape {A.shape}")
+    check_choice(by, "by", ("value", "abs"))
     n = A.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer in [1, {n}], got {k!r}")
+    k = check_int(k, "k", minimum=1, maximum=n)
     if by == "abs":
         A, B = np.abs(A), np.abs(B)
     A2, B2 = np.atleast_2d(A), np.atleast_2d(B)
@@ -286,19 +287,19 @@ def mislabel_detection_curve(
     s = _as_float(scores, "scores")
     f = np.asarray(is_flipped)
     if s.ndim != 1:
-        raise ValueError(f"scores must be 1-D, got shape {s.shape}")
+        raise InputError(f"scores must be 1-D, got shape {s.shape}")
     if f.shape != s.shape:
-        raise ValueError(f"is_flipped must have shape {s.shape}, got {f.shape}")
+        raise InputError(f"is_flipped must have shape {s.shape}, got {f.shape}")
     if f.dtype != np.bool_:
         if not np.all((f == 0) | (f == 1)):
-            raise ValueError("is_flipped must be a boolean (or 0/1) mask")
+            raise InputError("is_flipped must be a boolean (or 0/1) mask")
         f = f.astype(bool)
     q = np.asarray(fractions, dtype=np.float64).reshape(-1)
     if q.size == 0 or not np.all(np.isfinite(q)) or np.any((q < 0) | (q > 1)):
-        raise ValueError(f"fractions must be a non-empty sequence in [0, 1], got {fractions!r}")
+        raise InputError(f"fractions must be a non-empty sequence in [0, 1], got {fractions!r}")
     n = s.size
     if n == 0:
-        raise ValueError("scores must not be empty")
+        raise InputError("scores must not be empty")
     n_flipped = int(f.sum())
     inspected = np.arange(n + 1) / n
     if n_flipped == 0:

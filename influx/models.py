@@ -31,11 +31,11 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from influx.errors import InputError
 from influx.objective import Objective, tree_sqnorm
+from influx.validation import check_int, check_nonnegative
 
 __all__ = [
     "ACTIVATIONS",
@@ -89,10 +89,8 @@ class MLP(nn.Module):
 
 def mlp(depth: int, width: int, out: int, activation: str = "tanh") -> MLP:
     """An :class:`MLP` with ``depth`` hidden layers of ``width`` units (depth 0: linear)."""
-    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 0:
-        raise ValueError(f"depth must be an integer >= 0, got {depth!r}")
-    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
-        raise ValueError(f"width must be a positive integer, got {width!r}")
+    depth = check_int(depth, "depth", minimum=0)
+    width = check_int(width, "width", minimum=1)
     _activation(activation)
     return MLP(widths=(int(width),) * int(depth), out=int(out), activation=activation)
 
@@ -200,13 +198,6 @@ class ConvergedResult(NamedTuple):
     converged: jax.Array
 
 
-def _check_int(v, name: str, lo: int) -> int:
-    """Local integer check (until ``influx.validation`` lands): an int ``>= lo`` or InputError."""
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
-
-
 def _hashable(f) -> bool:
     try:
         hash(f)
@@ -241,9 +232,9 @@ def minibatch_indices(n: int, *, batch_size: int, steps: int, seed=0) -> jax.Arr
 
     Cost: ``ceil(steps * batch_size / n)`` permutations of ``n``.
     """
-    n = _check_int(n, "n", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    steps = _check_int(steps, "steps", 1)
+    n = check_int(n, "n", minimum=1)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    steps = check_int(steps, "steps", minimum=1)
     if batch_size > n:
         raise InputError(f"batch_size must be <= n = {n}, got {batch_size}")
     key = seed if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key) \
@@ -337,19 +328,15 @@ def train(
     (model or apply_fn, loss_fn, optimizer object, steps, batch_size, shapes): reuse the
     same optimizer object across calls to skip recompilation.
     """
-    steps = _check_int(steps, "steps", 1)
-    if not l2 >= 0:
-        raise ValueError(f"l2 must be >= 0, got {l2!r}")
+    steps = check_int(steps, "steps", minimum=1)
+    check_nonnegative(l2, "l2", as_float=False)
     f = _as_apply(model_or_apply_fn)
     if not _hashable(f) or not _hashable(loss_fn):
         raise TypeError("model_or_apply_fn and loss_fn must be hashable (functions are)")
     x, y, n = _data_xy(data)
     if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-            raise ValueError(f"batch_size must be None or an integer in [1, {n}], got {batch_size!r}")
-        if not 1 <= batch_size <= n:
-            raise ValueError(f"batch_size must be None or an integer in [1, {n}], got {batch_size!r}")
-        batch_size = None if batch_size == n else int(batch_size)
+        batch_size = check_int(batch_size, "batch_size", minimum=1, maximum=n, allow_none=True)
+        batch_size = None if batch_size == n else batch_size
     if weights is not None:
         weights = jnp.asarray(weights)
         if weights.shape != (n,) or not jnp.issubdtype(weights.dtype, jnp.number) \
@@ -440,13 +427,12 @@ def train_to_convergence(
     Cost: per L-BFGS step one gradient for the norm plus the line search's evaluations
     (usually 1-2 value-and-gradients).
     """
-    steps = _check_int(steps, "steps", 0)
-    max_it = _check_int(max_lbfgs_steps, "max_lbfgs_steps", 0)
-    memory_size = _check_int(memory_size, "memory_size", 1)
+    steps = check_int(steps, "steps", minimum=0)
+    max_it = check_int(max_lbfgs_steps, "max_lbfgs_steps", minimum=0)
+    memory_size = check_int(memory_size, "memory_size", minimum=1)
     if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    if not l2 >= 0:
-        raise ValueError(f"l2 must be >= 0, got {l2!r}")
+        raise InputError(f"tol must be > 0, got {tol!r}")
+    check_nonnegative(l2, "l2", as_float=False)
     x, y, _ = _data_xy(data)
     p_dt = {l.dtype for l in jax.tree_util.tree_leaves(params)}
     x_dt = {l.dtype for l in jax.tree_util.tree_leaves((x, y)) if jnp.issubdtype(l.dtype, jnp.floating)}

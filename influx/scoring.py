@@ -131,12 +131,12 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from influx import _store, errors
-from influx.curvature import KINDS
+from influx import measurements as _measurements
+from influx.curvature import KINDS, pad_rows
 from influx.errors import InputError, SolveError, StateError
 from influx.influence import (
     METHODS,
     PER_EXAMPLE_OVERHEAD,
-    Measurement,
     choose_method,
     chunk_scorer,
     default_solver,
@@ -146,6 +146,14 @@ from influx.influence import (
 )
 from influx.objective import Objective, check_data, num_examples
 from influx.solvers import Solver, status_message
+from influx.validation import boundary as _boundary
+from influx.validation import (
+    check_choice,
+    check_nonnegative,
+    check_on_failure,
+    check_positive_int,
+    check_test,
+)
 
 __all__ = ["score", "ScoreResult", "TopK", "load", "ON_FAILURE"]
 
@@ -204,15 +212,6 @@ def _concat(chunks):
 
 def _slice(t, a, b):
     return jax.tree_util.tree_map(lambda x: x[a:b], t)
-
-
-def _pad_rows(chunk, size):
-    """Pads a chunk to ``size`` examples by repeating its last example (dropped later)."""
-    n = num_examples(chunk)
-    if n == size:
-        return chunk
-    return jax.tree_util.tree_map(
-        lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], size - n, axis=0)]), chunk)
 
 
 def _rechunk(batches: Iterable, size: int) -> Iterator:
@@ -372,69 +371,6 @@ def _stable_repr(x) -> str:
 
 
 # ------------------------------------------------------------------ input checks
-# Stand-ins for checks that influx.influence / influx.measurements keep private today
-# (``_check_test``, ``_check_measurement``, ``_bind_measurement``, ``_resolve_method``):
-# scoring imports no private names; the lead may swap these for the public validation module.
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _choice(value, name: str, options) -> str:
-    if not isinstance(value, str) or value not in options:
-        raise InputError(f"{name} must be one of {tuple(options)}, got {value!r}")
-    return value
-
-
-def _damping(damping) -> float:
-    try:
-        d = float(np.asarray(damping))
-    except (TypeError, ValueError):
-        raise InputError(f"damping must be a finite float >= 0, got {damping!r}") from None
-    if not np.isfinite(d) or d < 0:
-        raise InputError(f"damping must be a finite float >= 0, got {damping!r}")
-    return d
-
-
-def _measurement_fn(obj, measurement):
-    if measurement is None:
-        measurement = measurements.loss()
-    if isinstance(measurement, Measurement):
-        return measurement.bind(obj)
-    if not callable(measurement):
-        raise InputError("measurement must be None, a Measurement (influx.measurements.loss() / margin() / "
-                         f"logit(k)) or a callable f(params, example) -> scalar, got "
-                         f"{type(measurement).__name__}")
-    return measurement
-
-
-def _spec(tree, lead=()):
-    return jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(tuple(lead) + tuple(np.shape(a))[1:], jnp.result_type(a)), tree)
-
-
-def _check_test(obj, params, test, f) -> int:
-    """Validates the test set (``(x, None)``: label-free) and that ``f`` gives a float scalar."""
-    if isinstance(test, (tuple, list)) and len(test) == 2 and test[1] is None:
-        n_test = num_examples(test[0], name="test inputs")
-        try:
-            jax.eval_shape(obj.apply_fn, params, _spec(test[0], (1,)))
-        except Exception as e:  # noqa: BLE001 -- re-raised with context
-            raise InputError(f"test: apply_fn does not accept the test inputs: "
-                             f"{type(e).__name__}: {e}") from e
-    else:
-        n_test = check_data(obj, params, test, name="test")
-    try:
-        out = jax.eval_shape(f, params, _spec(test))
-    except Exception as e:  # noqa: BLE001 -- re-raised with context
-        raise InputError(f"measurement {f!r} failed on one test example: {type(e).__name__}: {e}") from e
-    if not (hasattr(out, "shape") and out.shape == () and jnp.issubdtype(out.dtype, jnp.floating)):
-        raise InputError("measurement must return a float scalar for one test example, got "
-                         f"{getattr(out, 'shape', out)} {getattr(out, 'dtype', '')}")
-    return n_test
-
-
 def _resolve_method(method, n_test, params, obj, x) -> str:
     """``method="auto"``: :func:`influx.influence.choose_method` on the forward flops."""
     if method != "auto":
@@ -509,14 +445,14 @@ class _Plan(NamedTuple):
 def _check_options(chunk_size, kind, damping, method, top_k, keep_scores, on_failure, solver, out_dir,
                    curvature_examples, progress):
     """The option checks that need no data (InputError / TypeError)."""
-    chunk_size = _positive_int(chunk_size, "chunk_size")
-    _choice(kind, "kind", KINDS)
-    damping = _damping(damping)
-    _choice(method, "method", METHODS)
-    _choice(on_failure, "on_failure", ON_FAILURE)
-    _positive_int(curvature_examples, "curvature_examples")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    check_choice(kind, "kind", KINDS)
+    damping = check_nonnegative(damping, "damping")
+    check_choice(method, "method", METHODS)
+    check_on_failure(on_failure, allowed=ON_FAILURE)
+    check_positive_int(curvature_examples, "curvature_examples")
     if top_k is not None:
-        _positive_int(top_k, "top_k")
+        check_positive_int(top_k, "top_k")
     if not keep_scores and top_k is None:
         raise InputError("keep_scores=False needs top_k (otherwise nothing would be kept)")
     if progress is not None and not isinstance(progress, bool):
@@ -536,7 +472,7 @@ def _plan(obj, params, train_source, test, *, chunk_size, kind, damping, solver,
                                          solver, out_dir, curvature_examples, progress)
     devices = _resolve_devices(devices)
     if num_train is not None:
-        num_train = _positive_int(num_train, "num_train")
+        num_train = check_positive_int(num_train, "num_train")
     if decode is not None and not callable(decode):
         raise InputError(f"decode must be a callable record -> (x, y), got {type(decode).__name__}")
     src = _Source(train_source, chunk_size, decode=decode, num_train=num_train)
@@ -544,8 +480,9 @@ def _plan(obj, params, train_source, test, *, chunk_size, kind, damping, solver,
     if first is None:
         raise InputError("train_source: the dataset is empty (0 examples)")
     check_data(obj, params, first, name="train_source (first chunk)")
-    f = _measurement_fn(obj, measurement)
-    n_test = _check_test(obj, params, test, f)
+    f = _measurements.bind(obj, measurement)
+    n_test = check_test(obj, params, test)
+    _measurements.check(f, params, tuple(test))
     if src.kind == "arrays":
         curv = src.arrays
     elif curvature_data is not None:
@@ -765,7 +702,7 @@ class _Placement:
             a, b, _ = index[0].indices(self.c_pad)
             lo = min(a, m - 1)
             hi = max(min(b, m), lo + 1)
-            pieces.append((dev, _pad_rows(read(lo, hi), b - a)))
+            pieces.append((dev, pad_rows(read(lo, hi), b - a)))
         return pieces
 
     def put(self, pieces: list):
@@ -1103,6 +1040,7 @@ def _progress(progress: bool | None, *, total: int, initial: int):
 
 
 # ------------------------------------------------------------------ entry points
+@_boundary
 def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_size: int = 256,
           kind: str = "gnh", damping=1e-3, solver=None, measurement=None, method: str = "auto",
           top_k: int | None = None, keep_scores: bool = True, on_failure: str = "raise",

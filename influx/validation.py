@@ -8,9 +8,11 @@ catches every bad input.
 
 Options
   :func:`check_int` / :func:`check_positive_int` (Python or NumPy integers, never bools),
-  :func:`check_nonnegative` (finite ``>= 0`` scalars; tracers pass), :func:`check_choice`,
-  :func:`check_callable`, :func:`check_apply_fn` (recognises a Flax module or
-  ``module.apply`` passed where a ``(params, x) -> outputs`` function is expected).
+  :func:`check_nonnegative` (finite ``>= 0`` scalars; tracers pass), :func:`check_damping`,
+  :func:`check_fraction` (in ``(0, 1)``), :func:`check_choice`, :func:`check_on_failure`
+  (the failure policy, :data:`ON_FAILURE`), :func:`check_callable`, :func:`check_apply_fn`
+  (recognises a Flax module or ``module.apply`` passed where a ``(params, x) -> outputs``
+  function is expected).
 
 Data and parameters
   A dataset is a pair ``(x, y)`` of pytrees of arrays with a shared leading example axis.
@@ -36,7 +38,11 @@ Checking once per call
   within one such scope a dataset (the same array objects with the same objective and
   parameters) and a parameter pytree are scanned once; the scope holds references to what
   it checked, so identities cannot be reused while it is open. Outside a scope every call
-  checks.
+  checks. The public entry points open one: ``influence``, ``self_influence``,
+  ``group_influence``, ``grad_dot``, ``tracin``, ``solve_test_vectors``,
+  ``curvature.operator``, ``ihvp``, ``scoring.score``, the response functions
+  (``respond``, ``loo``, ``proximal``, ``pbrf``, ``linearized``, ``retrain``),
+  ``gaps.decompose`` and ``metagradients``.
 """
 
 from __future__ import annotations
@@ -62,15 +68,19 @@ __all__ = [
     "check_apply_fn",
     "check_callable",
     "check_choice",
+    "check_damping",
     "check_data",
     "check_finite",
+    "check_fraction",
     "check_int",
     "check_like",
     "check_nonnegative",
+    "check_on_failure",
     "check_params",
     "check_positive_int",
     "check_test",
     "num_examples",
+    "ON_FAILURE",
 ]
 
 
@@ -131,6 +141,19 @@ def check_nonnegative(value, name: str, *, as_float: bool = True):
     return f if as_float else value
 
 
+def check_fraction(value, name: str) -> float:
+    """``float(value)`` for a real number strictly between 0 and 1; else :class:`InputError`."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise InputTypeError(f"{name} must be a number in (0, 1), got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError) as e:
+        raise InputTypeError(f"{name} must be a number in (0, 1), got {value!r}") from e
+    if not 0.0 < f < 1.0:
+        raise InputError(f"{name} must be in (0, 1), got {value!r}")
+    return f
+
+
 def check_choice(value, name: str, choices: Iterable):
     """``value`` if it is one of ``choices``; else :class:`InputError` listing them."""
     choices = tuple(choices)
@@ -141,6 +164,21 @@ def check_choice(value, name: str, choices: Iterable):
     if not ok:
         raise InputError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+ON_FAILURE = ("raise", "nan", "warn", "keep")
+"""Every value of influx's failure policy; an entry point lists the subset it supports."""
+
+
+def check_on_failure(value, *, allowed: Iterable = ON_FAILURE) -> str:
+    """``value`` if it is one of the failure policies ``allowed`` (default: all of
+    :data:`ON_FAILURE`); else :class:`InputError` listing them."""
+    return check_choice(value, "on_failure", allowed)
+
+
+def check_damping(value, name: str = "damping"):
+    """A finite scalar ``>= 0``, returned unchanged (a JAX scalar stays a leaf; tracers pass)."""
+    return check_nonnegative(value, name, as_float=False)
 
 
 def check_callable(value, name: str):

@@ -28,6 +28,8 @@ def test_import_influx_loads_no_harness_dependency():
     r = _python(f"""
         import sys
         import influx
+        assert "influx.metrics" not in sys.modules  # imported on first use
+        assert influx.metrics.correlations is not None  # an attribute after `import influx`
         import influx.data, influx.studies  # the loaders and studies import them only when used
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in {HARNESS!r})
         print("LOADED", loaded)

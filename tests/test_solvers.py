@@ -10,7 +10,7 @@ from jax.flatten_util import ravel_pytree
 
 import influx
 from influx import curvature, solvers
-from influx.errors import SolveError
+from influx.errors import InputError, SolveError
 from influx.solvers import Status
 from tests.conftest import make_problem
 
@@ -338,6 +338,29 @@ def test_cg_max_steps_reports_residual():
     assert true_res > 1e-6
     with pytest.warns(RuntimeWarning, match="worst residual"):
         solvers.check_solution(sol, throw=False)
+
+
+def test_ihvp_failure_policy():
+    """ihvp follows influence's on_failure: raise by default, NaN (never a plausible x) on
+    request, the best iterate of a solve that stopped short under "keep"."""
+    obj, params, data = make_problem("logistic")
+    flat_p, unravel = ravel_pytree(params)
+    b = jax.vmap(unravel)(jax.random.normal(jax.random.PRNGKey(0), (2, flat_p.size)))
+    short = solvers.cg(max_steps=1, tol=1e-12)
+    with pytest.raises(SolveError, match="ihvp.*on_failure='nan'"):
+        influx.ihvp(obj, params, data, b, damping=1e-3, solver=short, batched=True)
+    sol = influx.ihvp(obj, params, data, b, damping=1e-3, solver=short, batched=True, on_failure="nan")
+    assert np.all(np.asarray(sol.status) == Status.MAX_STEPS)
+    assert np.all(np.isnan(np.asarray(jax.vmap(flat)(sol.x))))
+    one = influx.ihvp(obj, params, data, jax.tree_util.tree_map(lambda a: a[0], b), damping=1e-3,
+                      solver=short, on_failure="nan")
+    assert np.all(np.isnan(np.asarray(flat(one.x))))
+    kept = influx.ihvp(obj, params, data, b, damping=1e-3, solver=short, batched=True, on_failure="keep")
+    assert np.all(np.isfinite(np.asarray(jax.vmap(flat)(kept.x))))
+    with pytest.raises(InputError, match="on_failure must be one of"):
+        influx.ihvp(obj, params, data, b, batched=True, on_failure="zero")
+    ok = influx.ihvp(obj, params, data, b, damping=1e-3, batched=True, on_failure="nan")
+    assert np.all(np.isfinite(np.asarray(jax.vmap(flat)(ok.x))))
 
 
 def test_ihvp_convenience_and_bad_solver():

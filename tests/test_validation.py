@@ -253,3 +253,63 @@ def test_finiteness_paths_agree(monkeypatch, on_host):
     x = train[0].at[3, 1].set(jnp.nan)
     with pytest.raises(InputError, match=r"train: contains NaN or inf \(leaf \[0\]\): 1 NaN value"):
         validation.check_finite((x, train[1]), name="train")
+
+
+def _count_scans(monkeypatch):
+    """Patches the finiteness scan; returns a list of the ids of every concrete tree it scans
+    (a solver's check of traced right-hand sides inside a compiled solve reads no data)."""
+    scanned = []
+    real = validation._nonfinite_leaves
+
+    def spy(tree):
+        if not all(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree)):
+            scanned.append(id(tree))
+        return real(tree)
+
+    monkeypatch.setattr(validation, "_nonfinite_leaves", spy)
+    return scanned
+
+
+def test_public_calls_scan_the_training_data_once(monkeypatch):
+    """One ``influx.influence`` (influence -> solve_test_vectors -> operator) scans x, y and the
+    parameters once each; the test set's x and y once; nothing twice."""
+    obj, params, train, test = _named_problem()
+    scanned = _count_scans(monkeypatch)
+    scores = influx.influence(obj, params, train, test, damping=1e-3, solver=DIRECT)
+    assert np.shape(scores) == (4, 16)
+    assert scanned.count(id(train[0])) == 1 and scanned.count(id(train[1])) == 1
+    assert scanned.count(id(params)) == 1
+    assert len(scanned) == 5  # train x, y; params; test x, y
+    # the same holds for the other entry points that call each other
+    for call in (lambda: influx.self_influence(obj, params, train, damping=1e-3, solver=DIRECT),
+                 lambda: influx.ihvp(obj, params, train, params, damping=1e-3, solver=DIRECT)):
+        scanned.clear()
+        call()
+        assert scanned.count(id(train[0])) == 1 and scanned.count(id(params)) == 1, scanned
+    # without the boundary every nested check scans again (the count above can fail)
+    scanned.clear()
+    with monkeypatch.context() as m:
+        m.setattr(validation, "_open_scope", lambda: __import__("contextlib").nullcontext())
+        influx.influence(obj, params, train, test, damping=1e-3, solver=DIRECT)
+    assert scanned.count(id(train[0])) >= 1 and len(scanned) > 5
+
+
+def test_shared_option_checks():
+    """One check each for the failure policy, damping and fractions, used by every module."""
+    assert validation.check_on_failure("keep") == "keep"
+    with pytest.raises(InputError, match=r"on_failure must be one of \('raise', 'nan'\), got 'keep'"):
+        validation.check_on_failure("keep", allowed=("raise", "nan"))
+    d = jnp.asarray(1e-3)
+    assert validation.check_damping(d) is d  # a JAX scalar stays a leaf
+    for bad in (-1.0, np.inf, np.nan):
+        with pytest.raises(InputError, match="damping must be finite and >= 0"):
+            validation.check_damping(bad)
+    assert validation.check_fraction(0.25, "alpha") == 0.25
+    for bad in (0, 1.0, -0.5):
+        with pytest.raises(InputError, match=r"alpha must be in \(0, 1\)"):
+            validation.check_fraction(bad, "alpha")
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        validation.check_fraction("0.5", "alpha")
+    # the modules' own entry points use them: one message for one mistake
+    with pytest.raises(InputError, match="chunk_size must be an integer >= 1, got 0"):
+        curvature.operator(*_named_problem()[:3], chunk_size=0)

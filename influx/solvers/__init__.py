@@ -5,8 +5,13 @@
 * :func:`lissa`: stochastic Neumann series on minibatch curvature, automatic scale.
 * :func:`arnoldi`: top eigenpairs by Lanczos once, low-rank inverse for any number of
   right-hand sides.
-* :func:`ekfac` / :func:`kfac`: (eigenvalue-corrected) Kronecker-factored Gauss-Newton
-  per dense layer, diagonal for the other parameters; no curvature product per solve.
+* :func:`ekfac` / :func:`kfac` (:class:`EKFAC` / :class:`KFAC`): (eigenvalue-corrected)
+  Kronecker-factored Gauss-Newton, one block per linear layer that :mod:`.kron` finds in
+  ``apply_fn`` -- dense layers (also at every position of a sequence, and the query, key,
+  value and output projections of attention), convolutions (any number of spatial
+  dimensions), embeddings (a diagonal input factor) and layers stacked under a ``scan`` --
+  and the exact diagonal for the other parameters; no curvature product per solve.
+  :func:`kron.layers` / :func:`kron.coverage` report which parameters got a block.
 
 Every solver is a value (a frozen dataclass of its options: equal options, equal solvers,
 shared compiled programs): ``solver(op, b)``, ``solver(op, B, batched=True)``, or
@@ -16,6 +21,7 @@ Every solver checks the true residual of what it returns against its ``tol``. Op
 anything implementing :class:`LinearOperator` (``influx.curvature.Operator`` does).
 """
 
+from influx.solvers import kron
 from influx.solvers._base import (
     FunctionSolver,
     LinearOperator,
@@ -28,7 +34,7 @@ from influx.solvers._base import (
 from influx.solvers.arnoldi import Arnoldi, ArnoldiState, arnoldi, lanczos, top_eigenpairs
 from influx.solvers.cg import CG, block_cg, cg, diagonal_preconditioner, estimate_diagonal
 from influx.solvers.direct import Direct, direct
-from influx.solvers.ekfac import EKFACState, ekfac, kfac
+from influx.solvers.ekfac import EKFAC, KFAC, EKFACState, ekfac, kfac
 from influx.solvers.lissa import LiSSA, estimate_top_eigenvalue, lissa
 
 __all__ = [
@@ -36,8 +42,10 @@ __all__ = [
     "Arnoldi",
     "ArnoldiState",
     "Direct",
+    "EKFAC",
     "EKFACState",
     "FunctionSolver",
+    "KFAC",
     "LiSSA",
     "LinearOperator",
     "Solution",
@@ -53,6 +61,7 @@ __all__ = [
     "estimate_diagonal",
     "estimate_top_eigenvalue",
     "kfac",
+    "kron",
     "lanczos",
     "lissa",
     "status_message",

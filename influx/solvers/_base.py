@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
@@ -57,13 +59,16 @@ from influx.objective import check_finite, check_like
 __all__ = [
     "FunctionSolver",
     "LinearOperator",
+    "STOPPED_SHORT",
     "Solution",
     "Solver",
     "Status",
     "check_rhs",
     "check_solution",
+    "failed_rows",
     "is_positive_semidefinite",
     "key_tuple",
+    "nan_rows",
     "status_message",
 ]
 
@@ -309,13 +314,6 @@ class FunctionSolver(Solver):
             return super().apply_many(state, op, bs)
         return self._apply_many(state, op, bs)
 
-    def inverse_quadratic(self, state, op, chunk):
-        if self.name in ("ekfac", "kfac"):  # until ekfac is a Solver subclass with its own method
-            from influx.solvers.ekfac import quadratic_form
-
-            return quadratic_form(state, op.obj, op.params, chunk), None
-        return super().inverse_quadratic(state, op, chunk)
-
     @property
     def options(self) -> dict:
         return dict(self._options)
@@ -348,6 +346,54 @@ def failure_message(sol: Solution, *, what: str = "solve") -> str | None:
                      f"(scale used: {float(np.max(used)):.4g})")
     return (f"{what}: {int(bad.sum())} of {status.size} solves did not converge ({worst}): "
             + "; ".join(parts))
+
+# statuses whose answer is the solver's finite best iterate, usable under on_failure="keep"
+STOPPED_SHORT = (Status.MAX_STEPS, Status.STAGNATED)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` pointing at the first frame outside the influx package."""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(2), 2  # level 1: the function that calls warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def failed_rows(sol: Solution, on_failure: str, what: str):
+    """The failure policy (``on_failure``, see :data:`influx.validation.ON_FAILURE`) for the
+    solves in ``sol``: ``None`` when every solve converged; else raise ``SolveError``
+    (``"raise"``), or return the boolean mask of failed solves for the caller to set to NaN
+    (``"nan"``; ``"warn"`` also warns). ``"keep"`` keeps the answer of solves that only
+    stopped short of their tolerance (``MAX_STEPS``, ``STAGNATED``: the solver's finite best
+    iterate, e.g. to measure a practical solver's error) and masks every other failure."""
+    msg = failure_message(sol, what=what)
+    if msg is None:
+        return None
+    if on_failure == "raise":
+        raise SolveError(msg + ". Pass on_failure='nan' to get NaN for the failed rows (and their "
+                         "status in the info) instead of this error.")
+    if on_failure == "warn":
+        warnings.warn(msg + " (their scores are NaN)", RuntimeWarning, stacklevel=_user_stacklevel())
+    return masked_rows(sol.status, on_failure)
+
+
+def masked_rows(status, on_failure: str) -> np.ndarray:
+    """Which solves' rows are NaN under ``on_failure``: every non-converged one, except the
+    ones that only stopped short of their tolerance under ``"keep"``."""
+    status = np.asarray(status).reshape(-1)
+    if on_failure == "keep":
+        return ~np.isin(status, (Status.CONVERGED, *STOPPED_SHORT))
+    return status != Status.CONVERGED
+
+
+def nan_rows(tree, bad):
+    """``tree`` (leading axis = solves) with the rows ``bad`` set to NaN."""
+    if bad is None:
+        return tree
+    mask = jnp.asarray(bad)
+    return jax.tree_util.tree_map(
+        lambda a: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.nan, a), tree)
 
 
 def check_solution(sol: Solution, *, throw: bool = True, what: str = "solve") -> Solution:

@@ -58,6 +58,7 @@ from influx.solvers._base import (
     relative,
     residual_status,
 )
+from influx.validation import check_int
 
 __all__ = ["Arnoldi", "arnoldi", "lanczos", "ArnoldiState", "top_eigenpairs", "DEFAULT_TOL"]
 
@@ -250,11 +251,9 @@ def arnoldi(*, rank: int = 20, iterations: int | None = None, key=None, tol: flo
     ``(iterations + rank) x P`` numbers, is checked first); reuse it with
     ``solver.apply(state, op, b)`` or ``solver.apply_batch(state, op, B)``.
     """
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise InputError(f"arnoldi: rank must be an int >= 1, got {rank!r}")
+    rank = check_int(rank, "arnoldi: rank", minimum=1)
     iterations = 2 * rank if iterations is None else iterations
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < rank:
-        raise InputError(f"arnoldi: iterations must be an int >= rank={rank}, got {iterations!r}")
+    iterations = check_int(iterations, f"arnoldi: iterations (rank={rank})", minimum=rank)
     tol = DEFAULT_TOL if tol is None else float(tol)
     if not tol > 0:
         raise InputError(f"arnoldi: tol must be > 0, got {tol}")

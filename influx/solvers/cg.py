@@ -52,7 +52,6 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influx._xla import jit
@@ -70,14 +69,9 @@ from influx.solvers._base import (
     key_tuple,
     ravel_batch,
 )
+from influx.validation import check_positive_int
 
 __all__ = ["CG", "cg", "block_cg", "diagonal_preconditioner", "estimate_diagonal"]
-
-
-def _check_positive_int(name, v, *, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise InputError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return int(v)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -183,10 +177,10 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
     tol, atol = float(tol), float(atol)
     if not tol >= 0 or not atol >= 0:
         raise InputError(f"cg: tol and atol must be >= 0, got tol={tol}, atol={atol}")
-    _check_positive_int("cg: max_steps", max_steps)
-    _check_positive_int("cg: recompute_every", recompute_every)
+    check_positive_int(max_steps, "cg: max_steps")
+    check_positive_int(recompute_every, "cg: recompute_every")
     window = 3 * recompute_every if stagnation_window is None else stagnation_window
-    _check_positive_int("cg: stagnation_window", window)
+    check_positive_int(window, "cg: stagnation_window")
     divergence_factor = float(divergence_factor)
     if not divergence_factor > 1:
         raise InputError(f"cg: divergence_factor must be > 1, got {divergence_factor}")
@@ -194,7 +188,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
         raise InputError("cg: preconditioner must be None, 'jacobi' or a callable v -> M^-1 v, "
                          f"got {preconditioner!r}")
     if preconditioner == "jacobi":
-        _check_positive_int("cg: precond_samples", precond_samples)
+        check_positive_int(precond_samples, "cg: precond_samples")
     if block and preconditioner is not None:
         raise InputError("cg: block=True does not take a preconditioner")
     return CG(tol=tol, atol=atol, max_steps=int(max_steps), preconditioner=preconditioner,

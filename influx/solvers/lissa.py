@@ -59,7 +59,6 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influx.errors import InputError
@@ -78,6 +77,7 @@ from influx.solvers._base import (
     residual_status,
 )
 from influx.solvers.arnoldi import top_eigenpairs
+from influx.validation import check_int
 
 __all__ = ["LiSSA", "lissa", "estimate_top_eigenvalue", "DEFAULT_TOL"]
 
@@ -257,15 +257,9 @@ def lissa(*, scale=None, depth: int = 1000, samples: int = 1, batch_size: int = 
     """
     for name, v in (("depth", depth), ("samples", samples), ("batch_size", batch_size),
                     ("scale_iterations", scale_iterations)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise InputError(f"lissa: {name} must be an int >= 1, got {v!r}")
-    if (isinstance(scale_batches, bool) or not isinstance(scale_batches, (int, np.integer))
-            or scale_batches < 0):
-        raise InputError(f"lissa: scale_batches must be an int >= 0, got {scale_batches!r}")
-    if scale_examples is not None and (isinstance(scale_examples, bool)
-                                       or not isinstance(scale_examples, (int, np.integer))
-                                       or scale_examples < 1):
-        raise InputError(f"lissa: scale_examples must be an int >= 1 or None, got {scale_examples!r}")
+        check_int(v, f"lissa: {name}", minimum=1)
+    check_int(scale_batches, "lissa: scale_batches", minimum=0)
+    check_int(scale_examples, "lissa: scale_examples", minimum=1, allow_none=True)
     if scale is not None:
         scale = float(scale)
         if not scale > 0 or scale == float("inf"):

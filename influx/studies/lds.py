@@ -41,6 +41,7 @@ import numpy as np
 
 from influx.errors import InputError
 from influx.studies import _common as C
+from influx.validation import check_fraction
 
 __all__ = ["LDSConfig", "LDSEstimate", "LDSResult", "LDSRow", "METHODS", "PROBLEMS", "lds", "plot",
            "quick", "run", "subsets"]
@@ -56,13 +57,7 @@ MNIST_SGD_LR = 0.03
 
 # --------------------------------------------------------------------------- pieces
 def _check_alpha(alpha) -> float:
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"alpha (drop fraction) must be a number in (0, 1), got {alpha!r}") from e
-    if not 0 < a < 1:
-        raise InputError(f"alpha (drop fraction) must be in (0, 1), got {alpha!r}")
-    return a
+    return check_fraction(alpha, "alpha (drop fraction)")
 
 
 def subsets(n: int, alpha: float, m: int, *, seed=0) -> np.ndarray:
@@ -173,7 +168,7 @@ def retrain_delta(obj, init, train, test, weights, *, optimizer, steps, batch_si
         delta = np.asarray(r.delta)
     else:
         from influx import metagrad
-        from influx.influence import _bind_measurement
+        from influx.measurements import bind as _bind_measurement
 
         n = weights.shape[1]
         f = _bind_measurement(obj, measurement)
