@@ -35,7 +35,7 @@ import influx
 from benchmarks import common
 from influx import data as ixdata
 from influx import metagrad, models
-from influx.influence import _bind_measurement
+from influx.attribution import _bind_measurement
 from influx.studies import lds
 
 

@@ -45,7 +45,7 @@ import influx
 from benchmarks import common
 from influx import data as ixdata
 from influx import models, response
-from influx.influence import _bind_measurement
+from influx.attribution import _bind_measurement
 
 MB = 32  # minibatch size of the minibatch rows
 

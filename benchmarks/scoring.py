@@ -5,7 +5,7 @@ MLP 784-256-10 (tanh), float32, softmax cross-entropy; MNIST images from
 test vectors are random (the solve is done once and is not part of the per-example cost;
 see benchmarks/solvers.py). Every configuration runs in a **fresh subprocess** so that
 its peak memory (``ru_maxrss``, which sees XLA's buffers, unlike ``tracemalloc``) is its
-own; the chunk scorer (``influx.influence.chunk_scorer``, the kernel of
+own; the chunk scorer (``influx.attribution.chunk_scorer``, the kernel of
 ``influx.scoring.score``) is compiled, warmed up, then timed over the whole training set
 (best of ``--repeats`` passes).
 
@@ -93,7 +93,7 @@ def worker(cfg: dict) -> dict:
     import numpy as np
 
     from influx import scoring
-    from influx.influence import chunk_scorer
+    from influx.attribution import chunk_scorer
 
     obj, params = _model(cfg.get("model", "mlp"))
     train, _, source = _data(cfg["n_train"])
@@ -136,7 +136,7 @@ def worker(cfg: dict) -> dict:
             jax.block_until_ready([fn(pp, vv, c, sc) for c in cc])
             plain_times.append(time.perf_counter() - t0)
     best = min(times)
-    from influx.influence import choose_method, forward_flops
+    from influx.attribution import choose_method, forward_flops
 
     flops = forward_flops(obj, params, train[0])
     n_params = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
@@ -247,7 +247,7 @@ def main(argv=None):
     e2e = _run(dict(kind="end_to_end", n_train=min(n_train, 512), n_test=4, chunk=chunk, devices=1))
     print(json.dumps(e2e), flush=True)
 
-    from influx.influence import CONTRACTION_FACTOR, PER_EXAMPLE_OVERHEAD
+    from influx.attribution import CONTRACTION_FACTOR, PER_EXAMPLE_OVERHEAD
 
     payload = {"machine": common.machine(), "model": "MLP 784-256-10 tanh float32", "n_train": n_train,
                "chunk": chunk, "repeats": repeats, "paths": rows, "sharding": shard_rows,
@@ -284,7 +284,7 @@ def _fmt_row(r):
 def report(payload: dict) -> str:
     """The markdown section of benchmarks/README.md from a results payload."""
     from benchmarks import common
-    from influx.influence import CONTRACTION_FACTOR, PER_EXAMPLE_OVERHEAD, choose_method
+    from influx.attribution import CONTRACTION_FACTOR, PER_EXAMPLE_OVERHEAD, choose_method
 
     rows, cnn_rows, shard_rows, e2e = (payload["paths"], payload.get("cnn_paths", []), payload["sharding"],
                                        payload["end_to_end"])
@@ -316,7 +316,7 @@ def report(payload: dict) -> str:
          if cross else "The JVP path was faster or level at every tested number of test vectors (MLP). ")
         + "A dense layer uses each weight once per example (F ~ 2P), so a tangent pass costs about as much "
         "as contracting one per-example gradient with one test vector; the per-example gradient itself is "
-        "the extra cost. `method=\"auto\"` (`influx.influence.choose_method`) picks per-example when "
+        "the extra cost. `method=\"auto\"` (`influx.attribution.choose_method`) picks per-example when "
         f"`n_test (1 - {CONTRACTION_FACTOR} * 2P/F) > {PER_EXAMPLE_OVERHEAD}`, F from XLA's cost analysis "
         "of `apply_fn` (the `auto picks` column).",
         "",

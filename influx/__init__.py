@@ -11,10 +11,10 @@ reference): [the sign convention](guides/sign-convention.html), [which solver
 when](guides/solvers.html), [bringing your own Flax model](guides/flax.html).
 """
 
-from influx import curvature, flax, gaps, losses, metagrad, response, scoring, solvers
-from influx.curvature import gnhvp, hvp
-from influx.ihvp import ihvp
-from influx.influence import (  # after the submodules: influx.influence is the function
+import sys as _sys
+
+from influx import attribution, curvature, flax, gaps, losses, metagrad, response, scoring, solvers
+from influx.attribution import (
     grad_dot,
     group_influence,
     influence,
@@ -22,12 +22,19 @@ from influx.influence import (  # after the submodules: influx.influence is the 
     self_influence,
     tracin,
 )
+from influx.curvature import gnhvp, hvp
+from influx.ihvp import ihvp
 from influx.metagrad import metagradients
 from influx.objective import Objective
 
+# The pairwise/self/group influence module is ``influx.attribution``; ``influx.influence`` is the
+# function. The module's former name stays importable for one release (deprecated alias):
+# ``from influx.influence import default_solver`` still works and does not shadow the function.
+_sys.modules.setdefault("influx.influence", attribution)
+
 __version__ = "0.1.0"
 
-__all__ = ["flax", "grad_dot", "group_influence", "influence", "measurements", "scoring",
+__all__ = ["attribution", "flax", "grad_dot", "group_influence", "influence", "measurements", "scoring",
            "self_influence", "tracin", "Objective", "curvature", "gnhvp", "hvp", "ihvp", "losses", "solvers",
            "gaps", "response", "metagrad", "metagradients"]
 

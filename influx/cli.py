@@ -283,7 +283,8 @@ def _csv(values) -> str:
 
 def _quick_help(command: str) -> str:
     """The ``--quick`` help of a study command, stating the sizes its config uses."""
-    from influx.studies import fragility, gaps, mislabel
+    from influx.studies import fragility, mislabel
+    from influx.studies import gap_study as gaps
 
     mnist = f"; on mnist {_MNIST_QUICK[0]} training / {_MNIST_QUICK[1]} test examples"
     if command == "fragility":
@@ -376,7 +377,7 @@ def _fragility_config(args):
 
 
 def _gaps_config(args):
-    from influx.studies import gaps
+    from influx.studies import gap_study as gaps
 
     kw = _base_kw(args, _datasets(args))
     kw["datasets"] = _datasets(args)
@@ -466,7 +467,8 @@ def _run_study(args, argv, command: str, make_config, module: str, plot_name: st
 
 
 def _demo(args, argv) -> int:
-    from influx.studies import fragility, gaps, mislabel
+    from influx.studies import fragility, mislabel
+    from influx.studies import gap_study as gaps
 
     prog = not args.no_progress
     seed = args.seed

@@ -361,7 +361,7 @@ def _practical(obj, params, train, test, removed, *, damping, solver, measuremen
     It is the practical solver's answer, converged or not: that inexactness is the solver
     error being measured (noted with its residual). Non-finite values are failures.
     """
-    from influx.influence import influence
+    from influx.attribution import influence
 
     kw = {"on_failure": "keep"}  # an unconverged answer is the solver error; other failures are NaN
     with warnings.catch_warnings(record=True) as caught:

@@ -983,7 +983,7 @@ def linearized(obj: Objective, params, train, removed, *, test, damping: float, 
     ``None``/NaN (nothing is minimised).
     """
 
-    from influx.influence import influence
+    from influx.attribution import influence
 
     if not isinstance(obj, Objective):
         raise InputError(f"obj must be an influx.Objective, got {type(obj).__name__}")

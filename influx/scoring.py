@@ -25,7 +25,7 @@ set that need not fit in memory::
      ``(x, y)`` by ``decode(record)`` (default ``(record["image"], record["label"])``).
 
 4. Each chunk is scored by JVPs of the per-example loss along the ``s_t`` or by
-   per-example gradients and a matmul (:func:`influx.influence.choose_method`,
+   per-example gradients and a matmul (:func:`influx.attribution.choose_method`,
    overridable with ``method=``), split over ``devices`` (default all of
    ``jax.devices()``, all processes' devices in a multi-host run -- see below) with
    ``jax.shard_map`` on a one-axis mesh (one device is a one-device mesh): the chunk is
@@ -132,9 +132,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from influx import _store, errors
 from influx import measurements as _measurements
-from influx.curvature import KINDS, pad_rows
-from influx.errors import InputError, SolveError, StateError
-from influx.influence import (
+from influx.attribution import (
     METHODS,
     PER_EXAMPLE_OVERHEAD,
     choose_method,
@@ -144,6 +142,8 @@ from influx.influence import (
     measurements,
     solve_test_vectors,
 )
+from influx.curvature import KINDS, pad_rows
+from influx.errors import InputError, SolveError, StateError
 from influx.objective import Objective, check_data, num_examples
 from influx.solvers import Solver, status_message
 from influx.validation import boundary as _boundary
@@ -372,7 +372,7 @@ def _stable_repr(x) -> str:
 
 # ------------------------------------------------------------------ input checks
 def _resolve_method(method, n_test, params, obj, x) -> str:
-    """``method="auto"``: :func:`influx.influence.choose_method` on the forward flops."""
+    """``method="auto"``: :func:`influx.attribution.choose_method` on the forward flops."""
     if method != "auto":
         return method
     leaves = jax.tree_util.tree_leaves(params)
@@ -1077,7 +1077,7 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
       curvature_data, curvature_examples: the data of the curvature operator for stream
         sources (see the module docstring).
 
-    Cost: the test side once (see :func:`influx.influence.solve_test_vectors`), then per chunk
+    Cost: the test side once (see :func:`influx.attribution.solve_test_vectors`), then per chunk
     ``n_test`` JVPs or one per-example-gradient pass, divided over the devices; with
     ``out_dir``, a resume reads the committed scores once to verify their checksums.
 

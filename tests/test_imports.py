@@ -82,3 +82,17 @@ def test_core_dependencies_exclude_the_harness():
     readme = (ROOT / "README.md").read_text().splitlines()
     demo = readme[readme.index("<!-- demo-command -->") + 2]
     assert 'pip install ".[studies]"' in demo and demo.endswith("influx demo")
+
+
+def test_renamed_modules_keep_their_former_names():
+    """influx.attribution (was influx.influence, shadowed by the function) and
+    influx.studies.gap_study (was influx.studies.gaps, confused with influx.gaps): the former
+    names import the same modules and do not shadow the function."""
+    import influx
+    from influx.influence import default_solver
+
+    assert callable(influx.influence) and influx.influence is influx.attribution.influence
+    assert default_solver is influx.attribution.default_solver
+    from influx.studies import gap_study, gaps
+
+    assert gaps is gap_study and gaps.GapsConfig is influx.studies.GapsConfig

@@ -11,8 +11,8 @@ from jax.flatten_util import ravel_pytree
 
 import influx
 from influx import solvers
+from influx.attribution import choose_method, default_solver, forward_flops
 from influx.errors import InputError, SolveError
-from influx.influence import choose_method, default_solver, forward_flops
 from influx.solvers._base import Solution, Solver, Status
 from tests.conftest import make_problem
 

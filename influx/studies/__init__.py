@@ -2,8 +2,8 @@
 
 * :mod:`influx.studies.fragility`: influence vs leave-one-out over depth, width and weight
   decay (Basu, Pope and Feizi 2021).
-* :mod:`influx.studies.gaps`: the five-gap decomposition over width and training time
-  (Bae et al. 2022).
+* :mod:`influx.studies.gap_study`: the five-gap decomposition (:mod:`influx.gaps`) over width
+  and training time (Bae et al. 2022). ``influx.studies.gaps`` is its deprecated former name.
 * :mod:`influx.studies.mislabel`: finding flipped labels by self-influence and baselines.
 * :mod:`influx.studies.lds`: linear datamodeling score of every attribution method against
   subset retraining, with cost.
@@ -19,9 +19,11 @@ the plots, tqdm for progress bars), which the library itself does not. Importing
 loads none of the three; running them does.
 """
 
-from influx.studies import fragility, gaps, lds, mislabel
+import sys as _sys
+
+from influx.studies import fragility, gap_study, lds, mislabel
 from influx.studies.fragility import FragilityConfig, FragilityResult
-from influx.studies.gaps import GapsConfig, GapsResult
+from influx.studies.gap_study import GapsConfig, GapsResult
 from influx.studies.lds import LDSConfig, LDSResult
 from influx.studies.mislabel import MislabelConfig, MislabelResult
 
@@ -35,7 +37,13 @@ __all__ = [
     "MislabelConfig",
     "MislabelResult",
     "fragility",
+    "gap_study",
     "gaps",
     "lds",
     "mislabel",
 ]
+
+# deprecated alias (one release): the study module was ``influx.studies.gaps``, easy to confuse
+# with the library's ``influx.gaps``
+gaps = gap_study
+_sys.modules.setdefault("influx.studies.gaps", gap_study)

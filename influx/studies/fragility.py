@@ -362,7 +362,7 @@ def _nan(fn, a) -> float:
 
 def _influence_with_fallback(cfg, obj, params, train, test_sel):
     """Influence scores; raises damping tenfold while the curvature is not positive definite."""
-    from influx.influence import influence
+    from influx.attribution import influence
 
     damping = float(cfg.damping)
     while True:
