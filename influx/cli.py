@@ -554,15 +554,20 @@ class _Interrupt:
         return self
 
     def _watch(self, fd):
-        while True:
-            try:
-                data = os.read(fd, 64)
-            except OSError:
-                return
-            if not data:  # closed: the run ended
-                return
-            if signal.SIGINT in data:
-                self._exit()
+        # the watcher owns the read end and closes it itself: closed from the main thread, its
+        # number could be reused (by XLA, a file) while this thread still reads it
+        try:
+            while True:
+                try:
+                    data = os.read(fd, 64)
+                except OSError:
+                    return
+                if not data:  # the write end was closed: the run ended
+                    return
+                if signal.SIGINT in data:
+                    self._exit()
+        finally:
+            os.close(fd)
 
     def _exit(self):
         if not self._lock.acquire(blocking=False):
@@ -580,8 +585,7 @@ class _Interrupt:
             return False
         signal.set_wakeup_fd(self._prev_fd if self._prev_fd is not None else -1)
         signal.signal(signal.SIGINT, self._prev if self._prev is not None else signal.default_int_handler)
-        os.close(self._w)
-        os.close(self._r)
+        os.close(self._w)  # the watcher sees EOF and closes the read end (see _watch)
         self._w = self._r = None
         return False
 

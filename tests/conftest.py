@@ -16,6 +16,41 @@ import influx  # noqa: E402
 from influx import losses  # noqa: E402
 
 
+# Every compiled XLA:CPU executable holds ~6 memory maps, and the kernel allows 65,530 per
+# process (vm.max_map_count): the whole suite compiles enough programs to exhaust them, and
+# LLVM's JIT then segfaults inside a later compile. Dropping JAX's caches after each test
+# module (and within a module once the count passes a threshold) frees those maps.
+_MAPS_LIMIT = 30_000
+
+
+def _map_count() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+def _release_compiled():
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs_per_module():
+    yield
+    _release_compiled()
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs_when_many():
+    yield
+    if _map_count() > _MAPS_LIMIT:
+        _release_compiled()
+
+
 def _dense(key, n_in, n_out, scale=None):
     k1, k2 = jax.random.split(key)
     scale = scale if scale is not None else 1.0 / np.sqrt(n_in)
