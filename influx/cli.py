@@ -403,7 +403,7 @@ def _mislabel_config(args):
 def _lds_config(args):
     from influx.studies import lds
 
-    kw = _base_kw(args)
+    kw = _base_kw(args, (args.dataset,))
     kw["problem"] = args.dataset
     _set(kw, n_subsets=args.subsets, fractions=args.fractions, methods=args.methods, steps=args.steps,
          batch_size=args.batch_size, optimizer=args.optimizer, learning_rate=args.learning_rate,

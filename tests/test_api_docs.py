@@ -56,7 +56,7 @@ def test_api_reference_builds_without_warnings(tmp_path):
     assert "helpful" in (out / "guides" / "sign-convention.html").read_text()
     assert "from_linen" in (out / "guides" / "flax.html").read_text()
     # docstrings are rendered: a function of the public API with its documentation
-    assert "self_influence" in (out / "influx" / "influence.html").read_text()
+    assert "self_influence" in (out / "influx" / "attribution.html").read_text()
 
 
 def test_only_the_known_pdoc_limitation_is_tolerated():

@@ -166,5 +166,5 @@ def test_cli_lds(tmp_path, capsys):
     doc = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in doc["lds"]["rows"]] == ["grad_dot", "metagradients"]
     assert (out / "lds.png").stat().st_size > 1000 and "LDS" in (out / "report.md").read_text()
-    assert cli.main(["lds", "--fractions", "0,0.5", "--out", str(tmp_path / "bad")]) == 1
+    assert cli.main(["lds", "--fractions", "0,0.5", "--out", str(tmp_path / "bad")]) == 2  # bad input
     assert "alpha" in capsys.readouterr().err
