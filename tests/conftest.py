@@ -15,7 +15,6 @@ import pytest  # noqa: E402
 import influx  # noqa: E402
 from influx import losses  # noqa: E402
 
-
 # Every compiled XLA:CPU executable holds ~6 memory maps, and the kernel allows 65,530 per
 # process (vm.max_map_count): the whole suite compiles enough programs to exhaust them, and
 # LLVM's JIT then segfaults inside a later compile. Dropping JAX's caches after each test

@@ -88,8 +88,9 @@ def test_renamed_modules_keep_their_former_names():
     """influx.attribution (was influx.influence, shadowed by the function) and
     influx.studies.gap_study (was influx.studies.gaps, confused with influx.gaps): the former
     names import the same modules and do not shadow the function."""
-    import influx
     from influx.influence import default_solver
+
+    import influx
 
     assert callable(influx.influence) and influx.influence is influx.attribution.influence
     assert default_solver is influx.attribution.default_solver
