@@ -408,8 +408,9 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
         solves failed, why, the worst residual and the fix; ``"nan"`` returns NaN in the
         rows of the failed test vectors (``InfluenceInfo.status`` says which);
         ``"warn"`` is ``"nan"`` plus a ``RuntimeWarning``; ``"keep"`` keeps the rows of
-        solves that only stopped short of their tolerance (``MAX_STEPS``/``STAGNATED``: the
-        solver's finite best iterate, for measuring a practical solver's error) and gives NaN
+        solves that only stopped short of their tolerance (``MAX_STEPS``/``STAGNATED``, or
+        ``UNCHECKED`` with ``residual=False``: the solver's own finite answer, for measuring
+        a practical solver's error) and gives NaN
         for every other failure. A failed row is never 0.
 
     Cost: ``n_test`` gradients + one solver preparation + ``n_test`` solves, then one

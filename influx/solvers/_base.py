@@ -347,8 +347,9 @@ def failure_message(sol: Solution, *, what: str = "solve") -> str | None:
     return (f"{what}: {int(bad.sum())} of {status.size} solves did not converge ({worst}): "
             + "; ".join(parts))
 
-# statuses whose answer is the solver's finite best iterate, usable under on_failure="keep"
-STOPPED_SHORT = (Status.MAX_STEPS, Status.STAGNATED)
+# statuses whose answer is the solver's own finite answer (best iterate, or unchecked with
+# residual=False), kept under on_failure="keep"
+STOPPED_SHORT = (Status.MAX_STEPS, Status.STAGNATED, Status.UNCHECKED)
 
 
 def _user_stacklevel() -> int:
@@ -365,8 +366,9 @@ def failed_rows(sol: Solution, on_failure: str, what: str):
     solves in ``sol``: ``None`` when every solve converged; else raise ``SolveError``
     (``"raise"``), or return the boolean mask of failed solves for the caller to set to NaN
     (``"nan"``; ``"warn"`` also warns). ``"keep"`` keeps the answer of solves that only
-    stopped short of their tolerance (``MAX_STEPS``, ``STAGNATED``: the solver's finite best
-    iterate, e.g. to measure a practical solver's error) and masks every other failure."""
+    stopped short of their tolerance (``MAX_STEPS``, ``STAGNATED``, ``UNCHECKED``: the
+    solver's own finite answer, e.g. to measure a practical solver's error) and masks every
+    other failure."""
     msg = failure_message(sol, what=what)
     if msg is None:
         return None
