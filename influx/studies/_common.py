@@ -127,45 +127,13 @@ def make_solver(name: str, *, cg_tol: float = 1e-8, max_steps: int = 2000, rank:
 
     if name not in SOLVERS:
         raise InputError(f"unknown solver {name!r}; known: {', '.join(SOLVERS)}")
-    factory = getattr(solvers, name, None)
-    if factory is None:
-        raise InputError(f"solver {name!r} is not available in influx.solvers")
     if name in ("direct", "ekfac", "kfac"):
-        return factory()
+        return getattr(solvers, name)()
     if name == "cg":
-        return _call_with(factory, tol=cg_tol, max_steps=max_steps)
+        return solvers.cg(tol=cg_tol, max_steps=max_steps)
     if name == "arnoldi":
-        return _call_with(factory, rank=rank)
-    return _call_with(factory, depth=lissa_depth, batch_size=lissa_batch_size)
-
-
-def nan_on_failure(fn) -> dict:
-    """``{"on_failure": "nan"}`` when ``fn`` takes it (influx's failure policy), else ``{}``.
-
-    The studies compare methods and report failures in their tables: a solve that fails
-    gives NaN entries (counted and noted) instead of ending the whole study with a
-    :class:`influx.errors.SolveError`.
-    """
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"on_failure": "nan"} if "on_failure" in params else {}
-
-
-def _call_with(factory, **kw):
-    """Calls ``factory`` with the keyword options it accepts (drops the others)."""
-    import inspect
-
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return factory(**kw)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return factory(**kw)
-    return factory(**{k: v for k, v in kw.items() if k in params})
+        return solvers.arnoldi(rank=rank)
+    return solvers.lissa(depth=lissa_depth, batch_size=lissa_batch_size)
 
 
 def jsonable(obj: Any):

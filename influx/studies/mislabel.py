@@ -260,7 +260,7 @@ def _run(cfg: MislabelConfig, dtype) -> MislabelResult:
                 solver = C.make_solver(method, max_steps=cfg.cg_max_steps, cg_tol=cfg.cg_tol,
                                        rank=min(cfg.arnoldi_rank, n_params), lissa_depth=cfg.lissa_depth)
                 scores = influx.self_influence(obj, params, train, kind=cfg.kind, damping=cfg.damping,
-                                               solver=solver, **C.nan_on_failure(influx.self_influence))
+                                               solver=solver, on_failure="nan")
             elif method == "grad_dot":
                 g = curvature.per_example_grads_flat(obj, params, train)
                 scores = jnp.sum(g * g, axis=1) / n
