@@ -26,6 +26,7 @@ from influx.curvature import gnhvp, hvp
 from influx.ihvp import ihvp
 from influx.metagrad import metagradients
 from influx.objective import Objective
+from influx.solvers.saved import Prepared, prepare
 
 # The pairwise/self/group influence module is ``influx.attribution``; ``influx.influence`` is the
 # function. The module's former name stays importable for one release (deprecated alias):
@@ -36,7 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = ["attribution", "flax", "grad_dot", "group_influence", "influence", "measurements", "scoring",
            "self_influence", "tracin", "Objective", "curvature", "gnhvp", "hvp", "ihvp", "losses", "solvers",
-           "gaps", "response", "metagrad", "metagradients"]
+           "gaps", "response", "metagrad", "metagradients", "Prepared", "prepare"]
 
 __all__ += ["metrics", "studies"]
 

@@ -65,6 +65,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -75,7 +76,8 @@ import numpy as np
 from influx._memory import format_bytes
 from influx.errors import ResourceError, StateError
 
-__all__ = ["Store", "open_store", "load_store", "InputsMismatch", "MANIFEST", "LOCK", "FORMAT"]
+__all__ = ["Store", "open_store", "load_store", "InputsMismatch", "MANIFEST", "LOCK", "FORMAT", "digest_tree",
+           "fn_name", "stable_repr"]
 
 MANIFEST = "manifest.json"
 LOCK = ".influx.lock"
@@ -89,6 +91,34 @@ class InputsMismatch(StateError, ValueError):
 
 def _remedy(path: Path) -> str:
     return f"delete {str(path)!r} or pass a new out_dir"
+
+
+# ------------------------------------------------------------------ fingerprints of inputs
+def digest_tree(tree) -> str:
+    """SHA-256 (32 hex digits) of a pytree: its structure, and every leaf's dtype, shape and bytes."""
+    import jax  # here, not at the top: the store itself needs only numpy
+
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    h.update(str(treedef).encode())
+    for leaf in leaves:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:32]
+
+
+def fn_name(f) -> str:
+    """``module.qualname`` of a function (its ``repr`` for other callables)."""
+    if hasattr(f, "__qualname__"):
+        return f"{getattr(f, '__module__', '')}.{f.__qualname__}"
+    return repr(f)
+
+
+def stable_repr(x) -> str:
+    """``repr`` without memory addresses (``<function f at 0x7f..>`` -> ``<function f>``), so a
+    fingerprint is the same in every process and in a resumed run."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(x))
 
 
 # ------------------------------------------------------------------ files and paths

@@ -68,6 +68,7 @@ from influx.measurements import Measurement, measurements
 from influx.measurements import bind as _bind_measurement
 from influx.measurements import check as _check_measurement
 from influx.objective import Objective, check_data, num_examples
+from influx.solvers import saved as _saved
 from influx.solvers._base import (
     STOPPED_SHORT,
     Solution,
@@ -255,7 +256,7 @@ def _user_stacklevel() -> int:
 @_boundary
 def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
                        solver: Solver | None = None, measurement=None, chunk_size: int = 256,
-                       rhs_batch_size: int = 64, on_failure: str = "raise"):
+                       rhs_batch_size: int = 64, on_failure: str = "raise", state=None):
     """The solved test vectors ``s_t = (C + (l2 + damping) I)^-1 grad f_t`` (batched pytree).
 
     ``train`` is the data the curvature ``C`` is taken over (arrays ``(x, y)``). Returns
@@ -264,8 +265,10 @@ def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh"
     ``n_test`` measurement gradients, one ``solver.prepare`` and ``n_test`` solves
     (``rhs_batch_size`` at a time, batched). A failed solve raises
     :class:`influx.errors.SolveError` (``on_failure="raise"``) or gives a NaN vector
-    (``"nan"``, ``"warn"``), never a plausible one.
+    (``"nan"``, ``"warn"``), never a plausible one. ``state``: an :class:`influx.Prepared`
+    for these inputs (:func:`influx.prepare`): no ``solver.prepare`` (see :func:`influence`).
     """
+    solver = _saved.resolve_solver(state, solver)  # prepared state (influx.solvers.saved)
     chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
     _validation.check_on_failure(on_failure)
     params = _upcast_params(params)
@@ -275,8 +278,10 @@ def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh"
     _check_test(obj, params, test)
     _check_measurement(f, params, test)
     solver = _check_solver(solver, params)
+    _saved.verify(state, obj, params, train, kind=kind, damping=damping, solver=solver)
     return _solve_test_vectors(obj, params, train, test, f, kind=kind, damping=damping, solver=solver,
-                               chunk_size=chunk_size, rhs_batch_size=rhs_batch_size, on_failure=on_failure)
+                               chunk_size=chunk_size, rhs_batch_size=rhs_batch_size, on_failure=on_failure,
+                               prepared=state)
 
 
 def _check_kind_damping(kind, damping):
@@ -293,12 +298,14 @@ def _check_solver(solver, params) -> Solver:
 
 
 def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, chunk_size,
-                        rhs_batch_size=64, on_failure="raise"):
-    """:func:`solve_test_vectors` on validated inputs (no data scan), with the failure policy."""
+                        rhs_batch_size=64, on_failure="raise", prepared=None):
+    """:func:`solve_test_vectors` on validated inputs (no data scan), with the failure policy;
+    ``prepared``: a verified :class:`influx.Prepared` whose state is used instead of ``prepare``."""
     n_test = num_examples(test[0], name="test inputs")
     op = _curvature.operator_unchecked(obj, params, train, kind=kind, damping=damping,
                                        chunk_size=chunk_size)
-    state = solver.prepare(op)  # first: a refused dense allocation comes before any program runs
+    # first: a refused dense allocation comes before any program runs
+    state = solver.prepare(op) if prepared is None else prepared.state
     grads = _measurement_grads(f, params, test, batch_size=min(chunk_size, n_test))
     sol = _solve_many(solver, state, op, grads, batch_size=min(rhs_batch_size, n_test))
     bad = _failed_rows(sol, on_failure, f"influence ({solver!r})")
@@ -383,7 +390,7 @@ def _resolve_method(method, n_test, params, chunk_size, x=None, obj=None):
 @_boundary
 def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
               solver: Solver | None = None, measurement=None, chunk_size: int = 256,
-              method: str = "auto", return_info: bool = False, on_failure: str = "raise"):
+              method: str = "auto", return_info: bool = False, on_failure: str = "raise", state=None):
     """Pairwise influence matrix ``(n_test, n_train)`` (see the module docstring).
 
     ``score[t, m] = (1/N) grad f_t^T (C + (l2 + damping) I)^-1 grad L(z_m)``, the
@@ -412,6 +419,11 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
         ``UNCHECKED`` with ``residual=False``: the solver's own finite answer, for measuring
         a practical solver's error) and gives NaN
         for every other failure. A failed row is never 0.
+      state: an :class:`influx.Prepared` from :func:`influx.prepare` or
+        :func:`influx.solvers.load_state` for the same ``obj``, ``params``, ``train`` (the
+        curvature data), ``kind``, ``damping`` and solver (``solver=None`` takes the
+        state's): its state is used and nothing is prepared -- fit once, query many test
+        sets. A state for other inputs is refused (``InputError`` naming what differs).
 
     Cost: ``n_test`` gradients + one solver preparation + ``n_test`` solves, then one
     pass over the training set (``n_test`` JVPs or one per-example-gradient pass per
@@ -421,11 +433,14 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
     that does not fit ``apply_fn``, labels out of range, empty data, a bad measurement or
     option; the inputs are validated once, here.
     """
+    solver = _saved.resolve_solver(state, solver)  # prepared state (influx.solvers.saved)
     params, n, n_test, f, solver = _validate(obj, params, train, test, kind=kind, damping=damping,
                                              solver=solver, measurement=measurement,
                                              chunk_size=chunk_size, method=method, on_failure=on_failure)
+    _saved.verify(state, obj, params, train, kind=kind, damping=damping, solver=solver)
     scores, info = _influence(obj, params, train, test, f, n=n, n_test=n_test, kind=kind, damping=damping,
-                              solver=solver, chunk_size=chunk_size, method=method, on_failure=on_failure)
+                              solver=solver, chunk_size=chunk_size, method=method, on_failure=on_failure,
+                              prepared=state)
     return (scores, info) if return_info else scores
 
 
@@ -445,10 +460,11 @@ def _validate(obj, params, train, test, *, kind, damping, solver, measurement, c
 
 
 def _influence(obj, params, train, test, f, *, n, n_test, kind, damping, solver, chunk_size, method,
-               on_failure):
+               on_failure, prepared=None):
     """:func:`influence` on validated inputs: ``(scores, info)``."""
     vecs, sol = _solve_test_vectors(obj, params, train, test, f, kind=kind, damping=damping,
-                                    solver=solver, chunk_size=chunk_size, on_failure=on_failure)
+                                    solver=solver, chunk_size=chunk_size, on_failure=on_failure,
+                                    prepared=prepared)
     method = _resolve_method(method, n_test, params, chunk_size, train[0], obj)
     scores = _score_arrays(obj, params, vecs, train, method=method, chunk_size=chunk_size, n_total=n)
     bad = masked_rows(sol.status, on_failure)
@@ -496,7 +512,8 @@ def _groups_matrix(groups, n: int) -> np.ndarray:
 @_boundary
 def group_influence(obj: Objective, params, train, test, groups, *, kind: str = "gnh", damping=1e-3,
                     solver: Solver | None = None, measurement=None, chunk_size: int = 256,
-                    method: str = "auto", return_info: bool = False, on_failure: str = "raise"):
+                    method: str = "auto", return_info: bool = False, on_failure: str = "raise",
+                    state=None):
     """Influence of removing whole groups of training examples at once: ``(n_test, n_groups)``.
 
     Removing a set ``S`` (each member up-weighted by ``-1/N``) changes the parameters, to
@@ -509,14 +526,17 @@ def group_influence(obj: Objective, params, train, test, groups, *, kind: str = 
     ``groups``: an ``(N,)`` int array of group ids (groups ``0..max``), an
     ``(n_groups, N)`` boolean mask, or a sequence of index arrays (possibly overlapping).
     Other keyword arguments (and the failure policy ``on_failure``: a failed test vector
-    gives a NaN row) as :func:`influence`.
+    gives a NaN row; ``state``, a prepared solver state) as :func:`influence`.
     """
+    solver = _saved.resolve_solver(state, solver)  # prepared state (influx.solvers.saved)
     params, n, n_test, f, solver = _validate(obj, params, train, test, kind=kind, damping=damping,
                                              solver=solver, measurement=measurement,
                                              chunk_size=chunk_size, method=method, on_failure=on_failure)
     m = _groups_matrix(groups, n)
+    _saved.verify(state, obj, params, train, kind=kind, damping=damping, solver=solver)
     scores, info = _influence(obj, params, train, test, f, n=n, n_test=n_test, kind=kind, damping=damping,
-                              solver=solver, chunk_size=chunk_size, method=method, on_failure=on_failure)
+                              solver=solver, chunk_size=chunk_size, method=method, on_failure=on_failure,
+                              prepared=state)
     g = scores @ jnp.asarray(m, dtype=scores.dtype)
     return (g, info) if return_info else g
 
@@ -524,7 +544,7 @@ def group_influence(obj: Objective, params, train, test, groups, *, kind: str = 
 @_boundary
 def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=1e-3,
                    solver: Solver | None = None, chunk_size: int = 256, return_info: bool = False,
-                   on_failure: str = "raise"):
+                   on_failure: str = "raise", state=None):
     """Self-influence ``(1/N) grad L(z_m)^T (C + (l2 + damping) I)^-1 grad L(z_m)``, ``(N,)``.
 
     The diagonal of ``influence(obj, params, train, train, ...)``: large values flag
@@ -539,16 +559,19 @@ def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=
 
     ``on_failure`` as in :func:`influence`: an example whose solve failed raises
     :class:`influx.errors.SolveError` (default) or is NaN (``"nan"``/``"warn"``), never 0.
+    ``state``: a prepared solver state for these inputs, as in :func:`influence`.
     """
+    solver = _saved.resolve_solver(state, solver)  # prepared state (influx.solvers.saved)
     chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
     _validation.check_on_failure(on_failure)
     _check_kind_damping(kind, damping)
     params = _upcast_params(params)
     n = check_data(obj, params, train, name="train")
     solver = _check_solver(solver, params)
+    _saved.verify(state, obj, params, train, kind=kind, damping=damping, solver=solver)
     op = _curvature.operator_unchecked(obj, params, train, kind=kind, damping=damping, chunk_size=chunk_size)
-    state = solver.prepare(op)
-    vals, sol = _self_values(solver, state, op, train, n, chunk_size)
+    st = solver.prepare(op) if state is None else state.state
+    vals, sol = _self_values(solver, st, op, train, n, chunk_size)
     if sol is not None:
         bad = _failed_rows(sol, on_failure, f"self_influence ({solver!r})")
         vals = _nan_rows(vals, bad)

@@ -116,7 +116,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 import time
 import warnings
@@ -146,6 +145,7 @@ from influx.curvature import KINDS, pad_rows
 from influx.errors import InputError, SolveError, StateError
 from influx.objective import Objective, check_data, num_examples
 from influx.solvers import Solver, status_message
+from influx.solvers import saved as _saved
 from influx.validation import boundary as _boundary
 from influx.validation import (
     check_choice,
@@ -343,31 +343,8 @@ class _Source:
 
 
 # ------------------------------------------------------------------ fingerprint
-def _hash_tree(h, tree):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    h.update(str(treedef).encode())
-    for l in leaves:
-        a = np.ascontiguousarray(np.asarray(l))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-
-
-def _digest(tree) -> str:
-    h = hashlib.sha256()
-    _hash_tree(h, tree)
-    return h.hexdigest()[:32]
-
-
-def _fn_name(f) -> str:
-    if hasattr(f, "__qualname__"):
-        return f"{getattr(f, '__module__', '')}.{f.__qualname__}"
-    return repr(f)
-
-
-def _stable_repr(x) -> str:
-    """``repr`` without memory addresses (``<function f at 0x7f..>`` -> ``<function f>``), so a
-    fingerprint is the same in every process and in a resumed run."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(x))
+# the digests live in influx._store (shared with the saved solver states of influx.solvers.saved)
+_digest, _fn_name, _stable_repr = _store.digest_tree, _store.fn_name, _store.stable_repr
 
 
 # ------------------------------------------------------------------ input checks
@@ -430,6 +407,7 @@ class _Plan(NamedTuple):
     dtype: Any
     out_dir: Path | None
     fp_parts: dict
+    prepared: Any = None  # an influx.Prepared (state=), verified against the curvature data
 
     @property
     def fingerprint(self) -> str:
@@ -865,7 +843,7 @@ def _solve_flat(obj, params, test, plan: _Plan):
               chunk_size=plan.chunk_size, on_failure="nan")  # the policy is applied here, once
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*did not converge", category=RuntimeWarning)
-        vecs, sol = solve_test_vectors(obj, params, plan.curv, test, **kw)
+        vecs, sol = solve_test_vectors(obj, params, plan.curv, test, state=plan.prepared, **kw)
     flat = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(vecs))
     report = _solve_report(sol, flat, plan.n_test)
     _check_solves(report, plan.solver, plan.on_failure)
@@ -1045,7 +1023,8 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
           kind: str = "gnh", damping=1e-3, solver=None, measurement=None, method: str = "auto",
           top_k: int | None = None, keep_scores: bool = True, on_failure: str = "raise",
           progress: bool | None = None, devices=None, decode: Callable | None = None,
-          num_train: int | None = None, curvature_data=None, curvature_examples: int = 4096) -> ScoreResult:
+          num_train: int | None = None, curvature_data=None, curvature_examples: int = 4096,
+          state=None) -> ScoreResult:
     """Scores every training example of ``train_source`` against every test point.
 
     See the module docstring for sources, the curvature data, sharding, on-disk output,
@@ -1076,6 +1055,10 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
       num_train: ``N`` for a one-shot iterator source.
       curvature_data, curvature_examples: the data of the curvature operator for stream
         sources (see the module docstring).
+      state: an :class:`influx.Prepared` (:func:`influx.prepare` on the curvature data --
+        the training arrays, or ``curvature_data`` -- with the same ``kind``, ``damping``
+        and solver; ``solver=None`` takes the state's): the solver is not prepared again.
+        A state for other inputs is refused before any work (``InputError``).
 
     Cost: the test side once (see :func:`influx.attribution.solve_test_vectors`), then per chunk
     ``n_test`` JVPs or one per-example-gradient pass, divided over the devices; with
@@ -1094,11 +1077,15 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
     """
     t_start = time.perf_counter()
     comm = _ManyProcesses() if jax.process_count() > 1 else _OneProcess()
+    solver = _saved.resolve_solver(state, solver)  # prepared state (influx.solvers.saved)
     plan = comm.plan(lambda: _plan(
         obj, params, train_source, test, chunk_size=chunk_size, kind=kind, damping=damping, solver=solver,
         measurement=measurement, method=method, top_k=top_k, keep_scores=keep_scores, on_failure=on_failure,
         out_dir=out_dir, progress=progress, devices=devices, decode=decode, num_train=num_train,
         curvature_data=curvature_data, curvature_examples=curvature_examples))
+    if state is not None:  # refused before out_dir is touched or anything is solved
+        _saved.verify(state, obj, params, plan.curv, kind=plan.kind, damping=plan.damping, solver=plan.solver)
+        plan = plan._replace(prepared=state)
     local, status = comm.on_lead(lambda: _open_and_solve(obj, params, test, plan))
     store, flat, tk = local if local is not None else (None, None, None)
     try:

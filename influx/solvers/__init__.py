@@ -36,6 +36,7 @@ from influx.solvers.cg import CG, block_cg, cg, diagonal_preconditioner, estimat
 from influx.solvers.direct import Direct, direct
 from influx.solvers.ekfac import EKFAC, KFAC, EKFACState, ekfac, kfac
 from influx.solvers.lissa import LiSSA, estimate_top_eigenvalue, lissa
+from influx.solvers.saved import Prepared, load_state, prepare, save_state
 
 __all__ = [
     "CG",
@@ -48,6 +49,7 @@ __all__ = [
     "KFAC",
     "LiSSA",
     "LinearOperator",
+    "Prepared",
     "Solution",
     "Solver",
     "Status",
@@ -64,6 +66,9 @@ __all__ = [
     "kron",
     "lanczos",
     "lissa",
+    "load_state",
+    "prepare",
+    "save_state",
     "status_message",
     "top_eigenpairs",
 ]
