@@ -275,7 +275,10 @@ class _Encoder:
         while name in self.arrays or not name:
             name, k = f"{base}.{k}", k + 1
         self.arrays[name] = a
-        return {"type": "array", "file": name + ".npy", "dtype": a.dtype.str, "shape": list(a.shape)}
+        node = {"type": "array", "file": name + ".npy", "dtype": a.dtype.str, "shape": list(a.shape)}
+        if getattr(x, "weak_type", False):  # restored on load: equal states share compiled programs
+            node["weak_type"] = True
+        return node
 
     def encode(self, x, name: str = "") -> dict:
         join = (lambda part: f"{name}.{part}" if name else str(part))
@@ -325,6 +328,21 @@ def _lookup_class(name: Any, where: Path):
     return cls
 
 
+def _weak(a: np.ndarray) -> jax.Array:
+    """A weakly typed array (as JAX makes from a Python scalar, e.g. a solver's shift), so a
+    loaded state hits the same compiled programs as the one that was saved."""
+    if a.ndim == 0:
+        out = jnp.asarray(a.item())
+        if out.dtype == a.dtype:
+            return out
+    try:
+        from jax._src.lax.lax import _convert_element_type  # no public way to ask for a weak type
+
+        return _convert_element_type(jnp.asarray(a), a.dtype, weak_type=True)
+    except (ImportError, TypeError):  # a strong type only costs one compilation
+        return jnp.asarray(a)
+
+
 class _Decoder:
     def __init__(self, root: Path, treedef):
         self.root, self.treedef = root, treedef
@@ -336,7 +354,7 @@ class _Decoder:
         if a.dtype.str != node.get("dtype") or list(a.shape) != node.get("shape"):
             raise StateError(f"{path}: holds {a.dtype} {a.shape}, the manifest says {node.get('dtype')} "
                              f"{tuple(node.get('shape') or ())}; delete {str(self.root)!r} and save again")
-        out = jnp.asarray(a)
+        out = _weak(a) if node.get("weak_type") else jnp.asarray(a)
         if out.dtype != a.dtype:
             raise InputError(f"load_state: {path.name} is {a.dtype}, but JAX makes it {out.dtype} (64-bit "
                              "types are off): enable jax_enable_x64 to use this state, or prepare it again "
