@@ -190,3 +190,20 @@ def test_score_with_a_state_equals_score_without(problem, saved, tmp_path, count
                                       out_dir=tmp_path / "scores")
     assert not calls
     np.testing.assert_array_equal(np.asarray(without.scores), np.asarray(with_state.scores))
+
+
+@pytest.mark.parametrize("solver", [solvers.cg(preconditioner="jacobi", precond_samples=4),
+                                    solvers.lissa(depth=10, scale=10.0),
+                                    solvers.kfac(tol=math.inf)], ids=["cg-jacobi", "lissa", "kfac"])
+def test_every_stateful_solver_round_trips(solver, problem, tmp_path):
+    # CG's Jacobi diagonal, LiSSA's scale (NaN estimates: a given scale), K-FAC's factors: exactly,
+    # the solver rebuilt from its saved options
+    obj, params, train, _ = problem
+    prepared = influx.prepare(obj, params, train, damping=DAMPING, solver=solver)
+    assert jax.tree_util.tree_leaves(prepared.state)  # there is a state to save
+    influx.solvers.save_state(prepared, tmp_path / "s")
+    loaded = influx.solvers.load_state(tmp_path / "s", obj, params, train, damping=DAMPING)
+    assert loaded.solver == solver and type(loaded.state) is type(prepared.state)
+    assert jax.tree_util.tree_structure(loaded.state) == jax.tree_util.tree_structure(prepared.state)
+    for a, b in zip(jax.tree_util.tree_leaves(prepared.state), jax.tree_util.tree_leaves(loaded.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
