@@ -207,3 +207,14 @@ def test_every_stateful_solver_round_trips(solver, problem, tmp_path):
     assert jax.tree_util.tree_structure(loaded.state) == jax.tree_util.tree_structure(prepared.state)
     for a, b in zip(jax.tree_util.tree_leaves(prepared.state), jax.tree_util.tree_leaves(loaded.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_state_that_would_not_fit_in_memory_is_refused_before_reading(problem, saved, monkeypatch):
+    from influx import _memory
+    from influx.errors import ResourceError
+
+    obj, params, train, _ = problem
+    _, root = saved
+    monkeypatch.setattr(_memory, "available_bytes", lambda device=None: 1000)
+    with pytest.raises(ResourceError, match="load_state"):
+        influx.solvers.load_state(root, obj, params, train, damping=DAMPING)

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influx import _store
+from influx import _memory, _store
 from influx import curvature as _curvature
 from influx import validation as _validation
 from influx.errors import InputError, StateError
@@ -476,7 +476,9 @@ def load_state(path, obj: Objective, params, data, *, kind: str = "gnh", damping
     saved state); the options and data are checked; the fingerprint is compared with these
     inputs (:class:`~influx.errors.InputError` naming what differs: params, data, kind,
     damping, l2, model, loss, solver options); then the arrays are read. Cost: reading the
-    files twice (checksum, load) and hashing ``params`` and ``data``.
+    files twice (checksum, load) and hashing ``params`` and ``data``; a state that would
+    not fit in memory (twice its size: host copy and device copy) is refused before it is
+    read (:class:`~influx.errors.ResourceError`).
     """
     from influx.attribution import _upcast_params
 
@@ -500,6 +502,11 @@ def load_state(path, obj: Objective, params, data, *, kind: str = "gnh", damping
     differ = _differences(st.manifest.get("inputs", {}), now)
     if differ:
         _refuse(differ, f"the state saved in {str(root)!r}")
+    arrays = meta.get("arrays") if isinstance(meta.get("arrays"), dict) else {}
+    nbytes = sum(int(np.prod(a.get("shape", ()))) * np.dtype(a.get("dtype", "f8")).itemsize
+                 for a in arrays.values() if isinstance(a, dict))
+    _memory.check_fits(2 * nbytes, what=f"load_state: the state in {str(root)!r} (read from disk, then "
+                       "placed on the device)", alternative="load it on a machine with more memory")
     treedef = jax.tree_util.tree_structure(params)
     state = _Decoder(root, treedef).decode(meta["structure"])
     return Prepared(solver, state, now, treedef, _param_names(params))
