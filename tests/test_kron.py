@@ -30,17 +30,19 @@ def _gnh(op):
 
 
 def _block_index(params, b):
-    """Flat (ravel order) indices of a block's ``(rows, d_out)`` matrix."""
+    """Flat (ravel order) indices of a block's ``(rows, d_out)`` matrix (a slice of a stacked
+    leaf for a layer in (nested) scans, the columns of one feature group of a grouped conv)."""
     leaves = jax.tree_util.tree_leaves(params)
     offs = np.cumsum([0] + [np.size(l) for l in leaves])
+    ix = () if b.index is None else (b.index,) if isinstance(b.index, int) else tuple(b.index)
+    cols = slice(b.group * b.d_out, (b.group + 1) * b.d_out)
 
     def leaf_index(i):
-        idx = np.arange(offs[i], offs[i + 1]).reshape(np.shape(leaves[i]))
-        return idx if b.index is None else idx[b.index]
+        return np.arange(offs[i], offs[i + 1]).reshape(np.shape(leaves[i]))[ix]
 
-    idx = leaf_index(b.kernel).transpose(b.perm).reshape(b.d_in, b.d_out)
+    idx = leaf_index(b.kernel).transpose(b.perm).reshape(b.d_in, -1)[:, cols]
     if b.bias is not None:
-        idx = np.concatenate([idx, leaf_index(b.bias).reshape(1, -1)], 0)
+        idx = np.concatenate([idx, leaf_index(b.bias).reshape(1, -1)[:, cols]], 0)
     return idx.reshape(-1)
 
 
@@ -64,6 +66,11 @@ def _linear_problem(name):
     elif name == "conv1d":  # dilation, VALID
         m = nnx.Conv(2, 2, (3,), kernel_dilation=(2,), padding="VALID", rngs=rngs)
         x = (4, 9, 2)
+    elif name == "conv2d_grouped":  # two feature groups, strides, SAME padding, bias
+        m = nnx.Conv(4, 6, (3, 2), strides=(2, 1), padding="SAME", feature_group_count=2, rngs=rngs)
+        x = (3, 4, 4, 4)
+    elif name == "conv1d_depthwise":  # depthwise, channel multiplier 2
+        m, x = nnx.Conv(3, 6, (3,), feature_group_count=3, padding="VALID", rngs=rngs), (3, 6, 3)
     elif name == "conv3d":
         m, x = nnx.Conv(1, 2, (2, 2, 2), use_bias=False, rngs=rngs), (3, 3, 3, 3, 1)
     elif name == "dense_general_out2":  # (d_in,) -> (heads, head_dim), bias (heads, head_dim)
@@ -90,7 +97,7 @@ def _linear_problem(name):
 
 
 LINEAR = ["conv2d", "conv1d", "conv3d", "dense_general_out2", "dense_general_in2", "sequence_dense",
-          "embedding"]
+          "embedding", "conv2d_grouped", "conv1d_depthwise"]
 
 
 @pytest.mark.parametrize("name", LINEAR)
@@ -98,16 +105,19 @@ def test_kfac_block_is_the_exact_gauss_newton_block_for_linear_models(name):
     obj, params, data = _linear_problem(name)
     blks = kron.blocks(obj.apply_fn, params, data[0][:1])
     kind = "conv" if name.startswith("conv") else "embedding" if name == "embedding" else "dense"
-    assert len(blks) == 1 and blks[0].kind == kind
-    # every parameter is in the block: K-FAC is the whole matrix
+    groups = {"conv2d_grouped": 2, "conv1d_depthwise": 3}.get(name, 1)
+    # one block per feature group (block-diagonal: the groups share no output)
+    assert [(b.kind, b.group, b.groups) for b in blks] == [(kind, g, groups) for g in range(groups)]
+    # every parameter is in a block: K-FAC is the whole matrix
     assert kron.coverage(obj.apply_fn, params, data[0][:1]) == 1.0
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=3)
     g = _gnh(op)
     st = solvers.kfac().prepare(op)
-    q = _basis(st, 0)
-    approx = q @ np.diag(np.asarray(st.lam[0]).ravel()) @ q.T
-    idx = _block_index(params, blks[0])
-    np.testing.assert_allclose(approx, g[np.ix_(idx, idx)], atol=1e-12, rtol=1e-10)
+    for k, b in enumerate(blks):
+        q = _basis(st, k)
+        approx = q @ np.diag(np.asarray(st.lam[k]).ravel()) @ q.T
+        idx = _block_index(params, b)
+        np.testing.assert_allclose(approx, g[np.ix_(idx, idx)], atol=1e-12, rtol=1e-10)
     b = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) * 0.3, params)
     for s in (solvers.kfac(), solvers.ekfac()):
         sol = s(op, b)
@@ -116,13 +126,15 @@ def test_kfac_block_is_the_exact_gauss_newton_block_for_linear_models(name):
         assert bool(sol.converged) and float(sol.stats["relative_residual"]) < 1e-10
 
 
-def test_kfac_block_exact_for_one_example_at_one_position_of_a_nonlinear_conv_net():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_kfac_block_exact_for_one_example_at_one_position_of_a_nonlinear_conv_net(groups):
     # a conv whose kernel covers the whole image (one output position), then tanh and a dense
     # layer with softmax cross-entropy: for one example, GNH block = a a^T (x) sum_c g_c g_c^T
+    # (grouped: one such block per feature group)
     class Net(nnx.Module):
         def __init__(self, rngs):
-            self.conv = nnx.Conv(2, 3, (4, 4), padding="VALID", rngs=rngs)
-            self.out = nnx.Linear(3, 4, rngs=rngs)
+            self.conv = nnx.Conv(2, 4, (4, 4), padding="VALID", feature_group_count=groups, rngs=rngs)
+            self.out = nnx.Linear(4, 4, rngs=rngs)
 
         def __call__(self, x):
             return self.out(jnp.tanh(self.conv(x)).reshape(x.shape[0], -1))
@@ -134,7 +146,7 @@ def test_kfac_block_exact_for_one_example_at_one_position_of_a_nonlinear_conv_ne
     op = curvature.operator(obj, params, (x, jnp.array([1])), kind="gnh", damping=1e-2)
     g = _gnh(op)
     st = solvers.kfac().prepare(op)
-    assert [b.kind for b in st.blocks] == ["conv", "dense"]
+    assert [b.kind for b in st.blocks] == ["conv"] * groups + ["dense"]
     for k, b in enumerate(st.blocks):
         q = _basis(st, k)
         idx = _block_index(params, b)
@@ -296,3 +308,113 @@ def test_coverage_warning_and_tied_weights():
     op = curvature.operator(obj, params, (x, jnp.zeros((8, 2))), kind="gnh", damping=1e-2)
     with pytest.warns(RuntimeWarning, match="25% of the parameters"):
         solvers.kfac().prepare(op)
+
+
+# ------------------------------------------------------------------ grouped convs, nested scans
+class _GroupedNet(nnx.Module):
+    """A grouped convolution (2 groups), a depthwise one, a dense head."""
+
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(2, 4, (3, 3), padding="SAME", feature_group_count=2, rngs=rngs)
+        self.c2 = nnx.Conv(4, 4, (2, 2), padding="VALID", feature_group_count=4, rngs=rngs)
+        self.out = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.c2(jnp.tanh(self.c1(x))))
+        return self.out(h.reshape(h.shape[0], -1))
+
+
+def _nested_scan_apply(p, x):
+    """``lax.scan`` over two blocks, each a ``lax.scan`` over two stacked tanh layers."""
+    def outer(h, blk):
+        def inner(hh, layer):
+            return jnp.tanh(hh @ layer["w"] + layer["b"]), None
+
+        return jax.lax.scan(inner, h, blk)[0], None
+
+    h, _ = jax.lax.scan(outer, x, p["stack"])
+    return h @ p["head"]["w"] + p["head"]["b"]
+
+
+def _structured(name):
+    if name == "grouped":
+        apply, params = _nnx(_GroupedNet(nnx.Rngs(0)))
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        x = jax.random.normal(jax.random.PRNGKey(1), (5, 3, 3, 2), jnp.float64)
+    else:
+        k = jax.random.split(jax.random.PRNGKey(0), 3)
+        params = {"stack": {"w": 0.8 * jax.random.normal(k[0], (2, 2, 3, 3)),
+                            "b": 0.1 * jax.random.normal(k[1], (2, 2, 3))},
+                  "head": {"w": jax.random.normal(k[2], (3, 3)), "b": jnp.zeros(3)}}
+        apply, x = _nested_scan_apply, jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+    y = jax.random.randint(jax.random.PRNGKey(2), (5,), 0, 3)
+    return influx.Objective(apply, losses.softmax_cross_entropy, l2=1e-3), params, (x, y)
+
+
+@pytest.mark.parametrize("name", ["grouped", "nested_scan"])
+def test_ekfac_eigenvalues_for_grouped_convs_and_nested_scans(name):
+    obj, params, data = _structured(name)
+    x0 = data[0][:1]
+    assert kron.coverage(obj.apply_fn, params, x0) == 1.0
+    rep = {r.path: r.block for r in kron.layers(obj.apply_fn, params, x0)}
+    if name == "grouped":  # one block per feature group: 2 + 4 (depthwise) + the head
+        want = [("conv", 0, 2)] * 2 + [("conv", 0, 4)] * 4 + [("dense", None, 1)]
+        assert rep == {f"['{m}']['{r}'].value": "conv" if m != "out" else "dense"
+                       for m in ("c1", "c2", "out") for r in ("bias", "kernel")}
+    else:  # one block per innermost slice of the doubly stacked kernel and bias
+        want = [("dense", (i, j), 1) for i in range(2) for j in range(2)] + [("dense", None, 1)]
+        assert set(rep.values()) == {"dense"}
+    op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=3)
+    st = solvers.ekfac().prepare(op)
+    assert [(b.kind, b.index if name != "grouped" else 0 if b.groups > 1 else None, b.groups)
+            for b in st.blocks] == want
+    assert all(b.bias is not None for b in st.blocks)
+    if name == "grouped":
+        assert [b.group for b in st.blocks] == [0, 1, 0, 1, 2, 3, 0]
+    g = _gnh(op)
+    covered = np.zeros(op.dim, int)
+    for k, b in enumerate(st.blocks):
+        q = _basis(st, k)
+        idx = _block_index(params, b)
+        covered[idx] += 1
+        want_lam = np.diag(q.T @ g[np.ix_(idx, idx)] @ q).reshape(np.shape(st.lam[k]))
+        np.testing.assert_allclose(np.asarray(st.lam[k]), want_lam, rtol=1e-9, atol=1e-13)
+    assert np.all(covered == 1)  # the blocks partition the parameters
+    # the factored inverse puts every block's share back in place: on a right-hand side that
+    # is an eigenvector of one block, it is that vector over (its eigenvalue + shift)
+    k = 1
+    b_flat = np.zeros(op.dim)
+    idx = _block_index(params, st.blocks[k])
+    b_flat[idx] = _basis(st, k)[:, 2]
+    unravel = ravel_pytree(params)[1]
+    x = np.asarray(ravel_pytree(E._inverse(st, unravel(jnp.asarray(b_flat))))[0])
+    lam = np.asarray(st.lam[k]).ravel()[2] + float(op.shift)
+    np.testing.assert_allclose(x, b_flat / lam, rtol=1e-10, atol=1e-14)
+
+
+def test_linen_nested_scan_gets_one_block_per_slice():
+    import flax.linen as nn
+
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return jnp.tanh(nn.Dense(3)(h)), None
+
+    class Blk(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            scan = nn.scan(Inner, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+            return scan()(h, None)[0], None
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Blk, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return nn.Dense(2)(scan()(x, None)[0])
+
+    x = jnp.ones((1, 3))
+    params = Net().init(jax.random.PRNGKey(0), x)
+    blks = kron.blocks(Net().apply, params, x)
+    assert [b.index for b in blks] == [(i, j) for i in range(3) for j in range(2)] + [None]
+    assert blks[0].path == "['params']['ScanBlk_0']['ScanInner_0']['Dense_0']['kernel'][0][0]"
+    assert kron.coverage(Net().apply, params, x) == 1.0
