@@ -417,3 +417,130 @@ def test_linen_nested_scan_gets_one_block_per_slice():
     assert [b.index for b in blks] == [(i, j) for i in range(3) for j in range(2)] + [None]
     assert blks[0].path == "['params']['ScanBlk_0']['ScanInner_0']['Dense_0']['kernel'][0][0]"
     assert kron.coverage(Net().apply, params, x) == 1.0
+
+
+# ------------------------------------------------------------------ layers declared by hand
+@jax.custom_jvp
+def _opaque_dense(x, w):
+    """A dense layer behind a custom derivative (its rule is the true derivative; a
+    ``custom_vjp`` one would do for the factors, but the Gauss-Newton operator needs JVPs)."""
+    return x @ w
+
+
+_opaque_dense.defjvp(lambda p, t: (p[0] @ p[1], t[0] @ p[1] + p[0] @ t[1]))
+
+
+def _custom_apply(p, x):
+    return _opaque_dense(jnp.tanh(_opaque_dense(x, p["w1"]) + p["b1"]), p["w2"])
+
+
+def _custom_problem():
+    k = jax.random.split(jax.random.PRNGKey(3), 4)
+    params = {"w1": jax.random.normal(k[0], (3, 4)), "b1": 0.1 * jax.random.normal(k[1], (4,)),
+              "w2": jax.random.normal(k[2], (4, 3))}
+    x = jax.random.normal(k[3], (4, 3))
+    y = jnp.array([0, 1, 2, 1])
+    return influx.Objective(_custom_apply, losses.softmax_cross_entropy, l2=1e-3), params, (x, y)
+
+
+def test_declared_layers_inside_custom_jvp_get_exact_ekfac_eigenvalues():
+    obj, params, data = _custom_problem()
+    x0 = data[0][:1]
+    # the custom-derivative function is opaque to tracing: everything on the diagonal
+    assert {r.block for r in kron.layers(_custom_apply, params, x0)} == {"diagonal"}
+    declare = (("w1", "dense"), kron.Layer("w2"))
+    rep = {r.path: (r.block, r.role) for r in kron.layers(_custom_apply, params, x0, declare=declare)}
+    assert rep == {"['b1']": ("dense", "bias"), "['w1']": ("dense", "kernel"),
+                   "['w2']": ("dense", "kernel")}
+    op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=4)
+    st = solvers.ekfac(declare=declare).prepare(op)
+    assert [b.path for b in st.blocks] == ["['w1']", "['w2']"]
+    g = _gnh(op)
+    for k, b in enumerate(st.blocks):
+        q = _basis(st, k)
+        idx = _block_index(params, b)
+        want = np.diag(q.T @ g[np.ix_(idx, idx)] @ q).reshape(np.shape(st.lam[k]))
+        np.testing.assert_allclose(np.asarray(st.lam[k]), want, rtol=1e-9, atol=1e-13)
+
+
+def test_declared_diagonal_leaves_stay_out_of_the_blocks():
+    obj, params, data = _structured("grouped")
+    x0 = data[0][:1]
+    declare = (kron.Layer("c1/kernel", "diagonal"), ("['out']['bias'].value", "diagonal"))
+    blks = kron.blocks(obj.apply_fn, params, x0, declare=declare)
+    assert [(b.kind, b.bias is not None) for b in blks] == [("conv", True)] * 4 + [("dense", False)]
+    rep = {r.path: r.block for r in kron.layers(obj.apply_fn, params, x0, declare=declare)}
+    assert rep["['c1']['kernel'].value"] == rep["['c1']['bias'].value"] == "diagonal"
+    assert rep["['out']['bias'].value"] == "diagonal" and rep["['out']['kernel'].value"] == "dense"
+    sizes = {r.path: r.size for r in kron.layers(obj.apply_fn, params, x0)}
+    diag = sum(sizes[p] for p, blk in rep.items() if blk == "diagonal")
+    assert kron.coverage(obj.apply_fn, params, x0, declare=declare) == pytest.approx(
+        1 - diag / sum(sizes.values()))
+    # the solver value carries the declaration (hashable, equal however it was spelled)
+    s1 = solvers.kfac(declare=declare)
+    s2 = solvers.kfac(declare=[("c1/kernel", "diagonal"), kron.Layer("out/bias", "diagonal")])
+    assert s1.declare == declare[:1] + (kron.Layer("['out']['bias'].value", "diagonal"),)
+    assert hash(s1) == hash(solvers.kfac(declare=declare)) and s1 != s2
+    obj, params, data = _structured("nested_scan")
+    op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2, chunk_size=5)
+    with pytest.warns(RuntimeWarning, match="20% of the parameters"):
+        st = solvers.kfac(declare={"stack/w": "diagonal"}).prepare(op)
+    assert [b.path for b in st.blocks] == ["['head']['w']"]
+    d = np.asarray(ravel_pytree(st.diag)[0])
+    idx = _block_index(params, st.blocks[0])
+    rest = np.setdiff1d(np.arange(op.dim), idx)
+    np.testing.assert_allclose(d[rest], np.diag(_gnh(op))[rest], rtol=1e-9, atol=1e-14)
+
+
+def _tied(p, x):
+    return jnp.tanh(x @ p["w1"]) @ p["w1"].T
+
+
+def _regularised(p, x):
+    return x @ p["w1"] + jnp.sum(p["w1"] ** 2)
+
+
+def _elementwise(p, x):
+    return jnp.tanh(x * p["w1"][:, 0])
+
+
+def _in_cond(p, x):
+    return jax.lax.cond(x.sum() > 0, lambda: x @ p["w1"], lambda: -x @ p["w1"]) @ p["w2"]
+
+
+@pytest.mark.parametrize("apply, declare, match", [
+    (_custom_apply, {"w3": "dense"}, r"'w3': no parameter leaf has this path \(the leaves: \['b1'\]"),
+    (_custom_apply, kron.Layer("w1", shape=(4, 3)), r"declared shape \(4, 3\), but the leaf \['w1'\]"),
+    (_custom_apply, kron.Layer("w1", "conv"), "'w1'.*the trace uses it as a dense layer"),
+    (_custom_apply, kron.Layer("w1", in_axes=1, out_axes=0),
+     r"declared in_axes=\(1,\), but the trace contracts axes \(0,\)"),
+    (_custom_apply, {"w1": "dense", "b1": "dense"}, "'b1'.*it is the bias of a dense layer"),
+    (_tied, {"w1": "dense"}, "'w1'.*weight of 2 operations"),
+    (_regularised, {"w1": "dense"}, "'w1'.*1 other use"),
+    (_elementwise, {"w1": "dense"}, "'w1'.*applies no dense, conv or embedding operation"),
+    (_in_cond, {"w1": "dense"}, "'w1'.*applies no dense, conv or embedding operation"),
+])
+def test_declared_layers_that_do_not_match_the_trace_are_refused(apply, declare, match):
+    params, x0 = _custom_problem()[1], jnp.ones((1, 3))
+    if apply is _tied:
+        params = {"w1": params["w1"][:, :3]}
+    with pytest.raises(influx.errors.InputError, match=match):
+        kron.blocks(apply, params, x0, declare=declare)
+    # a correct declaration of the same model passes (axes and shape checked too)
+    ok = kron.blocks(_custom_apply, _custom_problem()[1], x0,
+                     declare=kron.Layer("w1", in_axes=(0,), out_axes=(1,), shape=(3, 4)))
+    assert [b.path for b in ok] == ["['w1']"]
+
+
+def test_bad_declarations_are_refused_before_any_work():
+    for bad in ("w1", 3, [("w1",)], [("w1", "dense"), ("w1", "diagonal")]):
+        with pytest.raises(influx.errors.InputError, match="declare"):
+            solvers.ekfac(declare=bad)
+    with pytest.raises(influx.errors.InputError, match="kind must be one of"):
+        kron.Layer("w1", "lstm")
+    with pytest.raises(influx.errors.InputError, match="in_axes"):
+        kron.Layer("w1", "diagonal", in_axes=0)
+    obj, params, data = _custom_problem()
+    op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2)
+    with pytest.raises(influx.errors.InputError, match="'nope': no parameter leaf"):
+        solvers.ekfac(declare={"nope": "dense"}).prepare(op)
