@@ -26,9 +26,10 @@ and the solve is, with the shift ``s = l2 + damping``::
     X~ = Q_A [(Q_A^T B~ Q_S) / (Lambda + s)] Q_S^T          (elementwise division)
 
 Parameters in no block (normalisation scales, shared or tied weights, layers inside
-``scan``) get the exact Gauss-Newton diagonal ``d_j = 1/N sum_n sum_c (J_n^T l_c)_j^2`` and
-``x_j = b_j / (d_j + s)``; ``prepare`` warns when they hold more than 10% of the parameters
-(``influx.solvers.ekfac.layers(...)`` / ``.coverage(...)`` say which).
+``cond``/``while``, leaves declared ``"diagonal"``) get the exact Gauss-Newton diagonal
+``d_j = 1/N sum_n sum_c (J_n^T l_c)_j^2`` and ``x_j = b_j / (d_j + s)``; ``prepare`` warns
+when they hold more than 10% of the parameters (``influx.solvers.ekfac.layers(...)`` /
+``.coverage(...)`` say which; ``declare=`` of :func:`ekfac` moves leaves in or out).
 
 Output factor: the loss's own square-root factor ``L`` (:attr:`influx.losses.Loss.hessian_factor`,
 closed forms; an eigendecomposition of the dense ``D x D`` output Hessian for any other

@@ -8,10 +8,14 @@ interpreter that recognises three kinds of linear layers whose weight is a param
   kernel axes (``nn.Dense``, ``DenseGeneral`` / ``nnx.LinearGeneral``, the query, key, value
   and output projections of ``MultiHeadAttention``, einsum kernels, and a dense layer applied
   at every position of a sequence: the "expand" setting, every position is a row);
-* ``"conv"``: ``conv_general_dilated`` with ``feature_group_count = batch_group_count = 1``
-  (any number of spatial dimensions, strides, padding, dilations): the rows are the input
-  patches at every output position (Grosse & Martens 2016, KFC; the "expand" form of
-  Eschenhagen et al. 2023), computed with ``lax.conv_general_dilated_patches``;
+* ``"conv"``: ``conv_general_dilated`` with ``batch_group_count = 1`` (any number of
+  spatial dimensions, strides, padding, dilations): the rows are the input patches at
+  every output position (Grosse & Martens 2016, KFC; the "expand" form of Eschenhagen et
+  al. 2023), computed with ``lax.conv_general_dilated_patches``. A grouped convolution
+  (``feature_group_count = G > 1``; depthwise: ``G`` = input channels) is ``G`` layers,
+  one block per group: group ``g``'s outputs are its kernel columns ``g*O/G ... (g+1)*O/G``
+  applied to the patches of its input channels and nothing else, so the Gauss-Newton
+  matrix is exactly block-diagonal over the groups (no cross-group approximation);
 * ``"embedding"``: a ``gather`` of rows of a 2-D table (``nn.Embed``, ``jnp.take``): the
   rows are the one-hot token vectors, so the input factor ``A`` is exactly diagonal (the
   token frequencies) and is kept as a diagonal -- no ``V x V`` matrix, no eigendecomposition.
@@ -21,10 +25,18 @@ followed by a reshape (contracted/input axes first, output-feature axes last); i
 parameter leaf added right after it, broadcast along the output features (trailing axes). A
 leaf used anywhere else (weight tying, a kernel also used in a regulariser inside
 ``apply_fn``) gets no block. Nested ``jit`` and ``checkpoint``/``remat`` calls are inlined;
-layers inside ``scan``, ``cond``, ``while`` or custom derivatives are not seen, except a ``scan`` over stacked
-parameters (``lax.scan``, ``nn.scan``, ``nnx.scan`` with the layer weights as scanned
-inputs): it is unrolled and every slice of a stacked leaf is a layer of its own (one block
-per slice, when every slice is one).
+layers inside ``cond``, ``while`` or custom derivatives are not seen (custom derivatives:
+unless declared, below), nor inside a ``scan``, except a ``scan`` over stacked parameters
+(``lax.scan``, ``nn.scan``, ``nnx.scan`` with the layer weights as scanned inputs): it is
+unrolled and every slice of a stacked leaf is a layer of its own (one block per slice,
+when every slice is one). Nested scans (a scan of blocks, each scanning its own stacked
+layers) unroll the same way: one block per innermost slice ``leaf[i, j]``.
+
+Layers can be declared by hand (:class:`Layer`, the ``declare=`` option of
+:func:`blocks`, :func:`layers`, :func:`coverage` and of the K-FAC/EK-FAC solvers): a leaf
+forced onto the diagonal, or a leaf that must be a layer of a given kind (and then is
+looked for inside ``custom_jvp``/``custom_vjp`` functions too); a declaration the traced
+graph does not match is an :class:`InputError` naming the leaf and what the trace found.
 
 :func:`layers` reports every parameter leaf with the block it got, :func:`coverage` the
 share of parameters in Kronecker blocks, :func:`blocks` the blocks themselves.
