@@ -391,7 +391,7 @@ def test_ekfac_eigenvalues_for_grouped_convs_and_nested_scans(name):
     np.testing.assert_allclose(x, b_flat / lam, rtol=1e-10, atol=1e-14)
 
 
-def test_linen_nested_scan_gets_one_block_per_slice():
+def _linen_nested_scan():
     import flax.linen as nn
 
     class Inner(nn.Module):
@@ -411,12 +411,49 @@ def test_linen_nested_scan_gets_one_block_per_slice():
             scan = nn.scan(Blk, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
             return nn.Dense(2)(scan()(x, None)[0])
 
+    params = Net().init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
+    return Net().apply, params, "['params']['ScanBlk_0']['ScanInner_0']['Dense_0']['kernel']"
+
+
+def _nnx_nested_scan():
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 3, rngs=rngs)
+
+    def stacked(cls, n, rngs):
+        return nnx.split_rngs(splits=n)(nnx.vmap(cls, in_axes=(0,), out_axes=0))(rngs)
+
+    class Blk(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = stacked(Layer, 2, rngs)
+
+        def __call__(self, h):
+            step = nnx.scan(lambda hh, layer: jnp.tanh(layer.lin(hh)), in_axes=(nnx.Carry, 0),
+                            out_axes=nnx.Carry)
+            return step(h, self.layers)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = stacked(Blk, 3, rngs)
+            self.head = nnx.Linear(3, 2, rngs=rngs)
+
+        def __call__(self, x):
+            step = nnx.scan(lambda h, blk: blk(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            return self.head(step(x, self.blocks))
+
+    apply, params = _nnx(Net(nnx.Rngs(0)))
+    return apply, params, "['blocks']['layers']['lin']['kernel'].value"
+
+
+@pytest.mark.parametrize("make", [_linen_nested_scan, _nnx_nested_scan], ids=["linen", "nnx"])
+def test_flax_nested_scans_get_one_block_per_slice(make):
+    apply, params, kernel = make()
     x = jnp.ones((1, 3))
-    params = Net().init(jax.random.PRNGKey(0), x)
-    blks = kron.blocks(Net().apply, params, x)
+    blks = kron.blocks(apply, params, x)
     assert [b.index for b in blks] == [(i, j) for i in range(3) for j in range(2)] + [None]
-    assert blks[0].path == "['params']['ScanBlk_0']['ScanInner_0']['Dense_0']['kernel'][0][0]"
-    assert kron.coverage(Net().apply, params, x) == 1.0
+    assert [b.path for b in blks[:2]] == [kernel + "[0][0]", kernel + "[0][1]"]
+    assert all(b.bias is not None for b in blks)
+    assert kron.coverage(apply, params, x) == 1.0
 
 
 # ------------------------------------------------------------------ layers declared by hand
