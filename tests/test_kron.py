@@ -391,6 +391,33 @@ def test_ekfac_eigenvalues_for_grouped_convs_and_nested_scans(name):
     np.testing.assert_allclose(x, b_flat / lam, rtol=1e-10, atol=1e-14)
 
 
+def test_kfac_blocks_exact_for_a_deep_linear_nested_scan():
+    # linear layers in nested scans with squared error: the map from a layer's output to the
+    # network output is the same for every example, so each slice's Gauss-Newton block is
+    # exactly A (x) S (K-FAC exact per block; the cross-layer blocks are what K-FAC drops)
+    def apply(p, x):
+        def outer(h, blk):
+            return jax.lax.scan(lambda hh, layer: (hh @ layer["w"] + layer["b"], None), h, blk)[0], None
+
+        return jax.lax.scan(outer, x, p["stack"])[0] @ p["head"]
+
+    k = jax.random.split(jax.random.PRNGKey(4), 4)
+    params = {"stack": {"w": 0.7 * jax.random.normal(k[0], (2, 2, 3, 3)),
+                        "b": 0.1 * jax.random.normal(k[1], (2, 2, 3))},
+              "head": jax.random.normal(k[2], (3, 2))}
+    x = jax.random.normal(k[3], (6, 3))
+    obj = influx.Objective(apply, losses.squared_error, l2=1e-3)
+    op = curvature.operator(obj, params, (x, jnp.zeros((6, 2))), kind="gnh", damping=1e-2, chunk_size=6)
+    st = solvers.kfac().prepare(op)
+    assert [b.index for b in st.blocks] == [(0, 0), (0, 1), (1, 0), (1, 1), None]
+    g = _gnh(op)
+    for k, b in enumerate(st.blocks):
+        q = _basis(st, k)
+        idx = _block_index(params, b)
+        np.testing.assert_allclose(q @ np.diag(np.asarray(st.lam[k]).ravel()) @ q.T,
+                                   g[np.ix_(idx, idx)], atol=1e-12, rtol=1e-10)
+
+
 def _linen_nested_scan():
     import flax.linen as nn
 
