@@ -599,3 +599,4 @@ for _f in (ekfac, kfac):
     _f.layers = layers
     _f.coverage = coverage
     _f.blocks = blocks
+    _f.Layer = kron.Layer  # a layer declared by hand: ekfac(declare=[ekfac.Layer(...)])
