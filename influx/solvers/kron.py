@@ -635,9 +635,11 @@ def _check_declared(decl, found, tape, leaf_shapes, paths, floating):
         name = f"declared {d.kind} layer {d.path!r} ({paths[leaf]}, shape {tuple(leaf_shapes[leaf])})"
         mine = [b for b in found if b.kernel == leaf]
         if not mine:
-            if any(b.bias == leaf for b in found):
-                raise InputError(f"{name}: it is the bias of a {found[0].kind} layer, not a kernel "
-                                 "(declare the kernel; its bias is found with it)")
+            owner = [b for b in found if b.bias == leaf]
+            if owner:
+                raise InputError(f"{name}: it is the bias of a {owner[0].kind} layer "
+                                 f"({owner[0].path}), not a kernel (declare the kernel; its bias is "
+                                 "found with it)")
             ops = [s for s in tape.sites.values() if s.leaf == leaf and s.group == 0]
             uses = sum(n for (lf, _), n in tape.uses.items() if lf == leaf)
             if not ops:
