@@ -26,9 +26,10 @@ and the solve is, with the shift ``s = l2 + damping``::
     X~ = Q_A [(Q_A^T B~ Q_S) / (Lambda + s)] Q_S^T          (elementwise division)
 
 Parameters in no block (normalisation scales, shared or tied weights, layers inside
-``scan``) get the exact Gauss-Newton diagonal ``d_j = 1/N sum_n sum_c (J_n^T l_c)_j^2`` and
-``x_j = b_j / (d_j + s)``; ``prepare`` warns when they hold more than 10% of the parameters
-(``influx.solvers.ekfac.layers(...)`` / ``.coverage(...)`` say which).
+``cond``/``while``, leaves declared ``"diagonal"``) get the exact Gauss-Newton diagonal
+``d_j = 1/N sum_n sum_c (J_n^T l_c)_j^2`` and ``x_j = b_j / (d_j + s)``; ``prepare`` warns
+when they hold more than 10% of the parameters (``influx.solvers.ekfac.layers(...)`` /
+``.coverage(...)`` say which; ``declare=`` of :func:`ekfac` moves leaves in or out).
 
 Output factor: the loss's own square-root factor ``L`` (:attr:`influx.losses.Loss.hessian_factor`,
 closed forms; an eigendecomposition of the dense ``D x D`` output Hessian for any other
@@ -133,7 +134,8 @@ def _pseudo_fn(obj, params, blks, x_example):
     leaves = jax.tree_util.tree_leaves(params)
     other = _other_leaves(params, blks)
     want = frozenset(b.site for b in blks)
-    tape0 = kron._Tape()
+    opened = frozenset().union(*(b.opened for b in blks))  # declared layers' custom calls
+    tape0 = kron._Tape(opened=opened)
     jax.eval_shape(lambda ls, x: kron.run(traced, ls, x, tape0), leaves, x_example)
     sites = {b.site: tape0.sites[b.site] for b in blks}
 
@@ -141,13 +143,13 @@ def _pseudo_fn(obj, params, blks, x_example):
         ls = list(leaves)
         for i, v in zip(other, other_vals):
             ls[i] = v
-        tape = kron._Tape(perts=perts, want=want)
+        tape = kron._Tape(perts=perts, want=want, opened=opened)
         z = kron.run(traced, ls, x, tape)
         return z, {b.site: tape.rows[b.site] for b in blks}
 
     def pseudo(example, cotangents):
         x, y = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], example)
-        perts = {b.site: jnp.zeros(sites[b.site].out_shape, leaves[b.kernel].dtype) for b in blks}
+        perts = {b.site: jnp.zeros(sites[b.site].pert_shape, leaves[b.kernel].dtype) for b in blks}
         z, vjp, rows = jax.vjp(lambda o, p: forward(o, p, x), [leaves[i] for i in other], perts,
                                has_aux=True)
         ct = cotangents(z, y)
@@ -325,28 +327,12 @@ def _prepare_run(params, data, shift, key, *, obj, blks, correct, chunk_size, sa
 # ------------------------------------------------------------------ the factored inverse
 def _to_matrix(b: Block, leaves):
     """A block's ``(rows, d_out)`` matrix of a parameter-shaped vector's leaves."""
-    k = leaves[b.kernel] if b.index is None else leaves[b.kernel][b.index]
-    w = jnp.transpose(k, b.perm).reshape(b.d_in, b.d_out)
-    if b.bias is not None:
-        bias = leaves[b.bias] if b.index is None else leaves[b.bias][b.index]
-        w = jnp.concatenate([w, bias.reshape(1, b.d_out)], axis=0)
-    return w
-
-
-def _put(out, i, index, value):
-    out[i] = value.reshape(np.shape(out[i])) if index is None else out[i].at[index].set(
-        value.reshape(np.shape(out[i])[1:]))
+    return b.matrix(leaves)
 
 
 def _from_matrix(b: Block, m, out):
     """Writes a block's ``(rows, d_out)`` matrix into the leaves ``out`` (in place)."""
-    if b.bias is not None:
-        _put(out, b.bias, b.index, m[-1])
-        m = m[:-1]
-    kshape = np.shape(out[b.kernel])[(b.index is not None):]
-    w = jnp.transpose(m.reshape(tuple(kshape[i] for i in b.perm)),
-                      tuple(int(i) for i in np.argsort(b.perm)))
-    _put(out, b.kernel, b.index, w)
+    b.write(m, out)
 
 
 def _rotate(qa, m, qs):
@@ -417,6 +403,7 @@ class EKFAC(Solver):
     residual: bool = True
     samples: int | None = None
     key: tuple = (0, 0)  # key_tuple(jax.random.PRNGKey(0))
+    declare: tuple = ()  # layers declared by hand (kron.Layer)
 
     def __post_init__(self):
         if not (isinstance(self.tol, (int, float)) and float(self.tol) > 0):
@@ -426,6 +413,7 @@ class EKFAC(Solver):
                                          or isinstance(self.samples, bool) or self.samples < 0):
             raise InputError(f"{self.name}: samples must be None (automatic), 0 (exact output "
                              f"factor) or a positive int, got {self.samples!r}")
+        object.__setattr__(self, "declare", kron.declarations(self.declare))
 
     # -- prepare ------------------------------------------------------------------------
     def _check_op(self, op):
@@ -465,7 +453,7 @@ class EKFAC(Solver):
         """The factors and eigenvalues for ``op`` (two passes over ``op.data``)."""
         self._check_op(op)
         x0 = jax.tree_util.tree_map(lambda a: a[:1], op.data[0])
-        blks = blocks(op.obj.apply_fn, op.params, x0)
+        blks = blocks(op.obj.apply_fn, op.params, x0, declare=self.declare)
         cov = kron._coverage(op.params, blks)
         if cov < kron.COVERAGE_WARNING:
             warnings.warn(f"{self.name}: only {cov:.0%} of the parameters are in Kronecker blocks; "
@@ -552,7 +540,7 @@ class KFAC(EKFAC):
 
 
 def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = True,
-          samples: int | None = None, key=None) -> EKFAC:
+          samples: int | None = None, key=None, declare=None) -> EKFAC:
     """EK-FAC (``correct=True``) or K-FAC (``correct=False``) solver (module docstring).
 
     Args:
@@ -569,18 +557,25 @@ def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = Tr
         ``0`` (always exact) or ``k`` (the sampled Fisher with ``k`` labels per example).
       key: ``jax.random`` key or int seed of the sampled labels (default ``PRNGKey(0)``;
         each example folds in its index).
+      declare: layers declared by hand (:class:`influx.solvers.kron.Layer`, a ``{path:
+        kind}`` mapping or ``(path, kind)`` pairs): ``"diagonal"`` keeps a leaf out of the
+        blocks; ``"dense"``/``"conv"``/``"embedding"`` requires the leaf to be such a layer
+        (also inside ``custom_jvp``/``custom_vjp`` functions), else ``prepare`` raises
+        :class:`InputError` naming it.
 
     ``prepare(op)`` needs an :class:`influx.curvature.Operator` (it reads ``op.obj``,
     ``op.params``, ``op.data``, ``op.chunk_size``).
     """
     cls = EKFAC if correct else KFAC
-    return cls(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key))
+    return cls(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key),
+               declare=kron.declarations(declare))
 
 
 def kfac(*, tol: float = DEFAULT_TOL, residual: bool = True, samples: int | None = None,
-         key=None) -> KFAC:
+         key=None, declare=None) -> KFAC:
     """Plain K-FAC: ``ekfac(correct=False)``."""
-    return KFAC(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key))
+    return KFAC(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key),
+                declare=kron.declarations(declare))
 
 
 def _tol(tol):
@@ -604,3 +599,4 @@ for _f in (ekfac, kfac):
     _f.layers = layers
     _f.coverage = coverage
     _f.blocks = blocks
+    _f.Layer = kron.Layer  # a layer declared by hand: ekfac(declare=[ekfac.Layer(...)])

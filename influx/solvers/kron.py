@@ -8,10 +8,14 @@ interpreter that recognises three kinds of linear layers whose weight is a param
   kernel axes (``nn.Dense``, ``DenseGeneral`` / ``nnx.LinearGeneral``, the query, key, value
   and output projections of ``MultiHeadAttention``, einsum kernels, and a dense layer applied
   at every position of a sequence: the "expand" setting, every position is a row);
-* ``"conv"``: ``conv_general_dilated`` with ``feature_group_count = batch_group_count = 1``
-  (any number of spatial dimensions, strides, padding, dilations): the rows are the input
-  patches at every output position (Grosse & Martens 2016, KFC; the "expand" form of
-  Eschenhagen et al. 2023), computed with ``lax.conv_general_dilated_patches``;
+* ``"conv"``: ``conv_general_dilated`` with ``batch_group_count = 1`` (any number of
+  spatial dimensions, strides, padding, dilations): the rows are the input patches at
+  every output position (Grosse & Martens 2016, KFC; the "expand" form of Eschenhagen et
+  al. 2023), computed with ``lax.conv_general_dilated_patches``. A grouped convolution
+  (``feature_group_count = G > 1``; depthwise: ``G`` = input channels) is ``G`` layers,
+  one block per group: group ``g``'s outputs are its kernel columns ``g*O/G ... (g+1)*O/G``
+  applied to the patches of its input channels and nothing else, so the Gauss-Newton
+  matrix is exactly block-diagonal over the groups (no cross-group approximation);
 * ``"embedding"``: a ``gather`` of rows of a 2-D table (``nn.Embed``, ``jnp.take``): the
   rows are the one-hot token vectors, so the input factor ``A`` is exactly diagonal (the
   token frequencies) and is kept as a diagonal -- no ``V x V`` matrix, no eigendecomposition.
@@ -21,10 +25,18 @@ followed by a reshape (contracted/input axes first, output-feature axes last); i
 parameter leaf added right after it, broadcast along the output features (trailing axes). A
 leaf used anywhere else (weight tying, a kernel also used in a regulariser inside
 ``apply_fn``) gets no block. Nested ``jit`` and ``checkpoint``/``remat`` calls are inlined;
-layers inside ``scan``, ``cond``, ``while`` or custom derivatives are not seen, except a ``scan`` over stacked
-parameters (``lax.scan``, ``nn.scan``, ``nnx.scan`` with the layer weights as scanned
-inputs): it is unrolled and every slice of a stacked leaf is a layer of its own (one block
-per slice, when every slice is one).
+layers inside ``cond``, ``while`` or custom derivatives are not seen (custom derivatives:
+unless declared, below), nor inside a ``scan``, except a ``scan`` over stacked parameters
+(``lax.scan``, ``nn.scan``, ``nnx.scan`` with the layer weights as scanned inputs): it is
+unrolled and every slice of a stacked leaf is a layer of its own (one block per slice,
+when every slice is one). Nested scans (a scan of blocks, each scanning its own stacked
+layers) unroll the same way: one block per innermost slice ``leaf[i, j]``.
+
+Layers can be declared by hand (:class:`Layer`, the ``declare=`` option of
+:func:`blocks`, :func:`layers`, :func:`coverage` and of the K-FAC/EK-FAC solvers): a leaf
+forced onto the diagonal, or a leaf that must be a layer of a given kind (and then is
+looked for inside ``custom_jvp``/``custom_vjp`` functions too); a declaration the traced
+graph does not match is an :class:`InputError` naming the leaf and what the trace found.
 
 :func:`layers` reports every parameter leaf with the block it got, :func:`coverage` the
 share of parameters in Kronecker blocks, :func:`blocks` the blocks themselves.
@@ -33,6 +45,7 @@ share of parameters in Kronecker blocks, :func:`blocks` the blocks themselves.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -43,11 +56,13 @@ import numpy as np
 
 from influx.errors import InputError
 
-__all__ = ["Block", "LeafReport", "blocks", "coverage", "layers", "COVERAGE_WARNING"]
+__all__ = ["Block", "LeafReport", "Layer", "blocks", "coverage", "declarations", "layers",
+           "COVERAGE_WARNING"]
 
 COVERAGE_WARNING = 0.9  # prepare warns when less than this share of parameters is in blocks
 _PASS = {"convert_element_type", "copy", "copy_p"}
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2"}  # inlined
+_CUSTOM = {"custom_jvp_call", "custom_vjp_call"}  # inlined only around declared layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +70,15 @@ class Block:
     """A Kronecker-factored layer (hashable: it is static data of a solver state).
 
     ``kernel`` / ``bias``: indices into ``jax.tree_util.tree_leaves(params)``; the weight
-    matrix is ``leaf[index].transpose(perm).reshape(d_in, d_out)`` (``leaf`` when ``index``
-    is ``None``; a slice of a stacked leaf for a layer inside ``scan``) (bias, if any, appended as a last
-    row, so the factored matrix is ``(d_in + 1, d_out)``); ``site``: which recognised
-    operation of the traced program it is; ``path``: the kernel's key path, for reports.
+    matrix is ``leaf[index].transpose(perm).reshape(d_in, groups * d_out)[:, cols]`` with
+    ``cols = group * d_out : (group + 1) * d_out`` (:meth:`matrix`; ``leaf`` itself when
+    ``index`` is ``None``, ``leaf[i]`` for a layer inside a ``scan`` over stacked
+    parameters, ``leaf[i, j]`` (``index = (i, j)``) inside nested scans; one feature group of
+    a grouped convolution: ``groups > 1``). The bias, if any (``bias_leaf[index][cols]``), is
+    appended as a last row, so the factored matrix is ``(d_in + 1, d_out)``. ``site``:
+    which recognised operation of the traced program it is (one per feature group);
+    ``path``: the kernel's key path, for reports; ``opened``: the leaves whose
+    custom-derivative calls the interpreter enters (declared layers, :class:`Layer`).
     """
 
     kind: str  # "dense" | "conv" | "embedding"
@@ -69,7 +89,46 @@ class Block:
     d_in: int
     d_out: int
     path: str
-    index: int | None = None  # the slice of a stacked kernel (and bias) leaf: a layer in a scan
+    index: int | tuple | None = None  # the slice of a stacked kernel (and bias) leaf: scans
+    group: int = 0  # the feature group of a grouped convolution
+    groups: int = 1
+    opened: frozenset = frozenset()
+
+    def _cols(self, w):
+        if self.groups == 1:
+            return w
+        return w[..., self.group * self.d_out:(self.group + 1) * self.d_out]
+
+    def _kernel_view(self, k):
+        """The kernel (slice) as ``(d_in, groups * d_out)``."""
+        return k.transpose(self.perm).reshape(self.d_in, self.groups * self.d_out)
+
+    def matrix(self, leaves):
+        """The block's ``(rows, d_out)`` matrix of a parameter-shaped list of ``leaves``
+        (jax or numpy arrays)."""
+        ix = _ix(self.index)
+        w = self._cols(self._kernel_view(leaves[self.kernel][ix]))
+        if self.bias is None:
+            return w
+        b = self._cols(leaves[self.bias][ix].reshape(1, self.groups * self.d_out))
+        return (np.concatenate if isinstance(w, np.ndarray) else jnp.concatenate)([w, b], axis=0)
+
+    def write(self, m, out):
+        """Writes the block's ``(rows, d_out)`` matrix ``m`` into the list of leaves ``out``
+        (in place; the other groups and slices of the leaves are kept)."""
+        ix = _ix(self.index)
+        cols = slice(self.group * self.d_out, (self.group + 1) * self.d_out)
+        if self.bias is not None:
+            bl = jnp.asarray(out[self.bias])
+            cur = bl[ix].reshape(-1)
+            out[self.bias] = bl.at[ix].set(cur.at[cols].set(m[-1]).reshape(bl[ix].shape))
+            m = m[:-1]
+        kl = jnp.asarray(out[self.kernel])
+        k = kl[ix]
+        view = self._kernel_view(k).at[:, cols].set(m.astype(k.dtype))
+        shape_t = tuple(k.shape[i] for i in self.perm)
+        new = view.reshape(shape_t).transpose(tuple(int(i) for i in np.argsort(self.perm)))
+        out[self.kernel] = kl.at[ix].set(new)
 
     @property
     def transposed(self) -> bool:
@@ -100,24 +159,35 @@ class LeafReport(NamedTuple):
 
 
 class _Param(NamedTuple):
-    """A value that is parameter leaf ``leaf`` (its slice ``index`` along the leading axis
-    inside an unrolled ``scan``) transposed by ``perm``."""
+    """A value that is parameter leaf ``leaf`` (its slice ``leaf[index]`` inside unrolled,
+    possibly nested, scans: one index per scan level) transposed by ``perm``."""
     leaf: int
     perm: tuple
-    index: int | None = None
+    index: tuple = ()
 
 
 class _Bias(NamedTuple):
-    """A value whose trailing axes are parameter leaf ``leaf`` (or its slice ``index``),
+    """A value whose trailing axes are parameter leaf ``leaf`` (or its slice ``leaf[index]``),
     leading axes broadcast."""
     leaf: int
-    index: int | None = None
+    index: tuple = ()
 
 
 def _shape(p, leaf_shapes) -> tuple:
     """The shape of the leaf (slice) a provenance refers to."""
-    s = tuple(leaf_shapes[p.leaf])
-    return s if p.index is None else s[1:]
+    return tuple(leaf_shapes[p.leaf])[len(p.index):]
+
+
+def _ix(index) -> tuple:
+    """A :class:`Block`'s public ``index`` (``None``, an int, or a tuple for nested scans) as
+    a tuple of slice indices."""
+    if index is None:
+        return ()
+    return (int(index),) if isinstance(index, (int, np.integer)) else tuple(index)
+
+
+def _public_index(index: tuple):
+    return None if not index else index[0] if len(index) == 1 else tuple(index)
 
 
 class _Site(NamedTuple):
@@ -132,7 +202,19 @@ class _Site(NamedTuple):
     out_shape: tuple
     act_operand: int = 0  # which operand is the layer input
     act_axes: tuple = ()  # dense: the input's contracted axes, in the kernel's order
-    index: int | None = None  # the slice of a stacked leaf (a layer inside a scan)
+    index: tuple = ()  # the slice of a stacked leaf (a layer inside scans)
+    group: int = 0  # a grouped convolution is one site per feature group
+    groups: int = 1
+    n_in: int = 0  # how many of ``perm``'s axes are input axes (the rest: output features)
+
+    @property
+    def pert_shape(self) -> tuple:
+        """Shape of this site's share of the operation's output (one feature group's)."""
+        if self.groups == 1:
+            return self.out_shape
+        s = list(self.out_shape)
+        s[self.out_axes[0]] = self.d_out
+        return tuple(s)
 
 
 @dataclasses.dataclass
@@ -146,6 +228,7 @@ class _Tape:
     sites: dict = dataclasses.field(default_factory=dict)  # site -> _Site
     bias: dict = dataclasses.field(default_factory=dict)  # site -> [leaf]
     uses: dict = dataclasses.field(default_factory=dict)  # (leaf, index) -> uses
+    opened: frozenset = frozenset()  # leaves whose custom-derivative calls are interpreted
     counter: int = 0
 
     def use(self, prov):
@@ -208,6 +291,17 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
                 if s is not None:
                     site_of[v] = s
             continue
+        if (name in _CUSTOM and tape.opened
+                and any(p is not None and p.leaf in tape.opened for p in pin)):
+            c = eqn.params["call_jaxpr"]  # a declared layer inside: its primal program
+            outs, oprov, osite = _interp(c.jaxpr, c.consts, invals, pin, tape, leaf_shapes)
+            for v, o, p, s in zip(eqn.outvars, outs, oprov, osite):
+                env[v] = o
+                if p is not None:
+                    prov[v] = p
+                if s is not None:
+                    site_of[v] = s
+            continue
         if name == "scan" and _unrollable(eqn, pin):
             for v, o in zip(eqn.outvars, _unroll_scan(eqn, invals, pin, tape, leaf_shapes)):
                 env[v] = o
@@ -221,14 +315,22 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
         site = _match(name, eqn, invals, pin, leaf_shapes)
         if site is not None:
             sid = tape.counter
-            tape.counter += 1
-            tape.sites[sid] = site
+            tape.counter += site.groups
+            sids = [sid + g for g in range(site.groups)]
+            for g in range(site.groups):
+                tape.sites[sid + g] = site._replace(group=g)
             tape.use(_Param(site.leaf, (), site.index))
             ans = eqn.primitive.bind(*invals, **eqn.params)
-            if sid in tape.want:
-                tape.rows[sid] = _rows(name, eqn, invals, site)
-            if tape.perts is not None and sid in tape.perts:
-                ans = ans + tape.perts[sid]
+            if any(i in tape.want for i in sids):
+                r = _rows(name, eqn, invals, site)
+                for g, i in enumerate(sids):
+                    if i in tape.want:
+                        tape.rows[i] = r if site.groups == 1 else r[:, g * site.d_in:(g + 1) * site.d_in]
+            if tape.perts is not None and any(i in tape.perts for i in sids):
+                parts = [tape.perts[i] if i in tape.perts else jnp.zeros(site.pert_shape, ans.dtype)
+                         for i in sids]
+                ans = ans + (parts[0] if len(parts) == 1 else
+                             jnp.concatenate(parts, axis=site.out_axes[0]))
             env[eqn.outvars[0]] = ans
             site_of[eqn.outvars[0]] = sid
             continue
@@ -246,10 +348,10 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
 
 
 def _unrollable(eqn, pin) -> bool:
-    """A ``scan`` that slices a parameter leaf along its leading axis (stacked layers)."""
+    """A ``scan`` that slices a parameter leaf (or a slice of one, in a nested scan) along
+    its leading axis (stacked layers)."""
     first = eqn.params["num_consts"] + eqn.params["num_carry"]
-    return any(isinstance(p, _Param) and p.index is None and p.perm[:1] == (0,)
-               for p in pin[first:])
+    return any(isinstance(p, _Param) and p.perm[:1] == (0,) for p in pin[first:])
 
 
 def _unroll_scan(eqn, invals, pin, tape: _Tape, leaf_shapes):
@@ -260,7 +362,7 @@ def _unroll_scan(eqn, invals, pin, tape: _Tape, leaf_shapes):
     consts, carry, xs = invals[:nc], list(invals[nc:nc + nk]), invals[nc + nk:]
     xprov = []
     for p in pin[nc + nk:]:
-        if isinstance(p, _Param) and p.index is None and p.perm[:1] == (0,):
+        if isinstance(p, _Param) and p.perm[:1] == (0,):
             xprov.append(p)
         else:
             tape.use(p)  # carried or nested-sliced parameters: no block
@@ -269,7 +371,8 @@ def _unroll_scan(eqn, invals, pin, tape: _Tape, leaf_shapes):
     steps = range(prm["length"] - 1, -1, -1) if prm["reverse"] else range(prm["length"])
     for i in steps:
         provs = list(pin[:nc]) + [None] * nk + [
-            None if p is None else _Param(p.leaf, tuple(a - 1 for a in p.perm[1:]), i) for p in xprov]
+            None if p is None else _Param(p.leaf, tuple(a - 1 for a in p.perm[1:]), p.index + (i,))
+            for p in xprov]
         outs, _, _ = _interp(body.jaxpr, body.consts, list(consts) + carry + [x[i] for x in xs],
                              provs, tape, leaf_shapes)
         carry, y = outs[:nk], outs[nk:]
@@ -321,21 +424,22 @@ def _match(name, eqn, invals, pin, leaf_shapes) -> _Site | None:
                 return _Site("dense", p.leaf, tuple(p.perm[i] for i in kc + kf),
                              math.prod(shp[i] for i in kc), math.prod(shp[i] for i in kf),
                              out_axes, tuple(eqn.outvars[0].aval.shape), 1 - k,
-                             tuple(lc if k == 1 else rc), p.index)
+                             tuple(lc if k == 1 else rc), p.index, n_in=len(kc))
         return None
     if name == "conv_general_dilated":
         prm = eqn.params
         p = pin[1]
-        if (not isinstance(p, _Param) or pin[0] is not None or prm["feature_group_count"] != 1
-                or prm["batch_group_count"] != 1):
+        if not isinstance(p, _Param) or pin[0] is not None or prm["batch_group_count"] != 1:
             return None
         dn = prm["dimension_numbers"]
-        rs = dn.rhs_spec  # (out, in, spatial...)
+        rs = dn.rhs_spec  # (out, in per group, spatial...)
         shp = np.shape(invals[1])
         kin = [rs[1], *rs[2:]]
+        groups = int(prm["feature_group_count"])  # output features: groups x (out per group)
         return _Site("conv", p.leaf, tuple(p.perm[i] for i in kin + [rs[0]]),
-                     math.prod(shp[i] for i in kin), int(shp[rs[0]]), (dn.out_spec[1],),
-                     tuple(eqn.outvars[0].aval.shape), index=p.index)
+                     math.prod(shp[i] for i in kin), int(shp[rs[0]]) // groups, (dn.out_spec[1],),
+                     tuple(eqn.outvars[0].aval.shape), index=p.index, groups=groups,
+                     n_in=len(kin))
     if name == "gather":
         p = pin[0]
         if not isinstance(p, _Param) or p.perm != (0, 1) or pin[1] is not None:
@@ -349,7 +453,7 @@ def _match(name, eqn, invals, pin, leaf_shapes) -> _Site | None:
                 and tuple(eqn.params["slice_sizes"]) == (1, table[1])):
             out = tuple(eqn.outvars[0].aval.shape)
             return _Site("embedding", p.leaf, (0, 1), int(table[0]), int(table[1]),
-                         (len(out) - 1,), out, index=p.index)
+                         (len(out) - 1,), out, index=p.index, n_in=1)
     return None
 
 
@@ -369,7 +473,7 @@ def _rows(name, eqn, invals, site: _Site):
             invals[0], filt, prm["window_strides"], prm["padding"],
             lhs_dilation=prm["lhs_dilation"], rhs_dilation=prm["rhs_dilation"],
             dimension_numbers=dn, precision=prm["precision"])
-        return jnp.moveaxis(pt, dn.out_spec[1], -1).reshape(-1, site.d_in)
+        return jnp.moveaxis(pt, dn.out_spec[1], -1).reshape(-1, site.groups * site.d_in)
     idx = invals[1][..., 0].reshape(-1)
     return idx  # the token ids: the one-hot rows, without materialising them
 
@@ -381,6 +485,188 @@ def out_rows(g, out_axes, d_out):
     axes = [lead + a for a in out_axes]
     g = jnp.moveaxis(g, axes, list(range(g.ndim - len(axes), g.ndim)))
     return g.reshape(g.shape[:lead] + (-1, d_out))
+
+
+# ------------------------------------------------------------------ layers declared by hand
+KINDS = ("dense", "conv", "embedding")
+DECLARABLE = KINDS + ("diagonal",)
+
+
+def _axes(v, what):
+    if v is None:
+        return None
+    try:
+        t = tuple(int(a) for a in (v if isinstance(v, (tuple, list)) else (v,)))
+    except (TypeError, ValueError):
+        raise InputError(f"kron.Layer: {what} must be an int or a tuple of ints, got {v!r}") from None
+    return t
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A layer declared by hand (hashable: an option of :func:`influx.solvers.ekfac`).
+
+    ``path``: the parameter leaf, as :func:`layers` reports it
+    (``"['params']['Dense_0']['kernel']"``) or with slashes (``"params/Dense_0/kernel"``;
+    the ``value`` attribute of an ``nnx`` state may be left out: ``"conv/kernel"``).
+
+    ``kind``:
+
+    * ``"dense"`` / ``"conv"`` / ``"embedding"``: the leaf must be the kernel of such a
+      layer in the traced ``apply_fn``, used by nothing else (one block, or one per slice
+      or feature group), else :class:`InputError` says what the trace found. Inside a
+      ``jax.custom_jvp`` / ``jax.custom_vjp`` function that uses a declared leaf, the
+      interpreter follows the function's primal program (which it otherwise treats as
+      opaque): the pseudo-gradients of the factors are then the derivatives of that
+      program, not of the custom rule (the same when the rule is the true derivative with
+      other numerics, the usual case).
+    * ``"diagonal"``: keep the leaf out of every block (it gets the exact Gauss-Newton
+      diagonal): a layer K-FAC approximates badly, or a bias to leave out of its block.
+
+    ``in_axes`` / ``out_axes`` (optional): the kernel's axes that meet the layer input
+    (contracted; for a convolution the input-feature and spatial axes) and those that hold
+    the output features, counted on the layer's weight (one slice of a stacked leaf); and
+    ``shape`` (optional), the leaf's shape: checked against the trace.
+    """
+
+    path: str
+    kind: str = "dense"
+    in_axes: tuple | None = None
+    out_axes: tuple | None = None
+    shape: tuple | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path:
+            raise InputError(f"kron.Layer: path must be a non-empty string, got {self.path!r}")
+        if self.kind not in DECLARABLE:
+            raise InputError(f"kron.Layer {self.path!r}: kind must be one of {DECLARABLE}, got "
+                             f"{self.kind!r}")
+        object.__setattr__(self, "in_axes", _axes(self.in_axes, "in_axes"))
+        object.__setattr__(self, "out_axes", _axes(self.out_axes, "out_axes"))
+        object.__setattr__(self, "shape", _axes(self.shape, "shape"))
+        if self.kind == "diagonal" and (self.in_axes or self.out_axes):
+            raise InputError(f"kron.Layer {self.path!r}: a 'diagonal' leaf has no in_axes/out_axes")
+
+
+def declarations(declare) -> tuple[Layer, ...]:
+    """Normalises ``declare`` to a tuple of :class:`Layer`: ``None``, a :class:`Layer`, a
+    mapping ``{path: kind}``, or a sequence of :class:`Layer` and ``(path, kind)`` pairs."""
+    if declare is None:
+        return ()
+    if isinstance(declare, Layer):
+        declare = (declare,)
+    elif isinstance(declare, dict):
+        declare = tuple(declare.items())
+    elif isinstance(declare, str) or not isinstance(declare, (tuple, list)):
+        raise InputError("declare: expected kron.Layer values, a {path: kind} mapping or "
+                         f"(path, kind) pairs, got {declare!r}")
+    out = []
+    for d in declare:
+        if isinstance(d, Layer):
+            out.append(d)
+        elif isinstance(d, (tuple, list)) and len(d) == 2 and isinstance(d[1], str):
+            out.append(Layer(d[0], d[1]))
+        else:
+            raise InputError(f"declare: each entry must be a kron.Layer or a (path, kind) pair, "
+                             f"got {d!r}")
+    paths = [d.path for d in out]
+    dup = sorted({p for p in paths if paths.count(p) > 1})
+    if dup:
+        raise InputError(f"declare: {dup} declared more than once")
+    return tuple(out)
+
+
+def _names(keypath) -> list[str]:
+    out = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return out
+
+
+def _resolve(declare, params) -> dict:
+    """``{leaf index: Layer}``, every declared path matched to exactly one leaf."""
+    declare = declarations(declare)
+    if not declare:
+        return {}
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    keys = [jax.tree_util.keystr(k) for k, _ in flat]
+    forms = []
+    for k, _ in flat:
+        n = _names(k)
+        f = {jax.tree_util.keystr(k), "/".join(n)}
+        if len(n) > 1 and n[-1] == "value":
+            f.add("/".join(n[:-1]))
+        forms.append(f)
+    out = {}
+    for d in declare:
+        hits = [i for i, f in enumerate(forms) if d.path.strip("/") in f]
+        if len(hits) != 1:
+            shown = ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else "")
+            raise InputError(f"declared layer {d.path!r}: no parameter leaf has this path "
+                             f"(the leaves: {shown})" if not hits else
+                             f"declared layer {d.path!r} matches {len(hits)} leaves: "
+                             f"{[keys[i] for i in hits]}")
+        i = hits[0]
+        leaf = flat[i][1]
+        if d.shape is not None and tuple(np.shape(leaf)) != d.shape:
+            raise InputError(f"declared layer {d.path!r}: declared shape {d.shape}, but the leaf "
+                             f"{keys[i]} has shape {tuple(np.shape(leaf))}")
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise InputError(f"declared layer {d.path!r}: the leaf {keys[i]} is not floating "
+                             f"point ({jnp.result_type(leaf)}): not a parameter of the solve")
+        if i in out:
+            raise InputError(f"declared layer {d.path!r}: the leaf {keys[i]} is already declared "
+                             f"as {out[i].path!r}")
+        out[i] = d
+    return out
+
+
+def _check_declared(decl, found, tape, leaf_shapes, paths, floating):
+    """Every declared layer is what the trace found, else an :class:`InputError` naming it
+    and saying what the trace saw."""
+    for leaf, d in decl.items():
+        if d.kind == "diagonal":
+            continue
+        name = f"declared {d.kind} layer {d.path!r} ({paths[leaf]}, shape {tuple(leaf_shapes[leaf])})"
+        mine = [b for b in found if b.kernel == leaf]
+        if not mine:
+            owner = [b for b in found if b.bias == leaf]
+            if owner:
+                raise InputError(f"{name}: it is the bias of a {owner[0].kind} layer "
+                                 f"({owner[0].path}), not a kernel (declare the kernel; its bias is "
+                                 "found with it)")
+            ops = [s for s in tape.sites.values() if s.leaf == leaf and s.group == 0]
+            uses = sum(n for (lf, _), n in tape.uses.items() if lf == leaf)
+            if not ops:
+                raise InputError(
+                    f"{name}: the traced apply_fn applies no dense, conv or embedding operation "
+                    f"to this leaf as a weight (it has {uses} other use(s): e.g. inside lax.cond, "
+                    "while_loop, or after a reshape or an elementwise op); declare it 'diagonal' "
+                    "or apply it with a plain dot/einsum/conv")
+            if len(ops) > uses or len({s.index for s in ops}) < len(ops):
+                why = f"it is the weight of {len(ops)} operations (shared or tied weights)"
+            elif uses > len(ops):
+                why = (f"besides {len(ops)} layer operation(s) it has {uses - len(ops)} other "
+                       "use(s) in apply_fn (e.g. a regulariser, a tied weight)")
+            else:
+                why = "only some slices of the stacked leaf are layers"
+            raise InputError(f"{name}: {why}: its Kronecker block would be wrong; declare it "
+                             "'diagonal' or restructure apply_fn")
+        kinds = {b.kind for b in mine}
+        if kinds != {d.kind}:
+            raise InputError(f"{name}: the trace uses it as a {'/'.join(sorted(kinds))} layer")
+        site = tape.sites[mine[0].site]
+        t_in, t_out = set(site.perm[:site.n_in]), set(site.perm[site.n_in:])
+        for what, want, got in (("in_axes", d.in_axes, t_in), ("out_axes", d.out_axes, t_out)):
+            if want is not None and set(want) != got:
+                raise InputError(f"{name}: declared {what}={want}, but the trace contracts axes "
+                                 f"{tuple(sorted(t_in))} with the layer input and puts axes "
+                                 f"{tuple(sorted(t_out))} on the output features")
 
 
 # ------------------------------------------------------------------ tracing and discovery
@@ -413,60 +699,80 @@ def trace(apply_fn, params, x_example) -> Traced:
 def run(traced: Traced, leaves, x, tape: _Tape):
     """Evaluates the traced model on parameter ``leaves`` and inputs ``x`` with ``tape``."""
     xl = jax.tree_util.tree_leaves(x)
-    provs = [_Param(i, tuple(range(len(s)))) for i, s in enumerate(traced.leaf_shapes)]
+    provs = [_Param(i, tuple(range(len(s))), ()) for i, s in enumerate(traced.leaf_shapes)]
     c = traced.closed
     outs, _, _ = _interp(c.jaxpr, c.consts, list(leaves) + xl, provs + [None] * len(xl), tape,
                          traced.leaf_shapes)
     return outs[0]
 
 
-def _complete(keys, leaf_shapes, uses) -> set:
-    """The leaves whose every use in ``keys`` (``(leaf, index)``) is accounted for: used
-    whole (``index None``, once), or every slice along the leading axis once and never whole."""
+def _complete(keys, leaf_shapes, uses, per_key: int) -> set:
+    """The leaves whose every use is accounted for by ``keys`` (``(leaf, index)``, each
+    used ``per_key`` times): the whole leaf (``index ()``), or every slice ``leaf[index]``
+    of the stacked axes exactly once (nested scans: every ``(i, j, ...)``), and no other
+    use of the leaf."""
     by_leaf = {}
     for leaf, index in keys:
         by_leaf.setdefault(leaf, []).append(index)
     ok = set()
     for leaf, idx in by_leaf.items():
-        if idx == [None] or (None not in idx and sorted(idx) == list(range(leaf_shapes[leaf][0]))
-                             and uses.get((leaf, None), 0) == 0):
+        depth = {len(i) for i in idx}
+        if len(depth) != 1 or len(set(idx)) != len(idx):
+            continue
+        d = depth.pop()
+        want = set(itertools.product(*(range(n) for n in leaf_shapes[leaf][:d])))
+        total = sum(n for (lf, _), n in uses.items() if lf == leaf)
+        if set(idx) == want and total == per_key * len(idx):
             ok.add(leaf)
     return ok
 
 
-def _discover(apply_fn, params, x_example) -> tuple[Traced, tuple]:
+def _discover(apply_fn, params, x_example, declare=()) -> tuple[Traced, tuple]:
+    decl = _resolve(declare, params)
+    opened = frozenset(i for i, d in decl.items() if d.kind != "diagonal")
     traced = trace(apply_fn, params, x_example)
     leaves = jax.tree_util.tree_leaves(params)
-    tape = _Tape()
+    tape = _Tape(opened=opened)
     jax.eval_shape(lambda ls, x: run(traced, ls, x, tape), leaves, x_example)
     paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     floating = [jnp.issubdtype(jnp.result_type(l), jnp.floating) for l in leaves]
-    kernels = [(s.leaf, s.index) for s in tape.sites.values()]
+    ops = {sid: s for sid, s in tape.sites.items() if s.group == 0}  # one per operation
+    kernels = [(s.leaf, s.index) for s in ops.values()]
     kernel_leaves = {k[0] for k in kernels}
-    sites = {sid: s for sid, s in tape.sites.items() if tape.uses.get((s.leaf, s.index), 0) == 1
-             and kernels.count((s.leaf, s.index)) == 1 and floating[s.leaf]}
-    good = _complete([(s.leaf, s.index) for s in sites.values()], traced.leaf_shapes, tape.uses)
-    sites = {sid: s for sid, s in sites.items() if s.leaf in good}
+    good_ops = {sid: s for sid, s in ops.items() if tape.uses.get((s.leaf, s.index), 0) == 1
+                and kernels.count((s.leaf, s.index)) == 1 and floating[s.leaf]}
+    good = _complete([(s.leaf, s.index) for s in good_ops.values()], traced.leaf_shapes,
+                     tape.uses, 1)
+    good_ops = {sid: s for sid, s in good_ops.items() if s.leaf in good}
     all_bias = [x for v in tape.bias.values() for x in v]
     bias = {}
-    for sid, s in sites.items():
+    for sid, s in good_ops.items():
         b = tape.bias.get(sid, [])
         if (len(b) == 1 and b[0][1] == s.index and tape.uses.get(b[0], 0) == 0 and floating[b[0][0]]
                 and b[0][0] not in kernel_leaves and all_bias.count(b[0]) == 1):
             bias[sid] = b[0]
-    good_b = _complete(list(bias.values()), traced.leaf_shapes, tape.uses)
+    good_b = _complete(list(bias.values()), traced.leaf_shapes, tape.uses, 0)
     found = []
-    for sid, s in sorted(sites.items()):
+    for sid, s in sorted(good_ops.items()):
         b = bias[sid][0] if sid in bias and bias[sid][0] in good_b else None
-        path = paths[s.leaf] + ("" if s.index is None else f"[{s.index}]")
-        found.append(Block(s.kind, sid, s.leaf, b, s.perm, s.d_in, s.d_out, path, s.index))
+        if b is not None and b in decl and decl[b].kind == "diagonal":
+            b = None
+        if s.leaf in decl and decl[s.leaf].kind == "diagonal":
+            continue
+        path = paths[s.leaf] + "".join(f"[{i}]" for i in s.index)
+        for g in range(s.groups):
+            found.append(Block(s.kind, sid + g, s.leaf, b, s.perm, s.d_in, s.d_out,
+                               path + (f"[group {g}]" if s.groups > 1 else ""),
+                               _public_index(s.index), g, s.groups, opened))
+    _check_declared(decl, found, tape, traced.leaf_shapes, paths, floating)
     return traced, tuple(found)
 
 
-def blocks(apply_fn, params, x_example) -> tuple[Block, ...]:
+def blocks(apply_fn, params, x_example, *, declare=()) -> tuple[Block, ...]:
     """The Kronecker blocks K-FAC/EK-FAC will use for ``apply_fn(params, x_example)``
-    (``x_example``: the inputs of one example as a batch of one, e.g. ``x[:1]``)."""
-    return _discover(apply_fn, params, x_example)[1]
+    (``x_example``: the inputs of one example as a batch of one, e.g. ``x[:1]``;
+    ``declare``: layers declared by hand, :func:`declarations`)."""
+    return _discover(apply_fn, params, x_example, declare)[1]
 
 
 def _report(params, found) -> list[LeafReport]:
@@ -484,12 +790,12 @@ def _report(params, found) -> list[LeafReport]:
     return out
 
 
-def layers(apply_fn, params, x_example) -> list[LeafReport]:
+def layers(apply_fn, params, x_example, *, declare=()) -> list[LeafReport]:
     """Every parameter leaf of ``params`` with the block it gets (:class:`LeafReport`):
     ``"dense"`` / ``"conv"`` / ``"embedding"`` (Kronecker-factored; an embedding's input
     factor is its exact diagonal), ``"diagonal"`` (the exact Gauss-Newton diagonal) or
     ``"none"`` (not floating point). ``x_example``: one example as a batch of one."""
-    return _report(params, blocks(apply_fn, params, x_example))
+    return _report(params, blocks(apply_fn, params, x_example, declare=declare))
 
 
 def _coverage(params, found) -> float:
@@ -498,7 +804,7 @@ def _coverage(params, found) -> float:
     return sum(r.size for r in rep if r.block not in ("none", "diagonal")) / max(total, 1)
 
 
-def coverage(apply_fn, params, x_example) -> float:
+def coverage(apply_fn, params, x_example, *, declare=()) -> float:
     """Share of the (floating-point) parameters that are in Kronecker blocks, in ``[0, 1]``;
     K-FAC/EK-FAC warn in ``prepare`` when it is below ``COVERAGE_WARNING`` (0.9)."""
-    return _coverage(params, blocks(apply_fn, params, x_example))
+    return _coverage(params, blocks(apply_fn, params, x_example, declare=declare))
