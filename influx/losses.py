@@ -17,7 +17,7 @@ loss                            value                                      ``H_z
 ``softmax_cross_entropy``       ``logsumexp(z) - z[y]``  (integer ``y``)   ``p * u - p (p . u)``
 ``squared_error``               ``1/2 ||z - y||^2``                        ``u``
 ``sigmoid_binary_cross_entropy`` ``sum_k softplus(z_k) - y_k z_k``         ``s (1 - s) * u``
-``token_cross_entropy``         ``sum_{t: y_t >= 0} CE(z_t, y_t)``          ``m_t (p_t * u_t - p_t (p_t . u_t))``
+``token_cross_entropy``         ``sum_{t: y_t >= 0} CE(z_t, y_t)``         ``m_t (p_t u_t - p_t (p_t . u_t))``
 ``token_cross_entropy_mean``    the same divided by ``n = sum_t m_t``      ``1/n`` times the above
 ==============================  =========================================  =========================
 
