@@ -301,9 +301,9 @@ def _token_check(name: str, mean: bool):
     def check(z_shape, y):
         z_shape = tuple(z_shape)
         y_shape = tuple(np.shape(y))
-        if len(z_shape) < 2:
+        if len(z_shape) < 3:  # the outputs of a batch (check_targets): (B, T, V)
             raise InputError(f"{name}: outputs need a token axis and a vocabulary axis, (T, V) per example "
-                             f"((B, T, V) for a batch), got shape {z_shape}")
+                             f"((B, T, V) for a batch), got outputs of shape {z_shape} for the batch")
         if y_shape != z_shape[:-1]:
             raise InputError(
                 f"{name}: labels (one token id per position, < 0 for masked positions) must have shape "
@@ -318,7 +318,7 @@ def _token_check(name: str, mean: bool):
         if int(arr.max()) >= v:
             raise InputError(f"{name}: labels out of range for a vocabulary of {v} (found label "
                              f"{int(arr.max())}; need label < {v}, or < 0 to mask the position)")
-        if mean and len(z_shape) >= 2:
+        if mean:
             empty = np.nonzero(~np.any(arr.reshape(-1, y_shape[-1]) >= 0, axis=-1))[0]
             if empty.size:
                 raise InputError(f"{name}: {empty.size} sequence(s) have no unmasked label (first: "
@@ -395,6 +395,7 @@ def sampled_factor(loss_fn: Callable, key, z, samples: int, y=None):
 
 
 def check_targets(loss_fn: Callable, z_shape, y) -> None:
-    """Validates targets ``y`` against outputs of shape ``z_shape`` (no-op for custom losses)."""
+    """Validates targets ``y`` against the outputs of a batch, shape ``z_shape`` (leading axis
+    the examples), with ``Loss.check`` (no-op for custom losses)."""
     if isinstance(loss_fn, Loss):
         loss_fn.check(tuple(z_shape), y)
