@@ -298,3 +298,55 @@ def test_ekfac_exact_and_sampled_on_an_attention_lm_correlate_with_cg():
         r = np.corrcoef(si, ref)[0, 1]
         assert r > 0.7 and r > r_gd + 0.2, (samples, r, r_gd)
     assert np.corrcoef(s[0], s[16])[0, 1] > 0.95  # the sampled Fisher agrees with the exact factor
+
+
+# ------------------------------------------------------------------ examples/transformer_facts.py
+def _example():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "transformer_facts.py"
+    spec = importlib.util.spec_from_file_location("transformer_facts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_transformer_facts_corpus_queries_and_recall():
+    """Fast smoke of the example's pieces: the corpus states each fact ``mentions`` times, a query
+    measures only its answer span, the model gets Kronecker blocks, recall@k counts right."""
+    ex = _example()
+    voc, (x, y), states, (qx, qy) = ex.make_corpus(4, 3, 2, 10, seed=0)
+    assert x.shape == y.shape == (20, 10) and np.all(np.bincount(states[states >= 0]) == 3)
+    np.testing.assert_array_equal(y[:, :-1][y[:, :-1] >= 0], x[:, 1:][y[:, :-1] >= 0])  # next tokens
+    assert np.all((qy >= 0).sum(1) == 2)  # the two code digits
+    for f in range(4):  # the query's answer is the code every statement of the fact gives
+        ans = qy[f][qy[f] >= 0]
+        for i in np.nonzero(states == f)[0]:
+            assert any(np.array_equal(x[i, j:j + 2], ans) for j in range(9))
+    model = ex.DecoderLM(voc.size, 10, 8, 2, 2, nnx.Rngs(0))
+    apply_fn, params = influx.flax.from_nnx(model)
+    assert influx.solvers.ekfac.coverage(apply_fn, params, jnp.asarray(x[:1])) >= 0.9
+    scores = np.where(states[None] == np.arange(4)[:, None], 1.0, 0.0)  # a perfect ranking
+    assert ex.recall_at_k(scores, states, 3) == 1.0 and ex.recall_at_k(-scores, states, 3) == 0.0
+    with pytest.raises(RuntimeError, match="non-finite"):
+        ex.recall_at_k(scores * np.nan, states, 3)
+
+
+@pytest.mark.slow
+def test_transformer_facts_quick_run():
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "examples/transformer_facts.py", "--quick"], cwd=root,
+                         capture_output=True, text=True, timeout=600, env={"PYTHONPATH": str(root),
+                                                                           "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rec = {m.group(1).strip(): float(m.group(2))
+           for m in re.finditer(r"^(EK-FAC influence|grad-dot|TracIn[^\d]*\d+ checkpoints\))\s+([\d.]+)",
+                                out.stdout, re.M)}
+    assert len(rec) == 3, out.stdout
+    assert rec["EK-FAC influence"] > rec["grad-dot"], out.stdout  # measured 0.69 vs 0.25 (chance 0.14)
