@@ -486,6 +486,13 @@ def _check_per_example_loss(obj, out, y, *, name: str):
         got = f"shape {shape}" if shape is not None else type(loss).__name__
         hint = (" -- it looks reduced over the batch (a mean or sum); influx takes the mean itself, "
                 "so return the unreduced per-example values" if shape == () else "")
+        if shape == () and getattr(obj.loss_fn, "name", "").startswith("token_cross_entropy"):
+            hint = (f" -- {obj.loss_fn!r} needs token logits of shape (T, V) per example, got per-example "
+                    f"outputs of shape {tuple(getattr(out, 'shape', (0,))[1:])}")
+        if shape is not None and len(shape) > 1 and shape[0] == _PROBE:  # e.g. (B, T, V) token logits
+            hint = (f" (a loss per position of per-example outputs {tuple(out.shape[1:])}): for a sequence "
+                    "model use influx.losses.token_cross_entropy, which sums over the token axis and masks "
+                    "labels < 0") if hasattr(out, "shape") else hint
         raise InputError(
             f"{name}: loss_fn must return one loss per example, shape (B,) for B examples; on a batch "
             f"of {_PROBE} it returned {got}{hint}")

@@ -173,7 +173,7 @@ def _factor_cotangents(loss_fn, samples: int, key):
     def cot(z, y, index):
         z0, y0 = z[0], jax.tree_util.tree_map(lambda a: a[0], y)
         if samples:
-            lf = _losses.sampled_factor(loss_fn, jax.random.fold_in(key, index), z0, samples)
+            lf = _losses.sampled_factor(loss_fn, jax.random.fold_in(key, index), z0, samples, y0)
         else:
             lf = _losses.output_factor(loss_fn, z0, y0)
         return lf.T.reshape((-1,) + z.shape)
