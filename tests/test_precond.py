@@ -89,7 +89,7 @@ def test_host_loop_equals_compiled_loop_and_auto_picks_host_for_convolutions(cap
     op, ref = _cnn()
     b = ref["unravel"](jnp.asarray(ref["bs"][0]))
     # a fixed number of steps below the tolerance: the iterates themselves are compared
-    opts = dict(tol=1e-14, max_steps=12, recompute_every=5, preconditioner="ekfac")
+    opts = dict(tol=1e-14, max_steps=12, recompute_every=5, preconditioner="kfac")
     host = solvers.cg(loop="host", progress=True, **opts)(op, b)
     comp = solvers.cg(loop="compiled", **opts)(op, b)
     assert int(host.status) == int(comp.status) == Status.MAX_STEPS
