@@ -424,6 +424,7 @@ def markdown(results, machine, quick, runtime_s=None, load=None):
 
 
 # ------------------------------------------------------ preconditioned CG on a CNN and a transformer
+LOOP_STEPS = 6  # CG steps timed per loop kind on the CNN
 PRECOND_TOL = 1e-3  # float32 reaches ~1e-4..1e-5 (module docstring of influx.solvers.cg)
 
 
@@ -491,9 +492,11 @@ def precond_problem(name, quick):
     key = jax.random.PRNGKey(0)
     loss = influx.losses.softmax_cross_entropy
     if name == "cnn":
+        from influx import data as D
+
         n = 256 if quick else 512
-        ds = influx.data.load("mnist", data_dir=ROOT.parent / "shared" / "data", n_train=n, n_test=64,
-                              flatten=False, seed=0)
+        data_dir = os.environ.get("INFLUX_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+        ds = D.load("mnist", data_dir=data_dir, n_train=n, n_test=64, flatten=False, seed=0)
         x = jnp.asarray(ds.train[0], jnp.float32).reshape(-1, 28, 28, 1)
         xt = jnp.asarray(ds.test[0], jnp.float32).reshape(-1, 28, 28, 1)
         train_, test = (x, jnp.asarray(ds.train[1])), (xt, jnp.asarray(ds.test[1]))
@@ -507,7 +510,7 @@ def precond_problem(name, quick):
         train_, test = (toks[:n], y[:n]), (toks[n:], y[n:])
         obj = influx.Objective(transformer_apply, loss, l2=1e-3)
         params, steps = init_transformer(key), (100 if quick else 300)
-    params = train(obj, params, train_, steps=steps, lr=3e-3)
+    params = train(obj, params, train_, steps=steps, lr=3e-3)[0]
     return obj, params, train_, test
 
 
@@ -533,65 +536,82 @@ def conv_loop_timing(op, repeats=3):
             "slowdown_in_loop": in_loop / standalone}
 
 
+def _cg_row(solver, op, rhs, **info):
+    t0 = time.perf_counter()
+    state = solver.prepare(op)
+    common.block(state)
+    t_prep = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sols = solver.apply_batch(state, op, rhs)
+    common.block(sols)
+    t_solve = time.perf_counter() - t0  # includes compiling (one call per configuration)
+    steps = np.asarray(sols.stats["steps"])
+    return {**info, "prepare_s": t_prep, "solve_s": t_solve,
+            "steps": [int(s) for s in steps],
+            "products": [int(s) for s in np.asarray(sols.iterations)],
+            "relative_residual": [float(r) for r in np.asarray(sols.stats["relative_residual"])],
+            "status": [solvers.status_message(s).split(" ")[0].rstrip(":,") for s in np.asarray(sols.status)]}
+
+
 def run_precond(name, quick):
-    """CG to ``PRECOND_TOL`` (float32, GNH, shift 2e-3) on 4 test-loss gradients, without and
-    with EK-FAC/K-FAC preconditioning; host-driven and compiled loops (CNN)."""
+    """CG to ``PRECOND_TOL`` (float32, GNH, shift 2e-3) on test-loss gradients, without and
+    with EK-FAC/K-FAC preconditioning (``precond_damping`` 0 and 0.1); on the CNN also the
+    cost of a CG step in the host-driven and the compiled loop (``LOOP_STEPS`` steps each)
+    and of one curvature product standalone vs inside a compiled ``fori_loop``."""
     obj, params, train_, test = precond_problem(name, quick)
     op = curvature.operator(obj, params, train_, kind="gnh", damping=np.float32(1e-3), chunk_size=256)
-    k = 2 if quick else 4
+    k = 2
     rhs = curvature.per_example_grads(obj, params, jax.tree_util.tree_map(lambda a: a[:k], test))
     out = {"n_train": int(train_[1].shape[0]), "params": int(ravel_pytree(params)[0].size),
            "tol": PRECOND_TOL, "rhs": k, "rows": []}
     out["coverage"] = float(solvers.ekfac.coverage(obj.apply_fn, params, train_[0][:1]))
-    max_steps = 150 if quick else 400
-    loops = ("host", "compiled") if name == "cnn" else ("compiled",)
-    pres = {"none": None, "ekfac": solvers.ekfac(), "kfac": solvers.kfac()}
-    for loop in loops:
-        for label, pre in pres.items():
-            if loop == "compiled" and name == "cnn" and label == "kfac":
-                continue  # the slow loop: one preconditioned row is enough to show it
-            solver = solvers.cg(tol=PRECOND_TOL, max_steps=max_steps, preconditioner=pre, loop=loop)
-            t0 = time.perf_counter()
-            state = solver.prepare(op)
-            common.block(state)
-            t_prep = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            sols = solver.apply_batch(state, op, rhs)
-            common.block(sols)
-            t_solve = time.perf_counter() - t0  # includes compiling (one call per configuration)
-            row = {"loop": loop, "preconditioner": label, "prepare_s": t_prep, "solve_s": t_solve,
-                   "steps": [int(s) for s in np.asarray(sols.stats["steps"])],
-                   "products": [int(s) for s in np.asarray(sols.iterations)],
-                   "relative_residual": [float(r) for r in np.asarray(sols.stats["relative_residual"])],
-                   "status": [solvers.status_message(s).split(" ")[0].rstrip(":,")
-                              for s in np.asarray(sols.status)]}
-            print(name, row, flush=True)
-            out["rows"].append(row)
+    max_steps = 150 if quick else 300
+    configs = [("none", None, 0.0), ("ekfac", solvers.ekfac(), 0.0), ("ekfac", solvers.ekfac(), 0.1),
+               ("kfac", solvers.kfac(), 0.0)]
+    for label, pre, gamma in configs:
+        solver = solvers.cg(tol=PRECOND_TOL, max_steps=max_steps, preconditioner=pre,
+                            precond_damping=gamma)  # loop="auto": host for the CNN on CPU
+        row = _cg_row(solver, op, rhs, loop="auto", preconditioner=label, precond_damping=gamma)
+        print(name, row, flush=True)
+        out["rows"].append(row)
     if name == "cnn":
-        out["conv_loop"] = conv_loop_timing(op)
-        print(name, out["conv_loop"], flush=True)
+        timing = {}
+        for loop in ("host", "compiled"):  # a fixed number of steps (tol 0 never stops early)
+            solver = solvers.cg(tol=0.0, max_steps=LOOP_STEPS, loop=loop)
+            row = _cg_row(solver, op, jax.tree_util.tree_map(lambda a: a[:1], rhs), loop=loop)
+            t0 = time.perf_counter()  # again, compiled: the time of the steps alone
+            common.block(solver.apply_batch(solver.prepare(op), op,
+                                            jax.tree_util.tree_map(lambda a: a[:1], rhs)))
+            timing[loop] = {"steps": row["steps"][0], "products": row["products"][0],
+                            "first_call_s": row["solve_s"], "s_per_product": (time.perf_counter() - t0)
+                            / row["products"][0]}
+        out["loop_timing"] = {**timing, **conv_loop_timing(op)}
+        print(name, out["loop_timing"], flush=True)
     return out
 
 
 def precond_markdown(res, load, runtime):
     lines = [f"CG to relative residual {PRECOND_TOL:g} (float32, GNH, l2 = 1e-3, damping 1e-3) on "
              "test-loss gradients, without and with a Kronecker-factored preconditioner "
-             "(`cg(preconditioner=ekfac())`); steps and products are per right-hand side "
-             "(max over them), times for the batch (solve time includes compiling; host = "
-             "`loop=\"host\"`). Run: `python -m benchmarks.solvers --only precond`."]
+             "(`cg(preconditioner=ekfac(), precond_damping=...)`); steps and products per right-hand "
+             "side (max over them), times for the batch (solve time includes compiling; the CNN "
+             "runs with the host-driven loop, `loop=\"auto\"`). "
+             "Run: `python -m benchmarks.solvers --only precond`."]
     for name, r in res.items():
-        lines.append(f"\n**{name}** (P = {r['params']:,}, N = {r['n_train']}, {r['rhs']} right-hand sides, "
-                     f"Kronecker coverage {r['coverage']:.0%})\n")
-        rows = [[x["loop"], x["preconditioner"], max(x["steps"]), max(x["products"]),
+        lines.append(f"\n**{name}** (P = {r['params']:,}, N = {r['n_train']}, {r['rhs']} right-hand "
+                     f"sides, Kronecker coverage {r['coverage']:.0%})\n")
+        rows = [[x["preconditioner"], x["precond_damping"], max(x["steps"]), max(x["products"]),
                  max(x["relative_residual"]), ",".join(sorted(set(x["status"]))), x["prepare_s"],
                  x["solve_s"]] for x in r["rows"]]
-        lines.append(common.md_table(["loop", "preconditioner", "steps", "products", "rel. residual",
-                                      "status", "prepare s", "solve s"], rows))
-        if "conv_loop" in r:
-            c = r["conv_loop"]
-            lines.append(f"\nOne GNH product on the CNN: {c['product_standalone_s']:.3g} s standalone, "
-                         f"{c['product_in_fori_loop_s']:.3g} s per product inside a compiled "
-                         f"`fori_loop` ({c['slowdown_in_loop']:.2g}x).")
+        lines.append(common.md_table(["preconditioner", "precond_damping", "steps", "products",
+                                      "rel. residual", "status", "prepare s", "solve s"], rows))
+        if "loop_timing" in r:
+            c = r["loop_timing"]
+            lines.append(f"\nCost per curvature product on the CNN: {c['product_standalone_s']:.3g} s "
+                         f"standalone, {c['product_in_fori_loop_s']:.3g} s inside a compiled `fori_loop` "
+                         f"({c['slowdown_in_loop']:.2g}x); in CG ({LOOP_STEPS} steps, compiled program "
+                         f"reused): {c['host']['s_per_product']:.3g} s with `loop=\"host\"`, "
+                         f"{c['compiled']['s_per_product']:.3g} s with `loop=\"compiled\"`.")
     lines.append(f"\nLoad average (1, 5, 15 min) before / after: {load[0]} / {load[1]}; "
                  f"runtime {runtime:.0f} s.")
     return "\n".join(lines)

@@ -91,7 +91,7 @@ from influx.solvers._base import (
     key_tuple,
     ravel_batch,
 )
-from influx.solvers.ekfac import EKFAC
+from influx.solvers.ekfac import EKFAC, EKFACState
 from influx.solvers.ekfac import _inverse as _ekfac_inverse
 from influx.solvers.ekfac import ekfac as _ekfac_factory
 from influx.solvers.ekfac import kfac as _kfac_factory
@@ -120,6 +120,7 @@ class CG(Solver):
     key: tuple = (0, 0)
     block: bool = False
     loop: str = "auto"
+    precond_damping: float = 0.0
     # not an option of the math: excluded from equality, hashing and options (fingerprints)
     progress: bool | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -141,10 +142,13 @@ class CG(Solver):
         pre = self.preconditioner
         if isinstance(pre, Solver):
             try:
-                return {"precond": pre.prepare(op)}
+                pstate = pre.prepare(op)
             except InputError as e:
                 raise InputError(f"cg: the preconditioner {pre!r} cannot be prepared for this operator: "
                                  f"{e}") from None
+            if self.precond_damping and isinstance(pstate, EKFACState):
+                pstate = dataclasses.replace(pstate, shift=pstate.shift + self.precond_damping)
+            return {"precond": pstate}
         if pre == "jacobi":
             return compiled(CG._prepare_jacobi)(self, op)
         return {}
@@ -262,7 +266,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
        preconditioner: Callable | str | Solver | None = None, recompute_every: int = 50,
        stagnation_window: int | None = None, divergence_factor: float = 100.0,
        precond_samples: int = 32, key=None, block: bool = False, loop: str = "auto",
-       progress: bool | None = None) -> CG:
+       precond_damping: float = 0.0, progress: bool | None = None) -> CG:
     """Conjugate-gradient solver (see module docstring); returns a :class:`CG` value.
 
     Args:
@@ -281,6 +285,11 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
           ``precond_samples`` products (see :func:`estimate_diagonal`);
         * a callable ``v -> M^-1 v`` on pytrees like the params (the solver then hashes by
           the callable's identity).
+      precond_damping: extra damping of a Kronecker-factored preconditioner only:
+        ``M = C_kron + (l2 + damping + precond_damping) I`` (``A`` and the answer are
+        unchanged). Where the approximation underestimates the curvature, ``M^-1 A`` has
+        eigenvalues up to ``C / shift``; a larger shift in ``M`` bounds them (at the price
+        of a weaker preconditioner where it is accurate).
       recompute_every: replace the recurrence residual by the true residual every this
         many steps (one extra product each time).
       stagnation_window: stop with ``Status.STAGNATED`` when the best true residual has
@@ -318,6 +327,9 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
     preconditioner = _check_preconditioner(preconditioner)
     if preconditioner == "jacobi":
         check_positive_int(precond_samples, "cg: precond_samples")
+    precond_damping = float(precond_damping)
+    if not precond_damping >= 0:
+        raise InputError(f"cg: precond_damping must be >= 0, got {precond_damping}")
     if loop not in LOOPS:
         raise InputError(f"cg: loop must be one of {LOOPS}, got {loop!r}")
     if progress is not None and not isinstance(progress, bool):
@@ -325,7 +337,8 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
     return CG(tol=tol, atol=atol, max_steps=int(max_steps), preconditioner=preconditioner,
               recompute_every=int(recompute_every), stagnation_window=stagnation_window,
               divergence_factor=divergence_factor, precond_samples=int(precond_samples),
-              key=key_tuple(key), block=bool(block), loop=loop, progress=progress)
+              key=key_tuple(key), block=bool(block), loop=loop, precond_damping=precond_damping,
+              progress=progress)
 
 
 # ------------------------------------------------------------------ solver values as preconditioners
