@@ -83,6 +83,9 @@ def test_kfac_preconditioned_block_cg_on_a_conv_net():
     for i in range(2):
         assert _rel(jax.tree_util.tree_map(lambda a, i=i: a[i], sols.x), ref["xs"][i]) < 1e-8
     assert solvers.cg(preconditioner="kfac") == solvers.cg(preconditioner=solvers.kfac())
+    # precond_damping shifts the preconditioner only
+    state = solvers.cg(preconditioner="kfac", precond_damping=0.5).prepare(op)
+    np.testing.assert_allclose(float(state["precond"].shift), float(op.shift) + 0.5)
 
 
 def test_host_loop_equals_compiled_loop_and_auto_picks_host_for_convolutions(capsys):
@@ -104,6 +107,8 @@ def test_host_loop_equals_compiled_loop_and_auto_picks_host_for_convolutions(cap
     auto = solvers.cg(**opts)
     assert auto._on_host({}, op, b) == (jax.default_backend() == "cpu")
     assert not auto._on_host({}, mlp_op, jax.tree_util.tree_map(jnp.zeros_like, mlp_op.params))
+    assert auto.host_driven(op) == (jax.default_backend() == "cpu")
+    assert not solvers.cg(loop="compiled").host_driven(op)
     assert solvers.cg(progress=True) == solvers.cg(progress=False)  # not part of the identity
 
 
@@ -118,6 +123,8 @@ def test_bad_preconditioners_are_refused_with_what_to_use():
         solvers.cg(loop="python")
     with pytest.raises(InputError, match="progress"):
         solvers.cg(progress="yes")
+    with pytest.raises(InputError, match="precond_damping"):
+        solvers.cg(preconditioner="ekfac", precond_damping=-1.0)
     # a Kronecker-factored preconditioner needs a positive shift (its eigenvalues can be 0)
     obj, params, data = make_problem("logistic")
     obj0 = influx.Objective(obj.apply_fn, obj.loss_fn, l2=0.0)

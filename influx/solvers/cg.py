@@ -219,6 +219,12 @@ class CG(Solver):
         return dataclasses.replace(self, block=False) if self.block else self
 
     # -- the host-driven loop ---------------------------------------------------------------
+    def host_driven(self, op) -> bool:
+        """Whether solves of ``op`` called outside any trace run the host-driven loop
+        (``loop="host"``, or ``"auto"`` with a convolution on CPU): callers that would wrap
+        :meth:`apply_batch` in their own ``jit`` should call it directly instead."""
+        return self._on_host({}, op, ())
+
     def _on_host(self, state, op, b) -> bool:
         """Whether to drive the loop from Python: ``loop="host"``, or ``"auto"`` on a CPU
         operator whose product contains a convolution; never under a trace (``jit``/``vmap``
