@@ -28,7 +28,13 @@ call) vs sequential (16 calls) right-hand sides at one configuration per solver
 (damping 0); ``cg (block)`` is ``cg(block=True)``, whose batched call is block CG (one
 Krylov space for all 16) while its sequential calls are plain CG.
 
-Run: ``python -m benchmarks.solvers [--quick] [--only digits|mnist] [--from-json]``.
+Preconditioned CG (``--only precond``, ``results/solvers_precond.json``): CG steps and time
+to a relative residual of 1e-3 without and with EK-FAC / K-FAC as preconditioner
+(``cg(preconditioner=ekfac())``) on a CNN (two convolutions, P = 105,866, MNIST) and a
+two-block transformer with a classification head (P ~ 27k), host-driven and compiled
+loops on the CNN, and one GNH product standalone vs inside a compiled ``fori_loop``.
+
+Run: ``python -m benchmarks.solvers [--quick] [--only digits|mnist|precond] [--from-json]``.
 Runtime on 2 shared CPU cores: default < 5 min, ``--quick`` < 90 s (both printed at the
 end with the load average).
 """
@@ -417,6 +423,213 @@ def markdown(results, machine, quick, runtime_s=None, load=None):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------ preconditioned CG on a CNN and a transformer
+LOOP_STEPS = 6  # CG steps timed per loop kind on the CNN
+PRECOND_TOL = 1e-3  # float32 reaches ~1e-4..1e-5 (module docstring of influx.solvers.cg)
+
+
+def conv_apply(params, x):
+    """conv 3x3 (1->16), tanh, 2x2 avg pool, conv 3x3 (16->32), tanh, pool, dense 64, tanh,
+    dense 10 (P = 105,866 on 28x28 inputs)."""
+    h = x
+    for k in ("conv1", "conv2"):
+        h = jax.lax.conv_general_dilated(h, params[k]["w"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + params[k]["b"]
+        h = jnp.tanh(h)
+        h = jax.lax.reduce_window(h, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4
+    h = h.reshape(h.shape[0], -1)
+    h = jnp.tanh(h @ params["fc1"]["w"] + params["fc1"]["b"])
+    return h @ params["fc2"]["w"] + params["fc2"]["b"]
+
+
+def init_cnn(key):
+    ks = jax.random.split(key, 4)
+    he = lambda k, shape, fan: jax.random.normal(k, shape, jnp.float32) / np.float32(np.sqrt(fan))
+    return {"conv1": {"w": he(ks[0], (3, 3, 1, 16), 9), "b": jnp.zeros(16, jnp.float32)},
+            "conv2": {"w": he(ks[1], (3, 3, 16, 32), 144), "b": jnp.zeros(32, jnp.float32)},
+            "fc1": {"w": he(ks[2], (7 * 7 * 32, 64), 1568), "b": jnp.zeros(64, jnp.float32)},
+            "fc2": {"w": he(ks[3], (64, 10), 64), "b": jnp.zeros(10, jnp.float32)}}
+
+
+def _layer_norm(h, p):
+    mu = jnp.mean(h, -1, keepdims=True)
+    var = jnp.var(h, -1, keepdims=True)
+    return (h - mu) / jnp.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def transformer_apply(params, tokens):
+    """Token + position embedding, ``len(params["blocks"])`` pre-LN blocks (2-head attention
+    with DenseGeneral-style ``(d, heads, d_head)`` projections, MLP 4d), mean pool, class head."""
+    h = params["embed"][tokens] + params["pos"][None, : tokens.shape[1]]
+    for blk in params["blocks"]:
+        a = _layer_norm(h, blk["ln1"])
+        q = jnp.einsum("btd,dhk->bthk", a, blk["q"])
+        k = jnp.einsum("btd,dhk->bthk", a, blk["k"])
+        v = jnp.einsum("btd,dhk->bthk", a, blk["v"])
+        w = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q, k) / np.float32(np.sqrt(q.shape[-1])), -1)
+        h = h + jnp.einsum("bhts,bshk,hkd->btd", w, v, blk["o"])
+        m = _layer_norm(h, blk["ln2"])
+        h = h + jnp.tanh(m @ blk["fc1"]["w"] + blk["fc1"]["b"]) @ blk["fc2"]["w"] + blk["fc2"]["b"]
+    return jnp.mean(h, axis=1) @ params["head"]["w"] + params["head"]["b"]
+
+
+def init_transformer(key, *, vocab=16, length=16, d=32, heads=2, blocks=2, classes=4):
+    ks = iter(jax.random.split(key, 3 + 6 * blocks))
+    nrm = lambda shape, fan: jax.random.normal(next(ks), shape, jnp.float32) / np.float32(np.sqrt(fan))
+    ln = lambda: {"scale": jnp.ones(d, jnp.float32), "bias": jnp.zeros(d, jnp.float32)}
+    dh = d // heads
+    return {"embed": nrm((vocab, d), 1), "pos": nrm((length, d), 1) * 0.1,
+            "blocks": [{"ln1": ln(), "q": nrm((d, heads, dh), d), "k": nrm((d, heads, dh), d),
+                        "v": nrm((d, heads, dh), d), "o": nrm((heads, dh, d), d), "ln2": ln(),
+                        "fc1": {"w": nrm((d, 4 * d), d), "b": jnp.zeros(4 * d, jnp.float32)},
+                        "fc2": {"w": nrm((4 * d, d), 4 * d), "b": jnp.zeros(d, jnp.float32)}}
+                       for _ in range(blocks)],
+            "head": {"w": nrm((d, classes), d), "b": jnp.zeros(classes, jnp.float32)}}
+
+
+def precond_problem(name, quick):
+    """``(obj, params, train, test)`` in float32, trained with adam (full batch)."""
+    key = jax.random.PRNGKey(0)
+    loss = influx.losses.softmax_cross_entropy
+    if name == "cnn":
+        from influx import data as D
+
+        n = 256 if quick else 512
+        data_dir = os.environ.get("INFLUX_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+        ds = D.load("mnist", data_dir=data_dir, n_train=n, n_test=64, flatten=False, seed=0)
+        x = jnp.asarray(ds.train[0], jnp.float32).reshape(-1, 28, 28, 1)
+        xt = jnp.asarray(ds.test[0], jnp.float32).reshape(-1, 28, 28, 1)
+        train_, test = (x, jnp.asarray(ds.train[1])), (xt, jnp.asarray(ds.test[1]))
+        obj = influx.Objective(conv_apply, loss, l2=1e-3)
+        params, steps = init_cnn(key), (30 if quick else 100)
+    else:  # sequences of 16 tokens; class = the most frequent of tokens 0..3 (ties: lowest)
+        n, length = (256 if quick else 512), 16
+        toks = jax.random.randint(key, (n + 64, length), 0, 16)
+        counts = jnp.stack([jnp.sum(toks == c, axis=1) for c in range(4)], axis=1)
+        y = jnp.argmax(counts, axis=1)
+        train_, test = (toks[:n], y[:n]), (toks[n:], y[n:])
+        obj = influx.Objective(transformer_apply, loss, l2=1e-3)
+        params, steps = init_transformer(key), (100 if quick else 300)
+    params = train(obj, params, train_, steps=steps, lr=3e-3)[0]
+    return obj, params, train_, test
+
+
+def conv_loop_timing(op, repeats=3):
+    """One curvature product standalone (one program per product, called from Python)
+    vs ``repeats`` products inside a compiled ``fori_loop`` (per product), seconds."""
+    v = jax.tree_util.tree_map(jnp.ones_like, op.params)
+    one = jax.jit(lambda o, u: o(u))
+    loop = jax.jit(lambda o, u: jax.lax.fori_loop(
+        0, repeats, lambda i, w: jax.tree_util.tree_map(lambda a: a / 1e3, o(w)), u))
+    common.block(one(op, v))
+    common.block(loop(op, v))
+    t0 = time.perf_counter()
+    w = v
+    for _ in range(repeats):
+        w = jax.tree_util.tree_map(lambda a: a / 1e3, one(op, w))
+    common.block(w)
+    standalone = (time.perf_counter() - t0) / repeats
+    t0 = time.perf_counter()
+    common.block(loop(op, v))
+    in_loop = (time.perf_counter() - t0) / repeats
+    return {"product_standalone_s": standalone, "product_in_fori_loop_s": in_loop,
+            "slowdown_in_loop": in_loop / standalone}
+
+
+def _cg_row(solver, op, rhs, **info):
+    t0 = time.perf_counter()
+    state = solver.prepare(op)
+    common.block(state)
+    t_prep = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sols = solver.apply_batch(state, op, rhs)
+    common.block(sols)
+    t_solve = time.perf_counter() - t0  # includes compiling (one call per configuration)
+    steps = np.asarray(sols.stats["steps"])
+    return {**info, "prepare_s": t_prep, "solve_s": t_solve,
+            "steps": [int(s) for s in steps],
+            "products": [int(s) for s in np.asarray(sols.iterations)],
+            "relative_residual": [float(r) for r in np.asarray(sols.stats["relative_residual"])],
+            "status": [solvers.status_message(s).split(" ")[0].rstrip(":,") for s in np.asarray(sols.status)]}
+
+
+def run_precond(name, quick):
+    """CG to ``PRECOND_TOL`` (float32, GNH, shift 2e-3) on test-loss gradients, without and
+    with EK-FAC/K-FAC preconditioning (``precond_damping`` 0 and 0.1); on the CNN also the
+    cost of a CG step in the host-driven and the compiled loop (``LOOP_STEPS`` steps each)
+    and of one curvature product standalone vs inside a compiled ``fori_loop``."""
+    obj, params, train_, test = precond_problem(name, quick)
+    op = curvature.operator(obj, params, train_, kind="gnh", damping=np.float32(1e-3), chunk_size=256)
+    k = 2
+    rhs = curvature.per_example_grads(obj, params, jax.tree_util.tree_map(lambda a: a[:k], test))
+    out = {"n_train": int(train_[1].shape[0]), "params": int(ravel_pytree(params)[0].size),
+           "tol": PRECOND_TOL, "rhs": k, "rows": []}
+    out["coverage"] = float(solvers.ekfac.coverage(obj.apply_fn, params, train_[0][:1]))
+    max_steps = 150 if quick else 300
+    configs = [("none", None, 0.0), ("ekfac", solvers.ekfac(), 0.0), ("ekfac", solvers.ekfac(), 0.1),
+               ("kfac", solvers.kfac(), 0.0)]
+    for label, pre, gamma in configs:
+        solver = solvers.cg(tol=PRECOND_TOL, max_steps=max_steps, preconditioner=pre,
+                            precond_damping=gamma)  # loop="auto": host for the CNN on CPU
+        row = _cg_row(solver, op, rhs, loop="auto", preconditioner=label, precond_damping=gamma)
+        print(name, row, flush=True)
+        out["rows"].append(row)
+    if name == "cnn":
+        timing = {}
+        for loop in ("host", "compiled"):  # a fixed number of steps (tol 0 never stops early)
+            solver = solvers.cg(tol=0.0, max_steps=LOOP_STEPS, loop=loop)
+            row = _cg_row(solver, op, jax.tree_util.tree_map(lambda a: a[:1], rhs), loop=loop)
+            t0 = time.perf_counter()  # again, compiled: the time of the steps alone
+            common.block(solver.apply_batch(solver.prepare(op), op,
+                                            jax.tree_util.tree_map(lambda a: a[:1], rhs)))
+            timing[loop] = {"steps": row["steps"][0], "products": row["products"][0],
+                            "first_call_s": row["solve_s"], "s_per_product": (time.perf_counter() - t0)
+                            / row["products"][0]}
+        out["loop_timing"] = {**timing, **conv_loop_timing(op)}
+        print(name, out["loop_timing"], flush=True)
+    return out
+
+
+def precond_markdown(res, load, runtime):
+    lines = [f"CG to relative residual {PRECOND_TOL:g} (float32, GNH, l2 = 1e-3, damping 1e-3) on "
+             "test-loss gradients, without and with a Kronecker-factored preconditioner "
+             "(`cg(preconditioner=ekfac(), precond_damping=...)`); steps and products per right-hand "
+             "side (max over them), times for the batch (solve time includes compiling; the CNN "
+             "runs with the host-driven loop, `loop=\"auto\"`). "
+             "Run: `python -m benchmarks.solvers --only precond`."]
+    for name, r in res.items():
+        lines.append(f"\n**{name}** (P = {r['params']:,}, N = {r['n_train']}, {r['rhs']} right-hand "
+                     f"sides, Kronecker coverage {r['coverage']:.0%})\n")
+        rows = [[x["preconditioner"], x["precond_damping"], max(x["steps"]), max(x["products"]),
+                 max(x["relative_residual"]), ",".join(sorted(set(x["status"]))), x["prepare_s"],
+                 x["solve_s"]] for x in r["rows"]]
+        lines.append(common.md_table(["preconditioner", "precond_damping", "steps", "products",
+                                      "rel. residual", "status", "prepare s", "solve s"], rows))
+        if "loop_timing" in r:
+            c = r["loop_timing"]
+            lines.append(f"\nCost per curvature product on the CNN: {c['product_standalone_s']:.3g} s "
+                         f"standalone, {c['product_in_fori_loop_s']:.3g} s inside a compiled `fori_loop` "
+                         f"({c['slowdown_in_loop']:.2g}x); in CG ({LOOP_STEPS} steps, compiled program "
+                         f"reused): {c['host']['s_per_product']:.3g} s with `loop=\"host\"`, "
+                         f"{c['compiled']['s_per_product']:.3g} s with `loop=\"compiled\"`.")
+    lines.append(f"\nLoad average (1, 5, 15 min) before / after: {load[0]} / {load[1]}; "
+                 f"runtime {runtime:.0f} s.")
+    return "\n".join(lines)
+
+
+def precond_main(quick):
+    t_start, load0 = time.perf_counter(), _load()
+    res = {name: run_precond(name, quick) for name in ("cnn", "transformer")}
+    runtime, load = time.perf_counter() - t_start, [load0, _load()]
+    payload = {"machine": common.machine(), "quick": quick, "results": res, "runtime_s": runtime,
+               "load_average": load}
+    path = common.save_json("solvers_precond", payload)
+    md = precond_markdown(res, load, runtime)
+    common.write_section("Preconditioned CG", md)
+    print(md)
+    print(f"wrote {path}")
+
+
 def _load():
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -427,7 +640,9 @@ def _load():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: short training, few configs")
-    ap.add_argument("--only", choices=["digits", "mnist"], default=None)
+    ap.add_argument("--only", choices=["digits", "mnist", "precond"], default=None,
+                    help="one problem; 'precond': preconditioned CG on a CNN and a transformer "
+                         "(results/solvers_precond.json)")
     ap.add_argument("--from-json", action="store_true",
                     help="only re-render the README section from results/solvers.json")
     args = ap.parse_args()
@@ -439,6 +654,9 @@ def main():
                       payload.get("runtime_s"), payload.get("load_average"))
         common.write_section("Solvers", md)
         print(md)
+        return
+    if args.only == "precond":
+        precond_main(args.quick)
         return
     t_start, load0 = time.perf_counter(), _load()
     machine = common.machine()

@@ -267,8 +267,8 @@ def test_block_cg_nonfinite_row_negative_curvature_and_options():
     sols = solver.apply_batch(solver.prepare(op), op, jax.vmap(unravel)(b))
     assert np.all(np.asarray(sols.status) == Status.NEGATIVE_CURVATURE)
     assert np.all(np.isfinite(np.asarray(jax.vmap(flat)(sols.x))))
-    with pytest.raises(ValueError, match="block=True"):
-        solvers.cg(block=True, preconditioner="jacobi")
+    # block CG takes preconditioners since block PCG (tests/test_precond.py)
+    assert solvers.cg(block=True, preconditioner="jacobi").block
 
 
 def test_block_cg_float32_stagnates_with_the_best_iterate():

@@ -39,19 +39,41 @@ frozen, their counters stopped).
 ``cg(block=True)`` instead solves batches with block CG (:func:`block_cg`): one Krylov
 space shared by all right-hand sides, which typically needs far fewer steps than the
 slowest of ``k`` independent CGs (measurements in ``benchmarks/README.md``). It keeps the
-best iterate and detects stagnation like plain CG, but takes no preconditioner; a single
-right-hand side is plain CG.
+best iterate and detects stagnation like plain CG, and takes the same preconditioners
+(block PCG); a single right-hand side is plain CG.
+
+Preconditioners (``cg(preconditioner=...)``): ``M^-1`` must be one fixed symmetric positive
+definite map. Besides a diagonal (``"jacobi"``) and a user callable, a Kronecker-factored
+solver value works: ``cg(preconditioner=influx.solvers.ekfac())`` fits the EK-FAC factors
+once in ``prepare`` (two passes over the data) and applies ``M^-1 r = (C_ekfac + s I)^-1 r``
+with the factored inverse (two small matrix products per layer, no operator product), SPD
+because every corrected eigenvalue is ``>= 0`` and ``s = l2 + damping > 0`` (checked).
+Where the Kronecker approximation is good, the spectrum of ``M^-1 A`` clusters near 1 and
+CG needs far fewer steps (``benchmarks/results/solvers_precond.json``).
+
+Loops (``cg(loop=...)``): XLA:CPU runs convolutions several times slower inside a
+``lax.while_loop`` than as a standalone program (jax issue 12868). ``loop="host"`` runs the
+same iteration with every step one compiled program called from Python (one
+device-to-host sync of a boolean per step), ``"compiled"`` as one ``while_loop``, and the
+default ``"auto"`` picks ``"host"`` for operators on CPU whose product contains a
+convolution (:func:`has_convolution`). Both give the same iterates (same program text per
+step) and the same stopping rule; host-driven solves can show a progress bar
+(``progress=``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
+import time
 import warnings
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influx._xla import jit
@@ -69,9 +91,17 @@ from influx.solvers._base import (
     key_tuple,
     ravel_batch,
 )
+from influx.solvers.ekfac import EKFAC, EKFACState
+from influx.solvers.ekfac import _inverse as _ekfac_inverse
+from influx.solvers.ekfac import ekfac as _ekfac_factory
+from influx.solvers.ekfac import kfac as _kfac_factory
 from influx.validation import check_positive_int
 
-__all__ = ["CG", "cg", "block_cg", "diagonal_preconditioner", "estimate_diagonal"]
+__all__ = ["CG", "LOOPS", "cg", "block_cg", "diagonal_preconditioner", "estimate_diagonal",
+           "has_convolution", "linear_inverse"]
+
+
+LOOPS = ("auto", "compiled", "host")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -82,26 +112,44 @@ class CG(Solver):
     tol: float = 1e-6
     atol: float = 0.0
     max_steps: int = 1000
-    preconditioner: Callable | str | None = None
+    preconditioner: Callable | str | Solver | None = None
     recompute_every: int = 50
     stagnation_window: int | None = None
     divergence_factor: float = 100.0
     precond_samples: int = 32
     key: tuple = (0, 0)
     block: bool = False
+    loop: str = "auto"
+    precond_damping: float = 0.0
+    # not an option of the math: excluded from equality, hashing and options (fingerprints)
+    progress: bool | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def window(self) -> int:
         return 3 * self.recompute_every if self.stagnation_window is None else self.stagnation_window
 
+    # -- prepare ------------------------------------------------------------------------
     def prepare(self, op):
+        """The preconditioner's state: ``{}`` (none or a callable), ``{"inv_diag": ...}``
+        (``"jacobi"``, ``precond_samples`` products) or ``{"precond": state}`` (a solver value
+        such as ``ekfac()``: its ``prepare(op)``, e.g. the Kronecker factors)."""
         shift = _concrete_float(getattr(op, "shift", None))
         if not is_positive_semidefinite(op) and shift is not None and shift <= 0:
             warnings.warn("cg: the operator is not tagged positive semidefinite (e.g. kind='hessian') and "
                           "has no shift (l2 + damping = 0); CG needs a positive definite operator and "
                           "stops with NEGATIVE_CURVATURE if it meets p^T A p <= 0: add damping or use "
                           "kind='gnh'", RuntimeWarning, stacklevel=2)
-        if self.preconditioner == "jacobi":
+        pre = self.preconditioner
+        if isinstance(pre, Solver):
+            try:
+                pstate = pre.prepare(op)
+            except InputError as e:
+                raise InputError(f"cg: the preconditioner {pre!r} cannot be prepared for this operator: "
+                                 f"{e}") from None
+            if self.precond_damping and isinstance(pstate, EKFACState):
+                pstate = dataclasses.replace(pstate, shift=pstate.shift + self.precond_damping)
+            return {"precond": pstate}
+        if pre == "jacobi":
             return compiled(CG._prepare_jacobi)(self, op)
         return {}
 
@@ -109,57 +157,145 @@ class CG(Solver):
         return {"inv_diag": 1.0 / estimate_diagonal(op, key_array(self.key), samples=self.precond_samples)}
 
     def _psolve(self, state, unravel, dtype):
-        if self.preconditioner == "jacobi":
+        """``r -> M^-1 r`` on flat vectors, or ``None`` without a preconditioner."""
+        pre = self.preconditioner
+        if isinstance(pre, Solver):
+            inverse, pstate = linear_inverse(pre), state["precond"]
+            return lambda r: ravel_pytree(inverse(pstate, unravel(r)))[0].astype(dtype)
+        if pre == "jacobi":
             inv_diag = state["inv_diag"].astype(dtype)
             return lambda r: inv_diag * r
-        if callable(self.preconditioner):
-            pre = self.preconditioner
+        if callable(pre):
             return lambda r: ravel_pytree(pre(unravel(r)))[0].astype(dtype)
-        return lambda r: r
+        return None
 
-    def _columns(self, state, op, flat_bs, unravel):  # flat_bs: (k, P)
+    # -- the iteration as a program: (start, running, step, finish) ---------------------------
+    def _program(self, state, op, bs):
+        """The loop over the ``(k, P)`` rows of the batched pytree ``bs``: independent CGs
+        (:func:`_cg_program`) or, with ``block=True``, block CG (:func:`_block_program`)."""
+        flat_bs, unravel = ravel_batch(bs)
         mv = flat_matvec(op, unravel, flat_bs.dtype)
-        return _cg_columns(mv, self._psolve(state, unravel, flat_bs.dtype), flat_bs, tol=self.tol,
-                           atol=self.atol, max_steps=self.max_steps, recompute_every=self.recompute_every,
-                           stagnation_window=self.window, divergence_factor=self.divergence_factor)
+        psolve = self._psolve(state, unravel, flat_bs.dtype)
+        opts = dict(tol=self.tol, atol=self.atol, max_steps=self.max_steps,
+                    recompute_every=self.recompute_every, stagnation_window=self.window,
+                    divergence_factor=self.divergence_factor)
+        if self.block:
+            return _block_program(jax.vmap(mv), None if psolve is None else jax.vmap(psolve), flat_bs,
+                                  **opts), unravel
+        return _cg_program(mv, psolve, flat_bs, **opts), unravel
 
-    def apply(self, state, op, b) -> Solution:
-        return compiled(CG._apply)(self, state, op, check_rhs(op, b))
+    def _solve_rows(self, state, op, bs) -> Solution:
+        """All rows of ``bs`` in one ``lax.while_loop`` (the compiled loop)."""
+        prog, unravel = self._program(state, op, bs)
+        c = jax.lax.while_loop(prog.running, prog.step, prog.start())
+        return _solution(prog.finish(c), unravel)
 
     def _apply(self, state, op, b) -> Solution:
-        flat_b, unravel = ravel_pytree(b)
-        x, res, prods, status, stats = self._columns(state, op, flat_b[None], unravel)
-        stats = {k: v[0] for k, v in stats.items()}
-        return Solution(unravel(x[0]), res[0], prods[0], status[0] == Status.CONVERGED, status[0], stats)
+        sol = self._plain()._solve_rows(state, op, jax.tree_util.tree_map(lambda a: a[None], b))
+        return jax.tree_util.tree_map(lambda a: a[0], sol)
+
+    def apply(self, state, op, b) -> Solution:
+        b = check_rhs(op, b)
+        if self._on_host(state, op, b):
+            sol = self._plain()._host_solve(state, op, jax.tree_util.tree_map(lambda a: a[None], b))
+            return jax.tree_util.tree_map(lambda a: a[0], sol)
+        return compiled(CG._apply)(self, state, op, b)
 
     def apply_many(self, state, op, bs) -> Solution:
         """Independent CGs in one loop (``block=False``), or block CG (``block=True``)."""
         if not self.block:
             return jax.vmap(lambda b: self._apply(state, op, b))(bs)
-        flat_bs, unravel = ravel_batch(bs)
-        mv = jax.vmap(flat_matvec(op, unravel, flat_bs.dtype))
-        x, res, prods, status, stats = block_cg(
-            mv, flat_bs, tol=self.tol, atol=self.atol, max_steps=self.max_steps,
-            recompute_every=self.recompute_every, stagnation_window=self.window,
-            divergence_factor=self.divergence_factor)
-        return Solution(jax.vmap(unravel)(x), res, prods, status == Status.CONVERGED, status, stats)
+        return self._solve_rows(state, op, bs)
+
+    def apply_batch(self, state, op, bs) -> Solution:
+        """:meth:`apply_many` in one compiled call, or driven from the host (``loop``)."""
+        bs = check_rhs(op, bs, batched=True)
+        if self._on_host(state, op, bs):
+            return self._host_solve(state, op, bs)
+        return compiled(CG.apply_many)(self, state, op, bs)
+
+    def _plain(self) -> CG:
+        """This solver for a single right-hand side (block CG of one row is plain CG)."""
+        return dataclasses.replace(self, block=False) if self.block else self
+
+    # -- the host-driven loop ---------------------------------------------------------------
+    def host_driven(self, op) -> bool:
+        """Whether solves of ``op`` called outside any trace run the host-driven loop
+        (``loop="host"``, or ``"auto"`` with a convolution on CPU): callers that would wrap
+        :meth:`apply_batch` in their own ``jit`` should call it directly instead."""
+        return self._on_host({}, op, ())
+
+    def _on_host(self, state, op, b) -> bool:
+        """Whether to drive the loop from Python: ``loop="host"``, or ``"auto"`` on a CPU
+        operator whose product contains a convolution; never under a trace (``jit``/``vmap``
+        of ``apply``), where the loop is necessarily compiled."""
+        if self.loop == "compiled":
+            return False
+        if any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves((state, op, b))):
+            return False
+        return self.loop == "host" or (_on_cpu(op) and has_convolution(op))
+
+    def _host_start(self, state, op, bs):
+        prog, _ = self._program(state, op, bs)
+        c = prog.start()
+        return c, prog.running(c), prog.info(c)
+
+    def _host_step(self, state, op, bs, c):
+        prog, _ = self._program(state, op, bs)
+        c = prog.step(c)
+        return c, prog.running(c), prog.info(c)
+
+    def _host_finish(self, state, op, bs, c):
+        prog, unravel = self._program(state, op, bs)
+        return _solution(prog.finish(c), unravel)
+
+    def _host_solve(self, state, op, bs) -> Solution:
+        """The loop of :meth:`_solve_rows` with every iteration one compiled program called
+        from Python (same state, same stopping rule; XLA:CPU runs convolutions several
+        times slower inside a ``while_loop``, jax issue 12868)."""
+        c, running, info = compiled(CG._host_start)(self, state, op, bs)
+        bar = _progress_bar(self.progress, total=self.max_steps)
+        shown = 0
+        try:
+            while bool(running):
+                c, running, info = compiled(CG._host_step)(self, state, op, bs, c)
+                steps, worst = (float(v) for v in info)
+                if steps > shown:
+                    bar.update(int(steps) - shown, f"rel. residual {worst:.2e}")
+                    shown = int(steps)
+        finally:
+            bar.close()
+        return compiled(CG._host_finish)(self, state, op, bs, c)
 
 
 def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
-       preconditioner: Callable | str | None = None, recompute_every: int = 50,
+       preconditioner: Callable | str | Solver | None = None, recompute_every: int = 50,
        stagnation_window: int | None = None, divergence_factor: float = 100.0,
-       precond_samples: int = 32, key=None, block: bool = False) -> CG:
+       precond_samples: int = 32, key=None, block: bool = False, loop: str = "auto",
+       precond_damping: float = 0.0, progress: bool | None = None) -> CG:
     """Conjugate-gradient solver (see module docstring); returns a :class:`CG` value.
 
     Args:
       tol: relative tolerance, stop when ``||b - A x|| <= tol ||b||`` (true residual).
       atol: absolute tolerance (the stopping threshold is ``max(tol ||b||, atol)``).
       max_steps: maximum number of CG steps per right-hand side.
-      preconditioner: ``None``; a callable ``v -> M^-1 v`` on pytrees like the params
-        (``M`` symmetric positive definite; the solver then hashes by the callable's
-        identity); or ``"jacobi"``: a diagonal preconditioner estimated once in
-        ``prepare`` by Hutchinson's method with ``precond_samples`` products (see
-        :func:`estimate_diagonal`).
+      preconditioner: ``M^-1`` (``M`` symmetric positive definite, fixed), one of
+
+        * ``None``: plain CG;
+        * a Kronecker-factored solver value, ``influx.solvers.ekfac()`` or ``kfac()`` (or the
+          strings ``"ekfac"``, ``"kfac"`` for their defaults): prepared once in ``prepare``
+          (its factor passes over the data), applied as its factored inverse
+          ``(C_kron + shift I)^-1 r`` (no operator product; its ``tol``/``residual`` options
+          do not apply). Any solver value with a method ``precondition(state, v)`` works too;
+        * ``"jacobi"``: a diagonal estimated once in ``prepare`` by Hutchinson's method with
+          ``precond_samples`` products (see :func:`estimate_diagonal`);
+        * a callable ``v -> M^-1 v`` on pytrees like the params (the solver then hashes by
+          the callable's identity).
+      precond_damping: extra damping of a Kronecker-factored preconditioner only:
+        ``M = C_kron + (l2 + damping + precond_damping) I`` (``A`` and the answer are
+        unchanged). Where the approximation underestimates the curvature, ``M^-1 A`` has
+        eigenvalues up to ``C / shift``; a larger shift in ``M`` bounds them (at the price
+        of a weaker preconditioner where it is accurate).
       recompute_every: replace the recurrence residual by the true residual every this
         many steps (one extra product each time).
       stagnation_window: stop with ``Status.STAGNATED`` when the best true residual has
@@ -169,7 +305,17 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
       precond_samples, key: Hutchinson samples and PRNG key for ``"jacobi"``.
       block: solve batches of right-hand sides (``apply_batch``, :func:`influx.influence`)
         with block CG (:func:`block_cg`): one shared Krylov space, fewer iterations than
-        independent CGs; no preconditioner. A single right-hand side is plain CG.
+        independent CGs. A single right-hand side is plain CG.
+      loop: ``"compiled"``: the iteration is one ``lax.while_loop`` (one program);
+        ``"host"``: every iteration is one compiled program called from Python (same
+        math, same stopping rule, one device-to-host sync per iteration); ``"auto"``
+        (default): ``"host"`` when the operator lives on CPU and its product contains a
+        convolution (XLA:CPU runs convolutions several times slower inside a compiled
+        loop, jax issue 12868; see ``docs/solvers.md``), else ``"compiled"``. Under
+        ``jit``/``vmap`` of ``apply`` the loop is always compiled.
+      progress: a progress bar (steps, worst relative residual) for host-driven solves:
+        tqdm when installed (the ``studies`` extra), else a line on stderr every 10 s;
+        ``None``: when stderr is a terminal. Not part of the solver's identity.
 
     CG needs a positive definite ``A``: on an operator not tagged positive semidefinite
     (``kind="hessian"``) it stops with ``NEGATIVE_CURVATURE`` when it meets ``p^T A p <= 0``.
@@ -184,17 +330,159 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
     divergence_factor = float(divergence_factor)
     if not divergence_factor > 1:
         raise InputError(f"cg: divergence_factor must be > 1, got {divergence_factor}")
-    if not (preconditioner is None or preconditioner == "jacobi" or callable(preconditioner)):
-        raise InputError("cg: preconditioner must be None, 'jacobi' or a callable v -> M^-1 v, "
-                         f"got {preconditioner!r}")
+    preconditioner = _check_preconditioner(preconditioner)
     if preconditioner == "jacobi":
         check_positive_int(precond_samples, "cg: precond_samples")
-    if block and preconditioner is not None:
-        raise InputError("cg: block=True does not take a preconditioner")
+    precond_damping = float(precond_damping)
+    if not precond_damping >= 0:
+        raise InputError(f"cg: precond_damping must be >= 0, got {precond_damping}")
+    if loop not in LOOPS:
+        raise InputError(f"cg: loop must be one of {LOOPS}, got {loop!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise InputError(f"cg: progress must be None, True or False, got {progress!r}")
     return CG(tol=tol, atol=atol, max_steps=int(max_steps), preconditioner=preconditioner,
               recompute_every=int(recompute_every), stagnation_window=stagnation_window,
               divergence_factor=divergence_factor, precond_samples=int(precond_samples),
-              key=key_tuple(key), block=bool(block))
+              key=key_tuple(key), block=bool(block), loop=loop, precond_damping=precond_damping,
+              progress=progress)
+
+
+# ------------------------------------------------------------------ solver values as preconditioners
+def linear_inverse(solver: Solver) -> Callable | None:
+    """``(state, v) -> M^-1 v`` of a solver usable as a CG preconditioner, or ``None``.
+
+    A preconditioner must be a *fixed* symmetric positive definite linear map: EK-FAC and
+    K-FAC's factored inverse ``Q [(Q^T v) / (Lambda + s)] Q^T`` (blockwise, plus
+    ``v / (d + s)`` on the diagonal leaves) is one for ``s > 0``; so is any solver value
+    with a method ``precondition(state, v)``. Iterative solvers (cg, lissa) are not fixed
+    linear maps (plain CG with them as ``M^-1`` is not valid), and direct solves are the
+    answer itself.
+    """
+    method = getattr(solver, "precondition", None)
+    if callable(method):
+        return lambda state, v: method(state, v)
+    if isinstance(solver, EKFAC):  # also KFAC
+        return _ekfac_inverse
+    return None
+
+
+def _check_preconditioner(pre):
+    if isinstance(pre, str) and pre in ("ekfac", "kfac"):
+        return _ekfac_factory() if pre == "ekfac" else _kfac_factory()
+    if isinstance(pre, Solver):
+        if linear_inverse(pre) is None:
+            raise InputError(f"cg: the preconditioner {pre!r} is a solver without a fixed linear "
+                             "inverse (M^-1 must be the same symmetric positive definite map at every "
+                             "step): use influx.solvers.ekfac(), kfac(), 'jacobi', or a callable "
+                             "v -> M^-1 v")
+        return pre
+    if pre is None or (isinstance(pre, str) and pre == "jacobi") or callable(pre):
+        return pre
+    raise InputError("cg: preconditioner must be None, 'jacobi', 'ekfac', 'kfac', a solver value such as "
+                     f"influx.solvers.ekfac(), or a callable v -> M^-1 v, got {pre!r}")
+
+
+def _solution(out, unravel) -> Solution:
+    x, res, prods, status, stats = out
+    return Solution(jax.vmap(unravel)(x), res, prods, status == Status.CONVERGED, status, stats)
+
+
+# ------------------------------------------------------------------ host loop helpers
+def _on_cpu(op) -> bool:
+    leaves = jax.tree_util.tree_leaves(getattr(op, "params", None))
+    for leaf in leaves:
+        devices = getattr(leaf, "devices", None)
+        if callable(devices):
+            try:
+                return all(d.platform == "cpu" for d in devices())
+            except Exception:  # noqa: BLE001 -- a committed/deleted array: fall back to the backend
+                break
+    return jax.default_backend() == "cpu"
+
+
+_CONV_PRIMITIVES = frozenset({"conv_general_dilated"})
+
+
+def _jaxpr_has(jaxpr, names) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in names:
+            return True
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _jaxpr_has(inner, names):
+                    return True
+    return False
+
+
+@functools.lru_cache(maxsize=64)
+def _product_has_convolution(treedef, avals) -> bool:
+    def product(leaves):
+        op = jax.tree_util.tree_unflatten(treedef, leaves)
+        return op(op.params)
+
+    return _jaxpr_has(jax.make_jaxpr(product)(list(avals)).jaxpr, _CONV_PRIMITIVES)
+
+
+def has_convolution(op) -> bool:
+    """Whether the operator product ``op(v)`` contains a convolution (traced once per
+    operator structure, shapes and dtypes; ``False`` when it cannot be traced)."""
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+    try:
+        avals = tuple(jax.ShapeDtypeStruct(np.shape(l), jnp.result_type(l)) for l in leaves)
+        return _product_has_convolution(treedef, avals)
+    except Exception:  # noqa: BLE001 -- an operator we cannot trace abstractly: keep the compiled loop
+        return False
+
+
+class _StderrBar:
+    """A progress line on stderr (tqdm not installed), at most every 10 s."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0, self.last = total, 0, time.perf_counter(), time.perf_counter()
+
+    def update(self, n: int, postfix: str):
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= 10:
+            self.last = now
+            print(f"influx.cg: step {self.done}/{self.total}, {postfix} ({now - self.t0:.0f}s)",
+                  file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+class _TqdmBar:
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, n: int, postfix: str):
+        self.bar.set_postfix_str(postfix, refresh=False)
+        self.bar.update(n)
+
+    def close(self):
+        self.bar.close()
+
+
+class _NoBar:
+    def update(self, n: int, postfix: str):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(progress: bool | None, *, total: int):
+    """tqdm (an optional dependency, imported only here), a stderr line, or nothing;
+    ``progress=None``: when stderr is a terminal."""
+    if not (sys.stderr.isatty() if progress is None else progress):
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _StderrBar(total)
+    return _TqdmBar(tqdm(total=total, desc="influx.cg", unit="step", dynamic_ncols=True, leave=False))
 
 
 def _orthonormal_rows(m):
@@ -214,8 +502,22 @@ def _orthonormal_rows(m):
     return m
 
 
+class _Program(NamedTuple):
+    """An iteration as pure functions of its loop state ``c``: ``start() -> c``,
+    ``running(c) -> bool``, ``step(c) -> c``, ``finish(c) -> (x, res, prods, status, stats)``
+    and ``info(c) -> (steps, worst relative residual)`` (the progress bar). The compiled loop
+    is ``finish(lax.while_loop(running, step, start()))``; the host loop calls the same
+    ``step`` as its own program."""
+
+    start: Callable
+    running: Callable
+    step: Callable
+    finish: Callable
+    info: Callable
+
+
 def block_cg(mv, b, *, tol, atol, max_steps, recompute_every, stagnation_window=None,
-             divergence_factor=100.0):
+             divergence_factor=100.0, psolve=None):
     """Block conjugate gradients (O'Leary 1980) for ``A X = B``, ``B`` of shape ``(k, P)``.
 
     All ``k`` right-hand sides share one Krylov space ``span{R_0, A R_0, ...}`` (k vectors
@@ -226,10 +528,13 @@ def block_cg(mv, b, *, tol, atol, max_steps, recompute_every, stagnation_window=
     dropping directions with eigenvalue ``<= 1e3 eps max|w|`` (rank deficiency once some
     columns have converged)::
 
-        P_0 = orth(R_0),   Q = A P,   alpha = (P^T Q)^+ P^T R,   X += P alpha,  R -= Q alpha,
-        beta = -(P^T Q)^+ Q^T R,   P = orth(R + P beta)
+        P_0 = orth(Z_0),   Q = A P,   alpha = (P^T Q)^+ P^T R,   X += P alpha,  R -= Q alpha,
+        Z = M^-1 R,   beta = -(P^T Q)^+ Q^T Z,   P = orth(Z + P beta)
 
-    (matrices as rows here). ``mv`` is the operator ``vmap``-ed over rows. The recurrence
+    (matrices as rows here; ``Z = R`` without a preconditioner). ``mv`` is the operator
+    ``vmap``-ed over rows, ``psolve`` (optional) ``M^-1`` ``vmap``-ed over rows, ``M``
+    symmetric positive definite: the search space is then the block Krylov space of
+    ``M^-1 A`` on ``M^-1 B`` (block PCG), the residual still the true ``B - A X``. The recurrence
     residual is replaced by the true ``B - A X`` every ``recompute_every`` steps and before
     stopping; the loop stops when every true residual is ``<= max(tol ||b||, atol)``, at
     ``max_steps`` steps, or when ``P^T A P`` has an eigenvalue ``< -1e3 eps max|w|``
@@ -245,6 +550,16 @@ def block_cg(mv, b, *, tol, atol, max_steps, recompute_every, stagnation_window=
     (Over 80 lines: the loop body is one closure over the loop state, so that one
     ``lax.while_loop`` iteration is readable as the recurrence above.)
     """
+    prog = _block_program(mv, psolve, b, tol=tol, atol=atol, max_steps=max_steps,
+                          recompute_every=recompute_every, stagnation_window=stagnation_window,
+                          divergence_factor=divergence_factor)
+    return prog.finish(jax.lax.while_loop(prog.running, prog.step, prog.start()))
+
+
+def _block_program(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnation_window=None,
+                   divergence_factor=100.0) -> _Program:
+    """:func:`block_cg` as a :class:`_Program`."""
+    psolve = (lambda r: r) if psolve is None else psolve
     dtype = b.dtype
     k = b.shape[0]
     eps = jnp.finfo(dtype).eps
@@ -277,8 +592,9 @@ def block_cg(mv, b, *, tol, atol, max_steps, recompute_every, stagnation_window=
         done_rec = jnp.all(norm(r_new) <= thresh)
         replace = (j + 1 >= recompute_every) | done_rec | (it + 1 >= max_steps)
         r_true = jax.lax.cond(replace, lambda: b0 - mv(x_new), lambda: r_new)
-        beta = -pinv @ (q @ r_true.T)
-        p_new = _orthonormal_rows(r_true + beta.T @ p)
+        z = psolve(r_true)
+        beta = -pinv @ (q @ z.T)
+        p_new = _orthonormal_rows(z + beta.T @ p)
         converged = replace & jnp.all(norm(r_true) <= thresh)
         ok = ~neg & jnp.all(jnp.isfinite(x_new)) & jnp.all(jnp.isfinite(r_true))
         ratio = jnp.where(ok, worst(r_true), jnp.inf)
@@ -295,13 +611,25 @@ def block_cg(mv, b, *, tol, atol, max_steps, recompute_every, stagnation_window=
                 "best": jnp.where(improve, ratio, c["best"]),
                 "anchor": jnp.where(signif, ratio, c["anchor"]), "anchor_it": anchor_it}
 
-    r0 = worst(b0)
-    init = {"x": jnp.zeros_like(b0), "r": b0, "p": _orthonormal_rows(b0),
-            "it": jnp.int32(0), "j": jnp.int32(0), "prods": jnp.int32(0),
-            "running": jnp.any(norm(b0) > thresh), "neg": jnp.bool_(False), "bad": jnp.bool_(False),
-            "stalled": jnp.bool_(False), "x_best": jnp.zeros_like(b0), "best": r0, "anchor": r0,
-            "anchor_it": jnp.int32(0)}
-    c = jax.lax.while_loop(cond, body, init)
+    def start():
+        r0 = worst(b0)
+        return {"x": jnp.zeros_like(b0), "r": b0, "p": _orthonormal_rows(psolve(b0)),
+                "it": jnp.int32(0), "j": jnp.int32(0), "prods": jnp.int32(0),
+                "running": jnp.any(norm(b0) > thresh), "neg": jnp.bool_(False),
+                "bad": jnp.bool_(False), "stalled": jnp.bool_(False), "x_best": jnp.zeros_like(b0),
+                "best": r0, "anchor": r0, "anchor_it": jnp.int32(0)}
+
+    def info(c):
+        rel = norm(c["r"]) / jnp.where(b_norm > 0, b_norm, 1.0)
+        return c["it"], jnp.max(jnp.where(finite_b, rel, 0.0))
+
+    return _Program(start, cond, body, lambda c: _block_finish(c, mv, b0, k, thresh, finite_b, b_norm,
+                                                                 worst, norm, dtype), info)
+
+
+def _block_finish(c, mv, b0, k, thresh, finite_b, b_norm, worst, norm, dtype):
+    """Block CG's answer from its final loop state: the better of the last and the best
+    iterate, by true residuals (two products per row)."""
     # the better (worst-row residual ratio) of the last and the best iterate, true residuals
     both = mv(jnp.concatenate([c["x"], c["x_best"]]))
     r_last, r_best = b0 - both[:k], b0 - both[k:]
@@ -320,8 +648,14 @@ def block_cg(mv, b, *, tol, atol, max_steps, recompute_every, stagnation_window=
     return x, res, prods, status, stats
 
 
-def _cg_columns(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnation_window,
-              divergence_factor):
+def _cg_columns(mv, psolve, b, **options):
+    """CG on ``b`` of shape ``(k, P)`` in one ``lax.while_loop`` (:func:`_cg_program`)."""
+    prog = _cg_program(mv, psolve, b, **options)
+    return prog.finish(jax.lax.while_loop(prog.running, prog.step, prog.start()))
+
+
+def _cg_program(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnation_window,
+                divergence_factor) -> _Program:
     """CG on ``b`` of shape ``(k, P)``: every column is an independent CG run.
 
     ``mv``/``psolve`` act on one flat vector and are ``vmap``-ed over the block. One loop
@@ -335,7 +669,7 @@ def _cg_columns(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnat
     """
     dtype = b.dtype
     k = b.shape[0]
-    vmv, vpsolve = jax.vmap(mv), jax.vmap(psolve)
+    vmv, vpsolve = jax.vmap(mv), jax.vmap((lambda r: r) if psolve is None else psolve)
     dot = lambda u, v: jnp.sum(u * v, axis=1)
     norm = lambda u: jnp.sqrt(jnp.sum(u * u, axis=1))
     col = lambda m: m[:, None]
@@ -343,18 +677,20 @@ def _cg_columns(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnat
     finite_b = jnp.all(jnp.isfinite(b), axis=1)
     thresh = jnp.maximum(tol * b_norm, atol).astype(dtype)
     b0 = jnp.where(col(finite_b), b, 0)
-    z0 = vpsolve(b0)
-    status0 = jnp.where(~finite_b, Status.NONFINITE,
-                        jnp.where(norm(b0) <= thresh, Status.CONVERGED, Status.RUNNING))
-    izero = jnp.zeros((k,), jnp.int32)
-    res0 = jnp.where(finite_b, norm(b0), jnp.inf).astype(dtype)
-    init = {
-        "x": jnp.zeros_like(b0), "r": b0, "p": z0, "rz": dot(b0, z0),
-        "steps": izero, "prods": izero, "j": izero, "status": status0.astype(jnp.int32),
-        "pending": jnp.full((k,), Status.RUNNING, jnp.int32),  # breakdown seen, awaiting true r
-        "x_best": jnp.zeros_like(b0), "res_best": res0,
-        "anchor": res0, "anchor_step": izero,  # last significant (x0.9) improvement of res_best
-    }
+
+    def start():
+        z0 = vpsolve(b0)
+        status0 = jnp.where(~finite_b, Status.NONFINITE,
+                            jnp.where(norm(b0) <= thresh, Status.CONVERGED, Status.RUNNING))
+        izero = jnp.zeros((k,), jnp.int32)
+        res0 = jnp.where(finite_b, norm(b0), jnp.inf).astype(dtype)
+        return {
+            "x": jnp.zeros_like(b0), "r": b0, "p": z0, "rz": dot(b0, z0),
+            "steps": izero, "prods": izero, "j": izero, "status": status0.astype(jnp.int32),
+            "pending": jnp.full((k,), Status.RUNNING, jnp.int32),  # breakdown seen, awaiting true r
+            "x_best": jnp.zeros_like(b0), "res_best": res0,
+            "anchor": res0, "anchor_step": izero,  # last significant (x0.9) improvement of res_best
+        }
 
     def cond(c):
         return jnp.any(c["status"] == Status.RUNNING)
@@ -419,12 +755,18 @@ def _cg_columns(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnat
             "x_best": x_best, "res_best": res_best, "anchor": anchor, "anchor_step": anchor_step,
         }
 
-    c = jax.lax.while_loop(cond, body, init)
-    # x_best holds the iterate with the lowest true residual seen (x0 = 0 if none is better)
-    res = c["res_best"]
-    rel = res / jnp.where(b_norm > 0, b_norm, 1.0)
-    stats = {"steps": c["steps"], "relative_residual": rel}
-    return c["x_best"], res, c["prods"], c["status"], stats
+    def finish(c):
+        # x_best holds the iterate with the lowest true residual seen (x0 = 0 if none is better)
+        res = c["res_best"]
+        rel = res / jnp.where(b_norm > 0, b_norm, 1.0)
+        stats = {"steps": c["steps"], "relative_residual": rel}
+        return c["x_best"], res, c["prods"], c["status"], stats
+
+    def info(c):
+        rel = c["res_best"] / jnp.where(b_norm > 0, b_norm, 1.0)
+        return jnp.max(c["steps"]), jnp.max(jnp.where(finite_b, rel, 0.0))
+
+    return _Program(start, cond, body, finish, info)
 
 
 # ------------------------------------------------------------------ preconditioning
