@@ -25,16 +25,22 @@ run that produced the model (MAGIC, Ilyas & Engstrom 2025).
 Computation: one reverse-mode pass through the compiled ``lax.scan`` of the run, with the
 ``n_test`` measurement cotangents batched (``vmap`` of the VJP): the forward replay and
 its rematerialisation are shared, the backward pass carries ``n_test`` parameter-sized
-cotangents. Memory is kept at ``O(sqrt(T))`` parameter (plus optimizer state) copies by
-rematerialisation: the ``T`` steps are split into segments of ``S ~ sqrt(T)`` steps, each
-segment is a ``jax.checkpoint``-ed inner scan, so the forward pass stores only the
-``T / S`` segment-boundary states and the backward pass recomputes one segment at a time
-(storing its ``S`` per-step residuals). Cost: one extra forward replay (one training
-run) on top of plain reverse mode. Measured (``benchmarks/attribution.py``, digits MLP with
-2,410 parameters, minibatch 64, 8 test cotangents; XLA's compiled temp memory): 21 MiB
-rematerialised vs 910 MiB plain at ``T = 4096`` (2.8 vs 5.2 MiB at ``T = 16``), growing
-like ``sqrt(T)``; one test measurement through 200 full-batch steps took 8x one training
-run on 2 CPU cores, with or without remat (the backward step is a Hessian-vector product).
+cotangents. Each step has a hand-written reverse rule (:func:`_step_rev`): the cotangent
+of ``theta_k`` gets ``H_k a`` and every example of the batch gets ``grad L_i^T a / |b_k|``
+from one forward-over-reverse ``jax.linearize`` of the step's gradient (``H_k`` is
+symmetric), so a step stores only ``(theta_k, s_k)`` -- not the activations of its
+gradient, as JAX's reverse-over-reverse would. Memory is kept at ``O(sqrt(T))``
+parameter (plus optimizer state) copies by rematerialisation: the ``T`` steps are split
+into segments of ``S ~ sqrt(T)`` steps, each segment is a ``jax.checkpoint``-ed inner
+scan, so the forward pass stores only the ``T / S`` segment-boundary states and the
+backward pass recomputes one segment at a time (storing its ``S`` states). Cost in
+gradient evaluations per step: 1 (forward) + 1 (remat recompute) + 1 (the backward
+step's own gradient, recomputed) + one tangent pass per measurement; without remat the
+second term goes. Measured (``benchmarks/attribution.py``, digits MLP with 2,410
+parameters, XLA's compiled temp memory, minibatch 64, Adam, 8 cotangents): 5.8 MiB with
+remat and 60 MiB without at ``T = 1024`` (11 and 228 MiB with JAX's own reverse mode
+through the steps); full batch: 8.5 / 62 MiB (29 / 703 MiB before). Time: see the
+benchmark's cost table (ratios to one training run).
 """
 
 from __future__ import annotations
