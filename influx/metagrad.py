@@ -451,9 +451,10 @@ def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps:
       return_info: also return a :class:`MetagradInfo`.
 
     Cost per reverse pass: the forward replay (``T`` batch gradients), its
-    rematerialisation (another ``T``) and ``T`` VJPs of a gradient step (each a
-    Hessian-vector product on the batch, ~2-3 gradients), with ``n_test`` cotangents
-    vmapped: the backward part grows with ``n_test``, not with ``N``.
+    rematerialisation (another ``T``; none with ``remat="none"``) and ``T`` backward steps,
+    each one gradient recomputed plus one forward-over-reverse tangent pass (a
+    Hessian-vector product and the batch's per-example directional derivatives) per test
+    measurement, vmapped: the backward part grows with ``n_test``, not with ``N``.
 
     Failure modes: Adam's ``sqrt(nu)`` has an infinite derivative where a gradient entry is
     exactly zero (unused parameters, dead ReLUs): the backward pass then gives NaN, reported
