@@ -99,27 +99,37 @@ def cost_section(optimizer: str, quick: bool, repeats: int = 3) -> dict:
                 jax.block_until_ready(fn())
                 first[k] = time.perf_counter() - t0
             times = {k: [] for k in fns}
+            cpu = {k: [] for k in fns}
             for _ in range(repeats):
                 for k, fn in fns.items():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     jax.block_until_ready(fn())
                     times[k].append(time.perf_counter() - t0)
+                    cpu[k].append(time.process_time() - c0)
             best = {k: float(np.min(v)) for k, v in times.items()}
+            best_cpu = {k: float(np.min(v)) for k, v in cpu.items()}
             t_train = best.pop("train")
+            c_train = best_cpu.pop("train")
             rows.append({"n_test": n_test, "steps": steps, "train_s": t_train, "seconds": best,
                          "ratio": {k: v / t_train for k, v in best.items()},
+                         # CPU seconds of this process (all threads): stable on a loaded machine
+                         "train_cpu_s": c_train, "cpu_seconds": best_cpu,
+                         "cpu_ratio": {k: v / c_train for k, v in best_cpu.items()},
                          "first_call_s": first, "load_average_1min": os.getloadavg()[0],
                          # the names of the previous results file
                          "metagrad_s": best["custom_sqrt"], "plain_s": best["custom_none"],
                          "ratio_sqrt": best["custom_sqrt"] / t_train})
-            print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in rows[-1]["ratio"].items()},
+            print("wall", {k: round(v, 2) for k, v in rows[-1]["ratio"].items()},
+                  "cpu", {k: round(v, 2) for k, v in rows[-1]["cpu_ratio"].items()},
                   f"n_test={n_test} train {t_train * 1e3:.1f} ms load {rows[-1]['load_average_1min']:.1f}",
                   flush=True)
         marginal = {}
         if len(rows) > 1:
             r0, r1 = rows[0], rows[-1]
+            dn = r1["n_test"] - r0["n_test"]
             for k in r0["ratio"]:
-                marginal[k] = (r1["ratio"][k] - r0["ratio"][k]) / (r1["n_test"] - r0["n_test"])
+                marginal[k] = (r1["ratio"][k] - r0["ratio"][k]) / dn
+                marginal[f"{k}_cpu"] = (r1["cpu_ratio"][k] - r0["cpu_ratio"][k]) / dn
     return {"problem": f"digits MLP 64-32-10, N=400, full-batch {optimizer}, float64", "rows": rows,
             "marginal_ratio_per_measurement": marginal, "repeats": repeats}
 
@@ -178,8 +188,13 @@ def render(payload: dict) -> str:
             + common.md_table(["n_test", "steps", "train s", *kinds, "load"],
                               [[r["n_test"], r["steps"], r["train_s"], *(r["ratio"][k] for k in kinds),
                                 r["load_average_1min"]] for r in c])
-            + ("\n\nEach further test measurement adds (training runs): "
-               + ", ".join(f"{k} {marg[k]:.2f}" for k in kinds if k in marg) if marg else ""))
+            + ("\n\nThe same in CPU seconds of the process (all threads; steadier on a loaded machine):\n\n"
+               + common.md_table(["n_test", "train CPU s", *kinds],
+                                 [[r["n_test"], r["train_cpu_s"], *(r["cpu_ratio"][k] for k in kinds)]
+                                  for r in c]) if "cpu_ratio" in c[0] else "")
+            + ("\n\nEach further test measurement adds (training runs, wall / CPU): "
+               + ", ".join(f"{k} {marg[k]:.2f} / {marg.get(k + '_cpu', float('nan')):.2f}"
+                           for k in kinds if k in marg) if marg else ""))
     else:
         parts.append(f"Metagradient cost (warm) vs one training run ({what}):\n\n"
                      + common.md_table(
