@@ -47,7 +47,10 @@ def lds_section(problem: str, optimizer: str, quick: bool) -> dict:
         kw.update(n_train=500, width=32, steps=100, n_subsets=16, n_test_points=10,
                   data_dir=str(common.HERE.parent.parent / "shared" / "data"))
         if problem == "mnist_cnn":
-            kw.update(n_train=300, steps=60, n_subsets=12, n_test_points=6)
+            # XLA:CPU runs this CNN's training step (2 small convolutions, 28x28 images) at about
+            # a tenth of its FLOP rate, inside the training scan or not: sizes chosen so the
+            # 4 x (M + 1) retrainings and every method fit in about 10 minutes on 2 cores
+            kw.update(n_train=200, steps=40, n_subsets=10, n_test_points=6)
     if quick:
         kw.update(n_train=150, steps=60, n_subsets=8, n_test_points=8, fractions=(0.05, 0.5))
     res = lds.run(lds.LDSConfig(**kw))
@@ -55,43 +58,80 @@ def lds_section(problem: str, optimizer: str, quick: bool) -> dict:
     return res.to_dict()
 
 
-def cost_section(optimizer: str, quick: bool) -> dict:
-    """Metagradient seconds / one training run, both warm, for n_test test measurements."""
+def cost_section(optimizer: str, quick: bool, repeats: int = 3) -> dict:
+    """Metagradient seconds / one training run, all warm, for n_test test measurements.
+
+    Side by side, interleaved, minimum of ``repeats`` (the machine is shared): the public
+    call (hand-written step rule, remat ``sqrt`` and ``none``) and the same compiled program
+    with JAX's own reverse mode through each step (``rule="autodiff"``, the previous
+    implementation). Per row: the ratio to one training run; over rows, the fixed cost
+    (``n_test = 1``) and the marginal cost of each further measurement.
+    """
     with jax.enable_x64(True):
         ds = ixdata.load("digits", n_train=400, seed=0, dtype=np.float64)
         model = models.mlp(1, 32, 10)
         obj = influx.Objective(models.apply_fn(model), influx.losses.softmax_cross_entropy, l2=1e-3)
         train = tuple(jnp.asarray(a) for a in ds.train)
+        x, y = train
         init = models.init(model, train[0][:1], seed=0)
         opt = lds._optimizer(optimizer, lds.DEFAULT_LR[optimizer])
         steps = 60 if quick else 200
+        f = _bind_measurement(obj, None)
+        n = x.shape[0]
 
         def one_run():
             return models.train(model, obj.loss_fn, init, train, l2=obj.l2, optimizer=opt, steps=steps).params
 
-        jax.block_until_ready(one_run())
-        t0 = time.perf_counter()
-        jax.block_until_ready(one_run())
-        t_train = time.perf_counter() - t0
         rows = []
         for n_test in ((1, 8) if quick else (1, 8, 32)):
             test = tuple(jnp.asarray(a[:n_test]) for a in ds.test)
-            out = {}
+            fns = {"train": one_run}
             for remat in ("sqrt", "none"):
-                fn = lambda test=test, remat=remat: influx.metagradients(
+                fns[f"custom_{remat}"] = lambda test=test, remat=remat: influx.metagradients(
                     obj, init, train, test, optimizer=opt, steps=steps, remat=remat)
+                seg = metagrad.segment_length(steps, remat)
+                fns[f"autodiff_{remat}"] = lambda test=test, seg=seg, k=n_test: metagrad._metagrad_jit(
+                    init, x, y, test, jnp.ones((n,)), jax.random.key(0), jnp.eye(k), obj=obj, opt=opt, f=f,
+                    steps=steps, batch_size=None, segment=seg, rule="autodiff")[2]
+            first = {}
+            for k, fn in fns.items():
                 t0 = time.perf_counter()
-                fn()
-                first = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                fn()
-                out[remat] = (first, time.perf_counter() - t0)
-            rows.append({"n_test": n_test, "steps": steps, "train_s": t_train,
-                         "metagrad_s": out["sqrt"][1], "metagrad_first_s": out["sqrt"][0],
-                         "plain_s": out["none"][1], "ratio": out["sqrt"][1] / t_train,
-                         "plain_ratio": out["none"][1] / t_train})
-            print(rows[-1], flush=True)
-    return {"problem": f"digits MLP 64-32-10, N=400, full-batch {optimizer}, float64", "rows": rows}
+                jax.block_until_ready(fn())
+                first[k] = time.perf_counter() - t0
+            times = {k: [] for k in fns}
+            cpu = {k: [] for k in fns}
+            for _ in range(repeats):
+                for k, fn in fns.items():
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    jax.block_until_ready(fn())
+                    times[k].append(time.perf_counter() - t0)
+                    cpu[k].append(time.process_time() - c0)
+            best = {k: float(np.min(v)) for k, v in times.items()}
+            best_cpu = {k: float(np.min(v)) for k, v in cpu.items()}
+            t_train = best.pop("train")
+            c_train = best_cpu.pop("train")
+            rows.append({"n_test": n_test, "steps": steps, "train_s": t_train, "seconds": best,
+                         "ratio": {k: v / t_train for k, v in best.items()},
+                         # CPU seconds of this process (all threads): stable on a loaded machine
+                         "train_cpu_s": c_train, "cpu_seconds": best_cpu,
+                         "cpu_ratio": {k: v / c_train for k, v in best_cpu.items()},
+                         "first_call_s": first, "load_average_1min": os.getloadavg()[0],
+                         # the names of the previous results file
+                         "metagrad_s": best["custom_sqrt"], "plain_s": best["custom_none"],
+                         "ratio_sqrt": best["custom_sqrt"] / t_train})
+            print("wall", {k: round(v, 2) for k, v in rows[-1]["ratio"].items()},
+                  "cpu", {k: round(v, 2) for k, v in rows[-1]["cpu_ratio"].items()},
+                  f"n_test={n_test} train {t_train * 1e3:.1f} ms load {rows[-1]['load_average_1min']:.1f}",
+                  flush=True)
+        marginal = {}
+        if len(rows) > 1:
+            r0, r1 = rows[0], rows[-1]
+            dn = r1["n_test"] - r0["n_test"]
+            for k in r0["ratio"]:
+                marginal[k] = (r1["ratio"][k] - r0["ratio"][k]) / dn
+                marginal[f"{k}_cpu"] = (r1["cpu_ratio"][k] - r0["cpu_ratio"][k]) / dn
+    return {"problem": f"digits MLP 64-32-10, N=400, full-batch {optimizer}, float64", "rows": rows,
+            "marginal_ratio_per_measurement": marginal, "repeats": repeats}
 
 
 def memory_section(quick: bool) -> dict:
@@ -137,11 +177,30 @@ def render(payload: dict) -> str:
                      + common.md_table(["method", "s", "x train", *(f"LDS {a:g}" for a in fr)], rows))
     c = payload.get("cost", {}).get("rows", [])
     what = payload.get("cost", {}).get("problem")
-    parts.append(f"Metagradient cost (warm) vs one training run ({what}):\n\n"
-                 + common.md_table(
-        ["n_test", "steps", "train s", "metagrad s (remat)", "x train", "plain s", "x train"],
-        [[r["n_test"], r["steps"], r["train_s"], r["metagrad_s"], r["ratio"], r["plain_s"], r["plain_ratio"]]
-         for r in c]))
+    if c and "ratio" in c[0] and isinstance(c[0]["ratio"], dict):
+        kinds = ["custom_sqrt", "custom_none", "autodiff_sqrt", "autodiff_none"]
+        marg = payload["cost"].get("marginal_ratio_per_measurement", {})
+        parts.append(
+            f"Metagradient cost (warm, min of {payload['cost'].get('repeats')} interleaved runs) "
+            "in training runs "
+            f"({what}); `custom` = the step rule of `metagrad._step_rev` (the library), `autodiff` = JAX's "
+            "reverse mode through each step (before), `sqrt` / `none` = remat:\n\n"
+            + common.md_table(["n_test", "steps", "train s", *kinds, "load"],
+                              [[r["n_test"], r["steps"], r["train_s"], *(r["ratio"][k] for k in kinds),
+                                r["load_average_1min"]] for r in c])
+            + ("\n\nThe same in CPU seconds of the process (all threads; steadier on a loaded machine):\n\n"
+               + common.md_table(["n_test", "train CPU s", *kinds],
+                                 [[r["n_test"], r["train_cpu_s"], *(r["cpu_ratio"][k] for k in kinds)]
+                                  for r in c]) if "cpu_ratio" in c[0] else "")
+            + ("\n\nEach further test measurement adds (training runs, wall / CPU): "
+               + ", ".join(f"{k} {marg[k]:.2f} / {marg.get(k + '_cpu', float('nan')):.2f}"
+                           for k in kinds if k in marg) if marg else ""))
+    else:
+        parts.append(f"Metagradient cost (warm) vs one training run ({what}):\n\n"
+                     + common.md_table(
+            ["n_test", "steps", "train s", "metagrad s (remat)", "x train", "plain s", "x train"],
+            [[r["n_test"], r["steps"], r["train_s"], r["metagrad_s"], r["ratio"], r["plain_s"],
+              r["plain_ratio"]] for r in c]))
     m = payload.get("memory", {}).get("rows", [])
     parts.append("Compiled temp memory, remat (sqrt(T) segments) vs plain reverse mode:\n\n"
                  + common.md_table(

@@ -25,16 +25,22 @@ run that produced the model (MAGIC, Ilyas & Engstrom 2025).
 Computation: one reverse-mode pass through the compiled ``lax.scan`` of the run, with the
 ``n_test`` measurement cotangents batched (``vmap`` of the VJP): the forward replay and
 its rematerialisation are shared, the backward pass carries ``n_test`` parameter-sized
-cotangents. Memory is kept at ``O(sqrt(T))`` parameter (plus optimizer state) copies by
-rematerialisation: the ``T`` steps are split into segments of ``S ~ sqrt(T)`` steps, each
-segment is a ``jax.checkpoint``-ed inner scan, so the forward pass stores only the
-``T / S`` segment-boundary states and the backward pass recomputes one segment at a time
-(storing its ``S`` per-step residuals). Cost: one extra forward replay (one training
-run) on top of plain reverse mode. Measured (``benchmarks/attribution.py``, digits MLP with
-2,410 parameters, minibatch 64, 8 test cotangents; XLA's compiled temp memory): 21 MiB
-rematerialised vs 910 MiB plain at ``T = 4096`` (2.8 vs 5.2 MiB at ``T = 16``), growing
-like ``sqrt(T)``; one test measurement through 200 full-batch steps took 8x one training
-run on 2 CPU cores, with or without remat (the backward step is a Hessian-vector product).
+cotangents. Each step has a hand-written reverse rule (:func:`_step_rev`): the cotangent
+of ``theta_k`` gets ``H_k a`` and every example of the batch gets ``grad L_i^T a / |b_k|``
+from one forward-over-reverse ``jax.linearize`` of the step's gradient (``H_k`` is
+symmetric), so a step stores only ``(theta_k, s_k)`` -- not the activations of its
+gradient, as JAX's reverse-over-reverse would. Memory is kept at ``O(sqrt(T))``
+parameter (plus optimizer state) copies by rematerialisation: the ``T`` steps are split
+into segments of ``S ~ sqrt(T)`` steps, each segment is a ``jax.checkpoint``-ed inner
+scan, so the forward pass stores only the ``T / S`` segment-boundary states and the
+backward pass recomputes one segment at a time (storing its ``S`` states). Cost in
+gradient evaluations per step: 1 (forward) + 1 (remat recompute) + 1 (the backward
+step's own gradient, recomputed) + one tangent pass per measurement; without remat the
+second term goes. Measured (``benchmarks/attribution.py``, digits MLP with 2,410
+parameters, XLA's compiled temp memory, minibatch 64, Adam, 8 cotangents): 5.8 MiB with
+remat and 60 MiB without at ``T = 1024`` (11 and 228 MiB with JAX's own reverse mode
+through the steps); full batch: 8.5 / 62 MiB (29 / 703 MiB before). Time: see the
+benchmark's cost table (ratios to one training run).
 """
 
 from __future__ import annotations
@@ -92,29 +98,98 @@ def segment_length(steps: int, remat) -> int | None:
 
 
 # ------------------------------------------------------------------ the replayed run
-def _step(obj: Objective, opt, carry, wb, xb, yb):
-    p, s = carry
+def _grad_and_losses(obj: Objective, p, wb, xb, yb):
+    """``(grad_theta J_k(p; w), per-example losses)`` on the batch."""
 
     def J(q):
         per = obj.loss_fn(obj.apply_fn(q, xb), yb)
-        return jnp.mean(wb * per) + 0.5 * obj.l2 * tree_sqnorm(q)
+        return jnp.mean(wb * per) + 0.5 * obj.l2 * tree_sqnorm(q), per
 
-    g = jax.grad(J)(p)
+    return jax.grad(J, has_aux=True)(p)
+
+
+def _update(opt, g, s, p):
     upd, s = opt.update(g, s, p)
     return optax.apply_updates(p, upd), s
+
+
+def _batch(x, y, ib):
+    return (x, y) if ib is None else (_take(x, ib), _take(y, ib))
+
+
+def _step(obj: Objective, opt, carry, wb, x, y, ib):
+    """One training step ``(theta_k, s_k) -> (theta_{k+1}, s_{k+1})`` (plain autodiff)."""
+    p, s = carry
+    xb, yb = _batch(x, y, ib)
+    return _update(opt, _grad_and_losses(obj, p, wb, xb, yb)[0], s, p)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _step_rev(obj: Objective, opt, p, s, wb, x, y, ib):
+    """:func:`_step` with a hand-written reverse rule (same values and derivatives).
+
+    With ``g = grad J_k(theta_k; w)`` and ``(theta_{k+1}, s_{k+1}) = U(g, s_k, theta_k)``
+    (the optimizer update), the cotangents ``(a, c)`` of ``(theta_{k+1}, s_{k+1})`` pull
+    back to
+
+        (a_g, c_s, a_p) = U^T(a, c)           (VJP of the elementwise optimizer update),
+        theta_k:  a_p + H_k a_g               (H_k = Hessian of J_k, symmetric),
+        w_i:      (1/|b_k|) grad L_i(theta_k)^T a_g   for i in the batch,
+
+    and both ``H_k a_g`` and the ``|b_k|`` directional derivatives ``grad L_i^T a_g`` are
+    the tangent of ONE forward-over-reverse pass: ``jax.linearize`` of ``theta ->
+    (grad J_k, (L_i)_i)`` at ``theta_k``, applied to ``a_g``. Autodiff of :func:`_step`
+    instead runs reverse-over-reverse through the stored activations of the gradient;
+    this rule stores only ``(theta_k, s_k)`` and the batch rows per step, recomputes the
+    gradient once in the backward pass and was about 2x faster on the digits MLP
+    (``benchmarks/attribution.py``). A test checks it against :func:`_step`'s autodiff.
+    """
+    return _step(obj, opt, (p, s), wb, x, y, ib)
+
+
+def _step_rev_fwd(obj, opt, p, s, wb, x, y, ib):
+    return _step(obj, opt, (p, s), wb, x, y, ib), (p, s, wb, x, y, ib)
+
+
+def _step_rev_bwd(obj, opt, res, ct):
+    p, s, wb, x, y, ib = res
+    xb, yb = _batch(x, y, ib)
+    (g, _), lin = jax.linearize(lambda q: _grad_and_losses(obj, q, wb, xb, yb), p)
+    _, pull = jax.vjp(lambda g_, s_, p_: _update(opt, g_, s_, p_), g, s, p)
+    ct_g, ct_s, ct_p = pull(ct)
+    hv, dper = lin(ct_g)
+    ct_p = jax.tree_util.tree_map(jnp.add, ct_p, hv)
+    zeros = lambda t: jax.tree_util.tree_map(_zero_cotangent, t)
+    return ct_p, ct_s, dper / wb.shape[0], zeros(x), zeros(y), zeros(ib)
+
+
+def _zero_cotangent(a):
+    a = jnp.asarray(a)
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)
+
+
+_step_rev.defvjp(_step_rev_fwd, _step_rev_bwd)
 
 
 def _take(tree, idx):
     return jax.tree_util.tree_map(lambda a: a[idx], tree)
 
 
-def _run(obj, opt, init, x, y, w, idx, *, steps: int, segment: int | None):
-    """theta_T(w): the replayed training run (``idx`` None for full batch)."""
+def _run(obj, opt, init, x, y, w, idx, *, steps: int, segment: int | None, rule: str = "autodiff"):
+    """theta_T(w): the replayed training run (``idx`` None for full batch).
+
+    ``rule="custom"``: steps with the hand-written reverse rule of :func:`_step_rev` (for
+    reverse mode); ``"autodiff"``: plain steps (any transformation, e.g. ``jvp``).
+    """
 
     def body(carry, ib):
-        if idx is None:
-            return _step(obj, opt, carry, w, x, y), None
-        return _step(obj, opt, carry, w[ib], _take(x, ib), _take(y, ib)), None
+        wb = w if idx is None else w[ib]
+        ib = None if idx is None else ib
+        if rule == "custom":
+            return _step_rev(obj, opt, carry[0], carry[1], wb, x, y, ib), None
+        return _step(obj, opt, carry, wb, x, y, ib), None
 
     xs = jnp.arange(steps) if idx is None else idx
     carry = (init, opt.init(init))
@@ -141,13 +216,13 @@ def _replay_jit(init, x, y, w, key, *, obj, opt, steps, batch_size, segment):
     return _run(obj, opt, init, x, y, w, idx, steps=steps, segment=segment)
 
 
-@partial(jax.jit, static_argnames=("obj", "opt", "f", "steps", "batch_size", "segment"))
-def _metagrad_jit(init, x, y, test, w, key, cot, *, obj, opt, f, steps, batch_size, segment):
+@partial(jax.jit, static_argnames=("obj", "opt", "f", "steps", "batch_size", "segment", "rule"))
+def _metagrad_jit(init, x, y, test, w, key, cot, *, obj, opt, f, steps, batch_size, segment, rule="custom"):
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
     idx = None if batch_size is None else minibatch_indices(n, batch_size=batch_size, steps=steps, seed=key)
 
     def measure(wv):
-        theta = _run(obj, opt, init, x, y, wv, idx, steps=steps, segment=segment)
+        theta = _run(obj, opt, init, x, y, wv, idx, steps=steps, segment=segment, rule=rule)
         return jax.vmap(lambda ex: f(theta, ex))(test), theta
 
     vals, pull, theta = jax.vjp(measure, w, has_aux=True)
@@ -255,8 +330,8 @@ def _trajectory_jit(init, x, y, key, *, obj, opt, steps, batch_size, every):
 
     def body(carry, ib):
         if idx is None:
-            return _step(obj, opt, carry, w, x, y), None
-        return _step(obj, opt, carry, w[ib], _take(x, ib), _take(y, ib)), None
+            return _step(obj, opt, carry, w, x, y, None), None
+        return _step(obj, opt, carry, w[ib], x, y, ib), None
 
     def segment(c, sx):
         c = jax.lax.scan(body, c, sx)[0]
@@ -376,9 +451,10 @@ def metagradients(obj: Objective, init_params, train, test, *, optimizer, steps:
       return_info: also return a :class:`MetagradInfo`.
 
     Cost per reverse pass: the forward replay (``T`` batch gradients), its
-    rematerialisation (another ``T``) and ``T`` VJPs of a gradient step (each a
-    Hessian-vector product on the batch, ~2-3 gradients), with ``n_test`` cotangents
-    vmapped: the backward part grows with ``n_test``, not with ``N``.
+    rematerialisation (another ``T``; none with ``remat="none"``) and ``T`` backward steps,
+    each one gradient recomputed plus one forward-over-reverse tangent pass (a
+    Hessian-vector product and the batch's per-example directional derivatives) per test
+    measurement, vmapped: the backward part grows with ``n_test``, not with ``N``.
 
     Failure modes: Adam's ``sqrt(nu)`` has an infinite derivative where a gradient entry is
     exactly zero (unused parameters, dead ReLUs): the backward pass then gives NaN, reported
