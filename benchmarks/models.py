@@ -478,7 +478,7 @@ def _f(v, fmt="{:.3g}"):
 
 def table(results: dict) -> str:
     rows = ["| model | P | N | queries | side | seconds (cold / warm) | peak RSS MB | Pearson vs f64 ref | "
-            "coverage |", "|---|---|---|---|---|---|---|---|---|"]
+            "parameters in Kronecker blocks |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["models"].items():
         s = r["spec"]
         for side in ("influx", "kronfluence"):
@@ -493,7 +493,7 @@ def table(results: dict) -> str:
                    else _f(d["seconds"]))
             rows.append(f"| {name} | {r['n_params']:,} | {s['n_train']} | {s['n_query']} | {side} | {sec} | "
                         f"{_f(d['peak_rss_mb'], '{:.0f}')} | {_f(d.get('pearson'), '{:.3f}')} | "
-                        f"{_f(d.get('coverage'), '{:.3f}')} |")
+                        f"{_f(d.get('coverage', d.get('tracked_share')), '{:.3f}')} |")
     lines = ["\n".join(rows), ""]
     for name, r in results["models"].items():
         if "targets" in r:
@@ -506,8 +506,9 @@ def table(results: dict) -> str:
             lines.append(f"- {name} reference: {ref['method']}, {ref['cg_steps']} steps, relative "
                          f"residual {ref['max_rel_residual']:.1e}, {ref['n_ref']} queries x all N, "
                          f"{ref['seconds']:.0f} s")
-    lines.append(f"\nload average (1, 5, 15 min): start {results['loadavg_start']}, end "
-                 f"{results['loadavg_end']} on {os.cpu_count()} cores")
+        lines.append(f"- {name}: run {r['date']}, {r['seconds']:.0f} s, load average (1, 5, 15 min) "
+                     f"{r['loadavg_start']} at the start, {r['loadavg_end']} at the end on "
+                     f"{results['cores']} cores")
     return "\n".join(lines)
 
 
@@ -517,6 +518,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default="cnn,transformer,mlp10m")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/influx_models_bench"))
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
+    ap.add_argument("--table", action="store_true", help="print the tables of the results file only")
     ap.add_argument("--side", choices=["influx", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -527,20 +529,24 @@ def main(argv=None) -> None:
         print(json.dumps(out))
         return
     specs = QUICK if args.quick else FULL
-    results = {"quick": args.quick, "loadavg_start": loadavg(), "cores": os.cpu_count(), "models": {}}
+    out = RESULTS / ("models_quick.json" if args.quick else "models.json")
     from benchmarks.common import machine
 
-    results["machine"] = machine()
-    t0 = time.perf_counter()
-    out = RESULTS / ("models_quick.json" if args.quick else "models.json")
+    # models run separately (--only) are merged into one file; each keeps its own load average
+    results = json.loads(out.read_text()) if out.exists() else {"models": {}}
+    if args.table:
+        print(table(results))
+        return
+    results.update(quick=args.quick, cores=os.cpu_count(), machine=machine())
     for name in args.only.split(","):
         print(f"[{name}] ...", flush=True)
-        results["models"][name] = run_model(specs[name], args.workdir / name, args.timeout)
-        results["loadavg_end"] = loadavg()
-        results["seconds"] = time.perf_counter() - t0
+        t0, load0 = time.perf_counter(), loadavg()
+        r = run_model(specs[name], args.workdir / name, args.timeout)
+        r.update(loadavg_start=load0, loadavg_end=loadavg(), seconds=time.perf_counter() - t0,
+                 date=results["machine"]["date"])
+        results["models"][name] = r
         out.write_text(json.dumps(results, indent=1, default=float))
-        print(json.dumps({k: v for k, v in results["models"][name].items() if k != "spec"}, default=float),
-              flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k != "spec"}, default=float), flush=True)
     print(table(results))
 
 
