@@ -74,6 +74,7 @@ class Spec:
     chunk_size: int = 256
     ref_tol: float = 1e-4
     ref_max_steps: int = 300
+    samples: int | None = None  # EK-FAC output factor: None = exact (D <= 256), k = sampled Fisher
     peer: bool = True
     seed: int = 0
 
@@ -84,8 +85,9 @@ class Spec:
 
 FULL = {
     "cnn": Spec("cnn", n_train=2000, n_ref=2),
-    "transformer": Spec("transformer", n_train=1000, n_ref=2, chunk_size=128, lr=1e-3),
-    "mlp10m": Spec("mlp10m", n_train=10_000, n_ref=0, train_steps=300, chunk_size=64, peer=False),
+    "transformer": Spec("transformer", n_train=500, n_ref=2, chunk_size=128, lr=1e-3),
+    "mlp10m": Spec("mlp10m", n_train=10_000, n_ref=0, train_steps=300, chunk_size=32, peer=False,
+                   samples=1),
 }
 QUICK = {
     "cnn": replace(FULL["cnn"], n_train=500, n_query=20, n_ref=2, train_steps=200),
@@ -305,7 +307,7 @@ def influx_side(spec: Spec, workdir: Path) -> dict:
     obj = influx.Objective(f, influx.losses.softmax_cross_entropy, l2=spec.l2)
     train_set = (jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"]))
     query = (jnp.asarray(data["x_query"]), jnp.asarray(data["y_query"]))
-    solver = influx.solvers.ekfac(residual=False)
+    solver = influx.solvers.ekfac(residual=False, samples=spec.samples)
     rss0 = peak_rss_mb()
     out = {"coverage": float(influx.solvers.ekfac.coverage(f, params, train_set[0][:1]))}
     times = []
@@ -403,19 +405,43 @@ def reference(spec: Spec, workdir: Path) -> dict:
             "n_ref": spec.n_ref}
 
 
-def run_sub(cmd: list[str], timeout: float) -> dict:
-    t0 = time.perf_counter()
+def _vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident set size (``VmHWM``) of a running process, from ``/proc``."""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timeout after {timeout:.0f} s"}
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not lines:
-        return {"ok": False, "error": f"exit {p.returncode}: {p.stderr[-2000:]}",
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def run_sub(cmd: list[str], timeout: float) -> dict:
+    """Runs ``cmd``, returns its last JSON line; the child's peak RSS is also observed from
+    outside (``VmHWM``, polled), so a run that times out still reports its peak so far."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    import threading
+
+    buf = {}
+    reader = threading.Thread(target=lambda: buf.update(zip(("out", "err"), p.communicate())), daemon=True)
+    reader.start()
+    hwm = 0.0
+    while reader.is_alive() and time.perf_counter() - t0 < timeout:
+        hwm = max(hwm, _vm_hwm_mb(p.pid) or 0.0)
+        reader.join(0.5)
+    if reader.is_alive():
+        p.kill()
+        reader.join()
+        return {"ok": False, "error": f"timeout after {timeout:.0f} s", "peak_rss_mb_observed": hwm,
                 "wall_seconds": time.perf_counter() - t0}
+    lines = [ln for ln in buf.get("out", "").splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return {"ok": False, "error": f"exit {p.returncode}: {buf.get('err', '')[-2000:]}",
+                "peak_rss_mb_observed": hwm, "wall_seconds": time.perf_counter() - t0}
     out = json.loads(lines[-1])
-    out["ok"] = True
+    out.update(ok=True, peak_rss_mb_observed=hwm, wall_seconds=time.perf_counter() - t0)
     return out
 
 
@@ -544,6 +570,8 @@ def main(argv=None) -> None:
         r = run_model(specs[name], args.workdir / name, args.timeout)
         r.update(loadavg_start=load0, loadavg_end=loadavg(), seconds=time.perf_counter() - t0,
                  date=results["machine"]["date"])
+        if out.exists():  # another run may have written other models meanwhile
+            results["models"] = {**json.loads(out.read_text())["models"], **results["models"]}
         results["models"][name] = r
         out.write_text(json.dumps(results, indent=1, default=float))
         print(json.dumps({k: v for k, v in r.items() if k != "spec"}, default=float), flush=True)
