@@ -481,7 +481,9 @@ def run_model(spec: Spec, workdir: Path, timeout: float) -> dict:
                 r = res.get(side, {})
                 path = workdir / f"scores_{side}.npy"
                 if r.get("ok") and path.exists():
-                    r["pearson"] = pearson(np.load(path)[: spec.n_ref], ref)
+                    sc = np.load(path)[: spec.n_ref]
+                    r["pearson"] = pearson(sc, ref)
+                    r["norm_ratio_to_reference"] = float(np.linalg.norm(sc) / np.linalg.norm(ref))
     k, i = res.get("kronfluence", {}), res["influx"]
     if k.get("ok") and i.get("ok"):
         ki = np.load(workdir / "scores_kronfluence.npy")
