@@ -85,7 +85,7 @@ class Spec:
 
 FULL = {
     "cnn": Spec("cnn", n_train=2000, n_ref=2),
-    "transformer": Spec("transformer", n_train=500, n_ref=2, chunk_size=128, lr=1e-3),
+    "transformer": Spec("transformer", n_train=500, n_ref=2, chunk_size=128, lr=1e-3, train_steps=300),
     "mlp10m": Spec("mlp10m", n_train=10_000, n_ref=0, train_steps=300, chunk_size=32, peer=False,
                    samples=1),
 }
