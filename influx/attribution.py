@@ -307,7 +307,13 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
     # first: a refused dense allocation comes before any program runs
     state = solver.prepare(op) if prepared is None else prepared.state
     grads = _measurement_grads(f, params, test, batch_size=min(chunk_size, n_test))
-    sol = _solve_many(solver, state, op, grads, batch_size=min(rhs_batch_size, n_test))
+    if getattr(solver, "host_driven", lambda _: False)(op):  # cg on a conv net on CPU: a Python loop
+        bs = min(rhs_batch_size, n_test)
+        parts = [solver.apply_batch(state, op, jax.tree_util.tree_map(lambda a, i=i: a[i:i + bs], grads))
+                 for i in range(0, n_test, bs)]
+        sol = jax.tree_util.tree_map(lambda *ls: jnp.concatenate(ls), *parts)
+    else:
+        sol = _solve_many(solver, state, op, grads, batch_size=min(rhs_batch_size, n_test))
     bad = _failed_rows(sol, on_failure, f"influence ({solver!r})")
     return _nan_rows(sol.x, bad), sol
 
