@@ -7,7 +7,8 @@
    a random two-digit code per name) is stated by ``--mentions`` training sequences in
    different phrasings ("NAME has code D D .", "code for NAME : D D ."); as many filler
    sequences mention the names without their codes ("NAME likes the river .") or are
-   random words. Sequences are padded to ``T`` tokens; padding labels are ``-100``.
+   common sentences ("the cat saw a red house ."). Sequences are padded to ``T`` tokens;
+   padding labels are ``-100``.
 2. A decoder-only transformer (token and position embeddings, ``--blocks`` blocks of causal
    ``flax.nnx.MultiHeadAttention``, LayerNorm and an MLP, per-token logits) is trained in a
    user-written optax loop on the objective influx assumes: mean over sequences of the
@@ -22,7 +23,12 @@
    the ``k`` highest scores (the most helpful: removing them raises the answer's loss most),
    averaged over facts; chance is about ``k / N``.
 
-Prints a table. Low recall is reported, never an error; errors fail the run.
+Prints a table. Low recall is reported, never an error; errors fail the run. Measured on
+2 CPU cores (shared with other jobs; float32, seed 0): full run, 240 sequences, 110k
+parameters: recall@10 EK-FAC 0.45, TracIn 0.25, grad-dot 0.22 (chance 0.04), peak memory
+1.4 GB; ``--quick`` (72 sequences, 29k parameters): 0.72, 0.33, 0.19 (chance 0.14).
+EK-FAC's relative residuals against the damped Gauss-Newton matrix are large (tens to
+hundreds at ``damping=1e-3``): its ranking is useful long before its solves are accurate.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ TEMPLATES = (  # how a fact is stated: (words before NAME, words between NAME an
     (["code", "for"], [":"]),
 )
 FILLER_OBJECTS = ["river", "tree", "house", "cat", "dog"]
+PHRASES = ["a big dog walks near the river .", "the cat saw a red house .", "a small tree and a blue house .",
+           "the dog walks with the cat .", "a red cat saw the big tree .", "the river is near the house ."]
 
 
 class Vocab:
@@ -84,9 +92,8 @@ def make_corpus(n_facts: int, mentions: int, fillers_per_fact: int, seq_len: int
                 verb = str(rng.choice(["likes", "saw", "walks"]))
                 words = [verb, "the", str(rng.choice(FILLER_OBJECTS)), "."]
                 seqs.append([other] + voc.ids(words))
-            else:
-                n = int(rng.integers(3, seq_len - 2))
-                seqs.append(voc.ids(list(rng.choice(WORDS[8:], size=n))) + voc.ids(["."]))
+            else:  # one of a few fixed sentences (common text the model learns well)
+                seqs.append(voc.ids(PHRASES[int(rng.integers(len(PHRASES)))].split()))
             states.append(-1)
     order = rng.permutation(len(seqs))
     seqs = [seqs[i] for i in order]
