@@ -92,7 +92,8 @@ def default_budget(device=None) -> int:
     budget = int(DEFAULT_FRACTION * available_bytes(device))
     if device.platform == "cpu":
         budget = min(budget, HOST_CAP)
-    return max(budget, 1)
+    step = 64 << 20  # whole 64 MiB steps: the same budget (and chunk sizes) from call to call
+    return budget // step * step if budget > step else max(budget, 1)
 
 
 def resolve_budget(memory_budget, *, name: str = "memory_budget") -> int:
