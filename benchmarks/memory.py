@@ -58,7 +58,8 @@ def _child(cfg: dict) -> dict:
             return nn.Dense(10)(x)
 
     n, n_test = int(cfg["n"]), 20
-    ds = _data.load("mnist", data_dir=cfg.get("data_dir", str(DATA)), n_train=n, n_test=n_test)
+    ds = _data.load("mnist", data_dir=cfg.get("data_dir", str(DATA)), n_train=n, n_test=n_test,
+                    flatten=False)
     xtr, ytr = np.asarray(ds.train[0], np.float32), np.asarray(ds.train[1])
     xte, yte = np.asarray(ds.test[0], np.float32), np.asarray(ds.test[1])
     model = Net()
@@ -77,7 +78,8 @@ def _child(cfg: dict) -> dict:
                                     return_info=True, **kw)
     scores = np.asarray(scores)
     t_inf = time.perf_counter() - t0
-    return {"n": n, "n_test": n_test, "params": int(sum(np.size(l) for l in jax.tree_util.tree_leaves(params))),
+    n_params = int(sum(np.size(l) for l in jax.tree_util.tree_leaves(params)))
+    return {"n": n, "n_test": n_test, "params": n_params,
             "budget": cfg.get("budget"), "train_s": t_train, "influence_s": t_inf,
             "peak_rss_after_training": rss_trained, "finite": bool(np.isfinite(scores).all()),
             "scores_shape": list(scores.shape), "method": info.method,
@@ -146,7 +148,8 @@ def main(argv=None):
                              f"{peak / 2**30:.2f} GiB" if peak else "-", f"{r['wall_s']:.0f} s",
                              f"{r.get('influence_s', float('nan')):.0f} s", f"{r['load_before'][0]:.1f}"])
         body = ("EK-FAC influence of N MNIST images on 20 queries, 106k-parameter linen CNN (float32), "
-                "peak RSS of the whole process (`benchmarks/memory.py`). Target: below 1.5 GiB at N = 5000.\n\n"
+                "peak RSS of the whole process (`benchmarks/memory.py`). Target: below 1.5 GiB at "
+                "N = 5000.\n\n"
                 + common.md_table(["run", "N", "memory_budget", "status", "peak RSS", "wall", "influence",
                                    "load"], rows))
         common.write_section("Memory", body)

@@ -100,7 +100,8 @@ def resolve_budget(memory_budget, *, name: str = "memory_budget") -> int:
     """``memory_budget`` checked (a positive number of bytes) or, for ``None``, :func:`default_budget`."""
     if memory_budget is None:
         return default_budget()
-    ok = isinstance(memory_budget, (int, float, np.integer, np.floating)) and not isinstance(memory_budget, bool)
+    ok = (isinstance(memory_budget, (int, float, np.integer, np.floating))
+          and not isinstance(memory_budget, bool))
     if not ok or not np.isfinite(memory_budget) or memory_budget < 1:
         raise InputError(f"{name} must be a positive number of bytes (or None for the default, "
                          f"{DEFAULT_FRACTION:g} of the available memory), got {memory_budget!r}")

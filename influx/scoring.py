@@ -117,7 +117,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -130,6 +129,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from influx import _progress as _progress_mod
 from influx import _store, errors
 from influx import measurements as _measurements
 from influx.attribution import (
@@ -1000,43 +1000,13 @@ class _Sink:
 
 
 # ------------------------------------------------------------------ progress
-class _StderrProgress:
-    """A plain progress line on stderr (when tqdm is not installed), at most every 10 s."""
-
-    def __init__(self, total: int, initial: int):
-        self.total, self.done, self.t0, self.last = total, initial, time.perf_counter(), 0.0
-
-    def update(self, m: int):
-        self.done += m
-        now = time.perf_counter()
-        if now - self.last >= 10 or self.done >= self.total:
-            self.last = now
-            print(f"influx.score: {self.done}/{self.total} examples ({now - self.t0:.0f}s)", file=sys.stderr,
-                  flush=True)
-
-    def close(self):
-        pass
-
-
-class _NoProgress:
-    def update(self, m: int):
-        pass
-
-    def close(self):
-        pass
+_StderrProgress, _NoProgress = _progress_mod._StderrProgress, _progress_mod._NoProgress
 
 
 def _progress(progress: bool | None, *, total: int, initial: int):
     """A tqdm bar (imported only here: an optional dependency), a plain stderr line without it,
-    or nothing; ``progress=None``: when stderr is a terminal."""
-    if not (sys.stderr.isatty() if progress is None else progress):
-        return _NoProgress()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _StderrProgress(total, initial)
-    return tqdm(total=total, initial=initial, unit="ex", unit_scale=True, desc="influx.score",
-                dynamic_ncols=True)
+    or nothing; ``progress=None``: when stderr is a terminal (:func:`influx._progress.bar`)."""
+    return _progress_mod.bar(progress, total=total, initial=initial, desc="influx.score")
 
 
 # ------------------------------------------------------------------ entry points
