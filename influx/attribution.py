@@ -375,8 +375,15 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
 
 
 # ------------------------------------------------------------------ training side
-def _kernel(obj, method, params, vecs, chunk, scale):
-    """``scale * grad L(z_m)^T v_t`` for every ``v_t`` in ``vecs`` and ``m`` in ``chunk``."""
+def _kernel(obj, method, params, vecs, chunk, scale, sub=None):
+    """``scale * grad L(z_m)^T v_t`` for every ``v_t`` in ``vecs`` and ``m`` in ``chunk``
+    (``sub``: at most this many examples at a time, in a ``lax.map``, bounding the memory)."""
+    c = num_examples(chunk)
+    if sub is not None and sub < c:
+        def one(ex):
+            one_ex = jax.tree_util.tree_map(lambda a: a[None], ex)
+            return _kernel(obj, method, params, vecs, one_ex, 1.0)[:, 0]
+        return jax.lax.map(one, chunk, batch_size=sub).T * scale
     vecs = jax.tree_util.tree_map(lambda v, p: v.astype(jnp.result_type(p)), vecs, params)
     if method == "jvp":
         f = lambda p: obj.per_example_loss(p, chunk)
@@ -395,14 +402,15 @@ def _kernel(obj, method, params, vecs, chunk, scale):
 
 
 @functools.lru_cache(maxsize=64)
-def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data"):
+def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data", sub: int | None = None):
     """A compiled ``(params, vecs, chunk, scale) -> (n_test, chunk) scores`` function.
 
     With a ``mesh`` the chunk is split over the mesh axis ``axis`` with ``jax.shard_map``
     (parameters and vectors replicated, every device scores its slice of the chunk with
-    no communication); the chunk length must be a multiple of the axis size.
+    no communication); the chunk length must be a multiple of the axis size. ``sub``: each
+    device scores its slice at most ``sub`` examples at a time (memory bounded by ``sub``).
     """
-    kern = functools.partial(_kernel, obj, method)
+    kern = functools.partial(_kernel, obj, method, sub=sub)
     if mesh is None:
         return jit(kern)
 
@@ -410,7 +418,7 @@ def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data"):
         # Mark the replicated parameters as device-varying: differentiating an unvarying
         # input inside shard_map would psum the per-example gradients across devices.
         params = jax.lax.pcast(params, axis, to="varying")
-        return _kernel(obj, method, params, vecs, chunk, scale)
+        return _kernel(obj, method, params, vecs, chunk, scale, sub)
 
     P = PartitionSpec
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P()),
