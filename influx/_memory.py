@@ -10,7 +10,7 @@ Chunked passes (EK-FAC factors, curvature products, test gradients, scoring) siz
 chunks from a **memory budget** (``memory_budget=`` in bytes on the public functions):
 
 * :func:`default_budget`: ``DEFAULT_FRACTION`` (1/4) of :func:`available_bytes`, and on a CPU
-  host at most ``HOST_CAP`` (1 GiB: larger chunks buy no speed on CPU, only memory);
+  host at most ``HOST_CAP`` (512 MiB: larger chunks buy little speed on CPU, only memory);
 * :func:`peak_bytes` ``(fn, *args)``: the peak of live buffers of ``fn``'s program, from its
   jaxpr (``jax.make_jaxpr`` on shapes only, nothing runs): a liveness walk over the
   equations, sub-programs (``scan``/``map`` bodies, ``jit``, ``custom_vjp``) counted at their
@@ -35,7 +35,7 @@ __all__ = ["available_bytes", "check_fits", "format_bytes", "default_budget", "r
 
 _SAFETY = 0.9
 DEFAULT_FRACTION = 0.25  # share of the available memory a chunked pass may use by default
-HOST_CAP = 1 << 30  # ... and at most this much on a CPU host
+HOST_CAP = 512 << 20  # ... and at most this much on a CPU host
 
 
 def format_bytes(n: float) -> str:
