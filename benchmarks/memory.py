@@ -8,8 +8,9 @@ images on 20 test images (the EK-FAC factor passes, the eigen-correction, the ba
 residual check of the 20 solved vectors, the test gradients and the scoring pass).
 
 Every configuration runs in a fresh subprocess; its peak resident memory is the child's
-``ru_maxrss`` (``resource.getrusage(RUSAGE_CHILDREN)``), so the number is the whole
-process: Python, JAX, XLA's buffers and temporaries. Writes
+own ``ru_maxrss`` at its end (for a run killed at the timeout, the parent's
+``getrusage(RUSAGE_CHILDREN)``), so the number is the whole process: Python, JAX, XLA's
+buffers and temporaries. Writes
 ``benchmarks/results/memory.json`` (peak RSS, wall time, load average before and after,
 the chunk sizes chosen) and the "Memory" section of ``benchmarks/README.md``.
 
@@ -83,7 +84,8 @@ def _child(cfg: dict) -> dict:
             "budget": cfg.get("budget"), "train_s": t_train, "influence_s": t_inf,
             "peak_rss_after_training": rss_trained, "finite": bool(np.isfinite(scores).all()),
             "scores_shape": list(scores.shape), "method": info.method,
-            "relative_residual_max": float(np.nanmax(np.asarray(info.residual_norm)))}
+            "relative_residual_max": float(np.nanmax(np.asarray(info.residual_norm))),
+            "peak_rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _measure(cfg: dict, timeout: float) -> dict:
@@ -107,9 +109,36 @@ def _measure(cfg: dict, timeout: float) -> dict:
            "load_before": load0, "load_after": os.getloadavg()}
     if status == "ok":
         res.update(json.loads(out.strip().splitlines()[-1]))
+        res["peak_rss_bytes"] = res["peak_rss_self"]  # this child's own peak (RUSAGE_CHILDREN is a max over all)
     else:
         res["stderr_tail"] = err[-2000:]
     return res
+
+
+def _record(common, runs_by_label: dict, *, readme: bool = True):
+    """Merges ``{label: [run, ...]}`` into ``results/memory.json`` and rewrites the README section."""
+    path = common.RESULTS / "memory.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old.setdefault("runs", {}).update(runs_by_label)
+    old["machine"] = common.machine()
+    common.save_json("memory", old)
+    if not readme:
+        return
+    rows = []
+    for label, rs in old["runs"].items():
+        for r in rs:
+            peak = r.get("peak_rss_bytes")
+            rows.append([label, r["config"]["n"], r["config"]["budget"] or "default", r["status"],
+                         f"{peak / 2**30:.2f} GiB" if peak else "-", f"{r['wall_s']:.0f} s",
+                         f"{r.get('influence_s', float('nan')):.0f} s", f"{r['load_before'][0]:.1f}"])
+    body = ("EK-FAC influence of N MNIST images on 20 queries, 106k-parameter linen CNN (float32), "
+            "peak RSS of the whole process (`benchmarks/memory.py`). Target: below 1.5 GiB at "
+            "N = 5000. 'before': the code before memory budgets (every pass in chunks of 256); "
+            "a timed-out run reports the peak reached until then. 'load': the machine's load "
+            "average at the start (2 cores, shared).\n\n"
+            + common.md_table(["run", "N", "memory_budget", "status", "peak RSS", "wall", "influence",
+                               "load"], rows))
+    common.write_section("Memory", body)
 
 
 def main(argv=None):
@@ -121,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--label", default="after", help="name of this set of runs in the results file")
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--collect", nargs="*", metavar="RESULTS_JSON",
+                    help="merge the runs of other memory.json files (e.g. from other checkouts) and stop")
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
@@ -128,31 +159,20 @@ def main(argv=None):
     sys.path.insert(0, str(HERE))
     import common
 
+    if args.collect is not None:
+        merged = {}
+        for f in args.collect:
+            merged.update(json.loads(Path(f).read_text()).get("runs", {}))
+        _record(common, merged, readme=not args.no_readme)
+        return 0
+
     runs = []
     for b in args.budgets.split(","):
         cfg = {"n": args.n, "budget": None if b == "default" else int(b)}
         r = _measure(cfg, args.timeout)
         runs.append(r)
         print(json.dumps(r), flush=True)
-    path = common.RESULTS / "memory.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    old.setdefault("runs", {})[args.label] = runs
-    old["machine"] = common.machine()
-    common.save_json("memory", old)
-    if not args.no_readme:
-        rows = []
-        for label, rs in old["runs"].items():
-            for r in rs:
-                peak = r.get("peak_rss_bytes")
-                rows.append([label, r["config"]["n"], r["config"]["budget"] or "default", r["status"],
-                             f"{peak / 2**30:.2f} GiB" if peak else "-", f"{r['wall_s']:.0f} s",
-                             f"{r.get('influence_s', float('nan')):.0f} s", f"{r['load_before'][0]:.1f}"])
-        body = ("EK-FAC influence of N MNIST images on 20 queries, 106k-parameter linen CNN (float32), "
-                "peak RSS of the whole process (`benchmarks/memory.py`). Target: below 1.5 GiB at "
-                "N = 5000.\n\n"
-                + common.md_table(["run", "N", "memory_budget", "status", "peak RSS", "wall", "influence",
-                                   "load"], rows))
-        common.write_section("Memory", body)
+    _record(common, {args.label: runs}, readme=not args.no_readme)
     return 0
 
 
