@@ -109,7 +109,7 @@ def _measure(cfg: dict, timeout: float) -> dict:
            "load_before": load0, "load_after": os.getloadavg()}
     if status == "ok":
         res.update(json.loads(out.strip().splitlines()[-1]))
-        res["peak_rss_bytes"] = res["peak_rss_self"]  # this child's own peak (RUSAGE_CHILDREN is a max over all)
+        res["peak_rss_bytes"] = res["peak_rss_self"]  # its own peak (RUSAGE_CHILDREN: max over all)
     else:
         res["stderr_tail"] = err[-2000:]
     return res
