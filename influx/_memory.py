@@ -5,6 +5,20 @@ memory (``MemAvailable`` from ``/proc/meminfo``, else ``sysconf``), on an accele
 ``memory_stats()`` limit minus what is in use. ``check_fits(nbytes, what=..., alternative=...)``
 raises :class:`influx.errors.ResourceError` naming the size when ``nbytes`` exceeds the
 budget (by default 90% of what is available), before anything is allocated.
+
+Chunked passes (EK-FAC factors, curvature products, test gradients, scoring) size their
+chunks from a **memory budget** (``memory_budget=`` in bytes on the public functions):
+
+* :func:`default_budget`: ``DEFAULT_FRACTION`` (1/4) of :func:`available_bytes`, and on a CPU
+  host at most ``HOST_CAP`` (512 MiB: larger chunks buy little speed on CPU, only memory);
+* :func:`peak_bytes` ``(fn, *args)``: the peak of live buffers of ``fn``'s program, from its
+  jaxpr (``jax.make_jaxpr`` on shapes only, nothing runs): a liveness walk over the
+  equations, sub-programs (``scan``/``map`` bodies, ``jit``, ``custom_vjp``) counted at their
+  own peak. It ignores XLA's fusion (which only removes buffers), so it is an upper bound
+  up to XLA's scheduling;
+* :func:`chunk_size_for` ``(bytes_at, budget=, limit=, what=)``: the largest chunk ``c <=
+  limit`` with ``bytes_at(c) <= budget``, from the per-example slope of ``bytes_at``; a
+  budget below one example raises :class:`~influx.errors.ResourceError` with both sizes.
 """
 
 from __future__ import annotations
@@ -12,12 +26,16 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
-from influx.errors import ResourceError
+from influx.errors import InputError, ResourceError
 
-__all__ = ["available_bytes", "check_fits", "format_bytes"]
+__all__ = ["available_bytes", "check_fits", "format_bytes", "default_budget", "resolve_budget",
+           "peak_bytes", "chunk_size_for", "shape_key", "DEFAULT_FRACTION", "HOST_CAP"]
 
 _SAFETY = 0.9
+DEFAULT_FRACTION = 0.25  # share of the available memory a chunked pass may use by default
+HOST_CAP = 512 << 20  # ... and at most this much on a CPU host
 
 
 def format_bytes(n: float) -> str:
@@ -64,3 +82,123 @@ def check_fits(nbytes: float, *, what: str, alternative: str = "", budget: int |
         msg = (f"{what} needs {format_bytes(nbytes)} but only {format_bytes(limit)} is available"
                + (f"; {alternative}" if alternative else ""))
         raise ResourceError(msg)
+
+
+# ------------------------------------------------------------------ budgets and chunk sizes
+def default_budget(device=None) -> int:
+    """The default ``memory_budget``: ``DEFAULT_FRACTION`` of :func:`available_bytes`, capped at
+    ``HOST_CAP`` on CPU devices."""
+    device = device if device is not None else jax.devices()[0]
+    budget = int(DEFAULT_FRACTION * available_bytes(device))
+    if device.platform == "cpu":
+        budget = min(budget, HOST_CAP)
+    step = 64 << 20  # whole 64 MiB steps: the same budget (and chunk sizes) from call to call
+    return budget // step * step if budget > step else max(budget, 1)
+
+
+def resolve_budget(memory_budget, *, name: str = "memory_budget") -> int:
+    """``memory_budget`` checked (a positive number of bytes) or, for ``None``, :func:`default_budget`."""
+    if memory_budget is None:
+        return default_budget()
+    ok = (isinstance(memory_budget, (int, float, np.integer, np.floating))
+          and not isinstance(memory_budget, bool))
+    if not ok or not np.isfinite(memory_budget) or memory_budget < 1:
+        raise InputError(f"{name} must be a positive number of bytes (or None for the default, "
+                         f"{DEFAULT_FRACTION:g} of the available memory), got {memory_budget!r}")
+    return int(memory_budget)
+
+
+def shape_key(tree) -> tuple:
+    """A hashable key of a pytree's structure, shapes and dtypes (for caching estimates)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return (treedef, tuple((tuple(np.shape(l)), str(getattr(l, "dtype", type(l).__name__))) for l in leaves))
+
+
+def _nbytes(v) -> int:
+    aval = getattr(v, "aval", None)
+    shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
+    if shape is None or dtype is None:
+        return 0
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except TypeError:  # extended dtypes (PRNG keys)
+        itemsize = 8
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def _subjaxprs(eqn):
+    for p in eqn.params.values():
+        for q in (p if isinstance(p, (tuple, list)) else (p,)):
+            if isinstance(q, jax.extend.core.ClosedJaxpr):
+                yield q.jaxpr
+            elif isinstance(q, jax.extend.core.Jaxpr):
+                yield q
+
+
+def _is_var(v) -> bool:
+    return isinstance(v, jax.extend.core.Var) and not isinstance(v, jax.extend.core.DropVar)
+
+
+def _jaxpr_peak(jaxpr) -> int:
+    """Peak bytes of live values of ``jaxpr`` (inputs included), equations in order."""
+    eqns = jaxpr.eqns
+    last = {}
+    for i, e in enumerate(eqns):
+        for v in e.invars:
+            if _is_var(v):
+                last[v] = i
+    for v in jaxpr.outvars:
+        if _is_var(v):
+            last[v] = len(eqns)
+    inputs = set(jaxpr.invars) | set(jaxpr.constvars)
+    live = sum(_nbytes(v) for v in inputs)
+    peak = live
+    for i, e in enumerate(eqns):
+        inner = 0
+        for sub in _subjaxprs(e):
+            sub_in = sum(_nbytes(v) for v in list(sub.invars) + list(sub.constvars))
+            inner = max(inner, _jaxpr_peak(sub) - sub_in)
+        out = sum(_nbytes(v) for v in e.outvars if _is_var(v))
+        peak = max(peak, live + out + inner)
+        live += out
+        for v in {v for v in e.invars if _is_var(v)}:
+            if last.get(v) == i and v not in inputs:
+                live -= _nbytes(v)
+        for v in e.outvars:
+            if _is_var(v) and v not in last:
+                live -= _nbytes(v)
+    return peak
+
+
+def peak_bytes(fn, *args) -> int:
+    """Peak bytes of live buffers when ``fn(*args)`` runs, from its jaxpr (``args`` may be
+    ``jax.ShapeDtypeStruct`` s: nothing is computed)."""
+    return _jaxpr_peak(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:
+    """The largest chunk ``c`` in ``[1, limit]`` whose pass fits ``budget`` bytes.
+
+    ``bytes_at(c)``: the peak bytes of the pass over a chunk of ``c`` examples (e.g. a
+    :func:`peak_bytes`). One evaluation when ``limit`` examples fit; else the per-example
+    slope between ``c = 1`` and ``c = min(limit, 8)`` gives the chunk, checked once more.
+    Raises :class:`~influx.errors.ResourceError` naming both sizes when one example alone
+    needs more than ``budget``.
+    """
+    limit = max(int(limit), 1)
+    if bytes_at(limit) <= budget:
+        return limit
+    b1 = bytes_at(1)
+    if b1 > budget:
+        raise ResourceError(f"{what}: one example needs {format_bytes(b1)} but memory_budget is "
+                            f"{format_bytes(budget)}; raise memory_budget to at least {format_bytes(b1)}")
+    k = min(limit, 8)
+    slope = max((bytes_at(k) - b1) / (k - 1), 1.0) if k > 1 else float(b1)
+    fixed = b1 - slope
+    c = int(min(limit, max(1, (budget - fixed) // slope)))
+    for _ in range(4):  # the estimate is not exactly linear (padding, batched sub-steps)
+        got = bytes_at(c)
+        if got <= budget or c == 1:
+            break
+        c = max(1, int(c * budget / got * 0.95))
+    return c

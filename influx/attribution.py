@@ -38,6 +38,17 @@ test example *without* a leading axis (``apply_fn`` needs ``x_t[None]``).
 Baselines with the same call shape: :func:`grad_dot` (identity curvature) and
 :func:`tracin` (sum of gradient dot products over checkpoints).
 
+Memory: every pass works in chunks bounded by ``memory_budget`` (bytes; default
+:func:`influx._memory.default_budget`, a quarter of the available memory, at most 512 MiB on
+a CPU host): the test gradients, the solver's preparation (EK-FAC's factor passes get their
+own *fit* chunk), the curvature products, and the scoring of the training set (at most
+``chunk_size`` examples per step, fewer when the step's program -- its peak bytes
+estimated from shapes, :func:`influx._memory.peak_bytes` -- would not fit). Nothing
+``N x P`` or ``P x P`` is formed unless the solver is a dense one (``direct``), which
+refuses a matrix that does not fit before allocating it. A budget too small for one
+example raises :class:`influx.errors.ResourceError` naming both sizes. ``progress=True``
+shows bars for the fit (EK-FAC), the solves and the scoring.
+
 Errors, never a plausible number: the inputs are validated once, at the public entry
 point, before any heavy work (:class:`influx.errors.InputError`); a solve that did not
 converge (its true residual above the solver's ``tol``, negative curvature, a failed
@@ -48,6 +59,7 @@ status in :class:`InfluenceInfo`. A failed solve is never scored as 0.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -60,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from influx import _memory, _progress
 from influx import curvature as _curvature
 from influx import validation as _validation
 from influx._xla import jit
@@ -214,6 +227,34 @@ def _measurement_grads(f, params, test, *, batch_size):
     return jax.lax.map(lambda ex: jax.grad(f)(params, ex), test, batch_size=batch_size)
 
 
+def _first(tree):
+    """One example of a batched pytree (no leading axis)."""
+    return jax.tree_util.tree_map(lambda a: a[0], tree)
+
+
+def _structs(key, lead=()):
+    treedef, leaves = key
+    return jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(tuple(lead) + s, jnp.dtype(d))
+                                                  for s, d in leaves])
+
+
+@functools.lru_cache(maxsize=256)
+def _grad_batch(f, params_key, example_key, limit, budget) -> int:
+    """Test examples per step of the measurement gradients within ``budget`` bytes."""
+    def bytes_at(c):
+        return _memory.peak_bytes(lambda p, t: jax.vmap(lambda ex: jax.grad(f)(p, ex))(t),
+                                  _structs(params_key), _structs(example_key, (c,)))
+    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what="test gradients")
+
+
+def _test_grads(f, params, test, *, chunk_size, budget):
+    """``grad f_t`` for every test example, ``min(chunk_size, what the budget allows)`` at a time."""
+    n_test = num_examples(test[0], name="test inputs")
+    batch = _grad_batch(f, _memory.shape_key(params), _memory.shape_key(_first(test)),
+                        min(chunk_size, n_test), _memory.resolve_budget(budget))
+    return _measurement_grads(f, params, test, batch_size=batch)
+
+
 @functools.partial(jit, static_argnames=("solver", "batch_size"))
 def _solve_many(solver, state, op, rhs, *, batch_size):
     """``solver.apply_many``, ``batch_size`` right-hand sides per call (compiled once per
@@ -256,7 +297,8 @@ def _user_stacklevel() -> int:
 @_boundary
 def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
                        solver: Solver | None = None, measurement=None, chunk_size: int = 256,
-                       rhs_batch_size: int = 64, on_failure: str = "raise", state=None):
+                       rhs_batch_size: int = 64, on_failure: str = "raise", state=None,
+                       memory_budget: int | None = None, progress: bool | None = False):
     """The solved test vectors ``s_t = (C + (l2 + damping) I)^-1 grad f_t`` (batched pytree).
 
     ``train`` is the data the curvature ``C`` is taken over (arrays ``(x, y)``). Returns
@@ -267,10 +309,13 @@ def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh"
     :class:`influx.errors.SolveError` (``on_failure="raise"``) or gives a NaN vector
     (``"nan"``, ``"warn"``), never a plausible one. ``state``: an :class:`influx.Prepared`
     for these inputs (:func:`influx.prepare`): no ``solver.prepare`` (see :func:`influence`).
+    ``memory_budget`` (bytes) bounds every pass (module docstring); ``progress``: bars for
+    the fit and the solves.
     """
     solver = _saved.resolve_solver(state, solver)  # prepared state (influx.solvers.saved)
     chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
     _validation.check_on_failure(on_failure)
+    memory_budget = _check_budget(memory_budget)
     params = _upcast_params(params)
     f = _bind_measurement(obj, measurement)
     _check_kind_damping(kind, damping)
@@ -281,7 +326,19 @@ def solve_test_vectors(obj: Objective, params, train, test, *, kind: str = "gnh"
     _saved.verify(state, obj, params, train, kind=kind, damping=damping, solver=solver)
     return _solve_test_vectors(obj, params, train, test, f, kind=kind, damping=damping, solver=solver,
                                chunk_size=chunk_size, rhs_batch_size=rhs_batch_size, on_failure=on_failure,
-                               prepared=state)
+                               prepared=state, memory_budget=memory_budget, progress=progress)
+
+
+def _check_budget(memory_budget):
+    """A checked ``memory_budget`` (``None`` stays ``None``: the default, resolved per pass)."""
+    return None if memory_budget is None else _memory.resolve_budget(memory_budget)
+
+
+def _with_progress(solver, progress):
+    """The solver with ``progress`` set, for solvers that have the option (EK-FAC's fit)."""
+    if progress is False or not any(f.name == "progress" for f in dataclasses.fields(solver)):
+        return solver
+    return dataclasses.replace(solver, progress=progress)
 
 
 def _check_kind_damping(kind, damping):
@@ -298,29 +355,45 @@ def _check_solver(solver, params) -> Solver:
 
 
 def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, chunk_size,
-                        rhs_batch_size=64, on_failure="raise", prepared=None):
+                        rhs_batch_size=64, on_failure="raise", prepared=None, memory_budget=None,
+                        progress=False):
     """:func:`solve_test_vectors` on validated inputs (no data scan), with the failure policy;
     ``prepared``: a verified :class:`influx.Prepared` whose state is used instead of ``prepare``."""
     n_test = num_examples(test[0], name="test inputs")
     op = _curvature.operator_unchecked(obj, params, train, kind=kind, damping=damping,
-                                       chunk_size=chunk_size)
+                                       chunk_size=chunk_size, memory_budget=memory_budget)
     # first: a refused dense allocation comes before any program runs
-    state = solver.prepare(op) if prepared is None else prepared.state
-    grads = _measurement_grads(f, params, test, batch_size=min(chunk_size, n_test))
-    if getattr(solver, "host_driven", lambda _: False)(op):  # cg on a conv net on CPU: a Python loop
-        bs = min(rhs_batch_size, n_test)
-        parts = [solver.apply_batch(state, op, jax.tree_util.tree_map(lambda a, i=i: a[i:i + bs], grads))
-                 for i in range(0, n_test, bs)]
-        sol = jax.tree_util.tree_map(lambda *ls: jnp.concatenate(ls), *parts)
-    else:
-        sol = _solve_many(solver, state, op, grads, batch_size=min(rhs_batch_size, n_test))
+    state = _with_progress(solver, progress).prepare(op) if prepared is None else prepared.state
+    grads = _test_grads(f, params, test, chunk_size=chunk_size, budget=memory_budget)
+    batch = min(rhs_batch_size, n_test)
+    host = getattr(solver, "host_driven", lambda _: False)(op)  # cg on a conv net on CPU
+    if not host and (progress is False or (progress is None and not sys.stderr.isatty())):
+        sol = _solve_many(solver, state, op, grads, batch_size=batch)
+    else:  # host-driven batches of right-hand sides, with a bar when asked
+        parts = []
+        desc = f"influx: solves ({solver.name})"
+        with _progress.bar(progress, total=n_test, desc=desc, unit="solves") as bar:
+            for start in range(0, n_test, batch):
+                rhs = _take(grads, start, start + batch)
+                parts.append(solver.apply_batch(state, op, rhs) if host else
+                             _solve_many(solver, state, op, rhs, batch_size=num_examples(rhs)))
+                jax.block_until_ready(parts[-1].x)
+                bar.update(num_examples(rhs))
+        sol = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts) if len(parts) > 1 else parts[0]
     bad = _failed_rows(sol, on_failure, f"influence ({solver!r})")
     return _nan_rows(sol.x, bad), sol
 
 
 # ------------------------------------------------------------------ training side
-def _kernel(obj, method, params, vecs, chunk, scale):
-    """``scale * grad L(z_m)^T v_t`` for every ``v_t`` in ``vecs`` and ``m`` in ``chunk``."""
+def _kernel(obj, method, params, vecs, chunk, scale, sub=None):
+    """``scale * grad L(z_m)^T v_t`` for every ``v_t`` in ``vecs`` and ``m`` in ``chunk``
+    (``sub``: at most this many examples at a time, in a ``lax.map``, bounding the memory)."""
+    c = num_examples(chunk)
+    if sub is not None and sub < c:
+        def one(ex):
+            one_ex = jax.tree_util.tree_map(lambda a: a[None], ex)
+            return _kernel(obj, method, params, vecs, one_ex, 1.0)[:, 0]
+        return jax.lax.map(one, chunk, batch_size=sub).T * scale
     vecs = jax.tree_util.tree_map(lambda v, p: v.astype(jnp.result_type(p)), vecs, params)
     if method == "jvp":
         f = lambda p: obj.per_example_loss(p, chunk)
@@ -339,14 +412,15 @@ def _kernel(obj, method, params, vecs, chunk, scale):
 
 
 @functools.lru_cache(maxsize=64)
-def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data"):
+def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data", sub: int | None = None):
     """A compiled ``(params, vecs, chunk, scale) -> (n_test, chunk) scores`` function.
 
     With a ``mesh`` the chunk is split over the mesh axis ``axis`` with ``jax.shard_map``
     (parameters and vectors replicated, every device scores its slice of the chunk with
-    no communication); the chunk length must be a multiple of the axis size.
+    no communication); the chunk length must be a multiple of the axis size. ``sub``: each
+    device scores its slice at most ``sub`` examples at a time (memory bounded by ``sub``).
     """
-    kern = functools.partial(_kernel, obj, method)
+    kern = functools.partial(_kernel, obj, method, sub=sub)
     if mesh is None:
         return jit(kern)
 
@@ -354,7 +428,7 @@ def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data"):
         # Mark the replicated parameters as device-varying: differentiating an unvarying
         # input inside shard_map would psum the per-example gradients across devices.
         params = jax.lax.pcast(params, axis, to="varying")
-        return _kernel(obj, method, params, vecs, chunk, scale)
+        return _kernel(obj, method, params, vecs, chunk, scale, sub)
 
     P = PartitionSpec
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P()),
@@ -366,18 +440,43 @@ def _take(tree, a, b):
     return jax.tree_util.tree_map(lambda x: x[a:b], tree)
 
 
-def _score_arrays(obj, params, vecs, train, *, method, chunk_size, n_total):
+@functools.lru_cache(maxsize=256)
+def _score_chunk(obj, method, params_key, vecs_key, example_key, limit, budget) -> int:
+    """Training examples per scoring step within ``budget`` bytes (shapes only)."""
+    def bytes_at(c):
+        scale = jax.ShapeDtypeStruct((), jnp.dtype(params_key[1][0][1]))
+        return _memory.peak_bytes(functools.partial(_kernel, obj, method), _structs(params_key),
+                                  _structs(vecs_key), _structs(example_key, (c,)), scale)
+    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit,
+                                  what=f"influence scoring ({method})")
+
+
+def score_chunk_size(obj, method, params, vecs, train, *, chunk_size, memory_budget=None) -> int:
+    """Training examples per scoring step: ``chunk_size``, or fewer when the step (``method``
+    against the batched ``vecs``) would need more than ``memory_budget`` bytes."""
+    n = num_examples(train)
+    return _score_chunk(obj, method, _memory.shape_key(params), _memory.shape_key(vecs),
+                        _memory.shape_key(_first(train)), min(int(chunk_size), n),
+                        _memory.resolve_budget(memory_budget))
+
+
+def _score_arrays(obj, params, vecs, train, *, method, chunk_size, n_total, memory_budget=None,
+                  progress=False):
     """Scores in-memory ``train`` against ``vecs`` chunk by chunk -> ``(n_test, N)``."""
     n = num_examples(train)
-    c = min(chunk_size, n)
+    c = score_chunk_size(obj, method, params, vecs, train, chunk_size=chunk_size, memory_budget=memory_budget)
     fn = chunk_scorer(obj, method)
     scale = jnp.asarray(1.0 / n_total, dtype=jnp.result_type(*jax.tree_util.tree_leaves(params)))
     outs = []
-    for start in range(0, n, c):
-        chunk = _take(train, start, start + c)
-        m = num_examples(chunk)
-        out = fn(params, vecs, _curvature.pad_rows(chunk, c) if m < c else chunk, scale)
-        outs.append(out[:, :m])
+    with _progress.bar(progress, total=n, desc="influx: scoring") as bar:
+        for start in range(0, n, c):
+            chunk = _take(train, start, start + c)
+            m = num_examples(chunk)
+            out = fn(params, vecs, _curvature.pad_rows(chunk, c) if m < c else chunk, scale)
+            outs.append(out[:, :m])
+            if not isinstance(bar, _progress._NoProgress):
+                jax.block_until_ready(outs[-1])
+            bar.update(m)
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 
@@ -396,7 +495,8 @@ def _resolve_method(method, n_test, params, chunk_size, x=None, obj=None):
 @_boundary
 def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping=1e-3,
               solver: Solver | None = None, measurement=None, chunk_size: int = 256,
-              method: str = "auto", return_info: bool = False, on_failure: str = "raise", state=None):
+              method: str = "auto", return_info: bool = False, on_failure: str = "raise", state=None,
+              memory_budget: int | None = None, progress: bool | None = False):
     """Pairwise influence matrix ``(n_test, n_train)`` (see the module docstring).
 
     ``score[t, m] = (1/N) grad f_t^T (C + (l2 + damping) I)^-1 grad L(z_m)``, the
@@ -412,7 +512,9 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
       solver: an :mod:`influx.solvers` solver; default :func:`default_solver`.
       measurement: ``None`` (test loss), a :data:`measurements` factory result, or a
         callable ``f(params, (x_t, y_t)) -> scalar`` on one unbatched test example.
-      chunk_size: training examples per scoring step (and curvature chunk).
+      chunk_size: at most this many training examples per scoring step (and curvature
+        product chunk); fewer when ``memory_budget`` requires. EK-FAC's factor passes have
+        their own fit chunk (``influx.solvers.ekfac(chunk_size=...)``, default from the budget).
       method: ``"auto"`` | ``"jvp"`` | ``"per_example"`` (see :func:`choose_method`).
       return_info: also return an :class:`InfluenceInfo`.
       on_failure: what a failed solve (status not ``CONVERGED``: e.g. CG meeting negative
@@ -430,6 +532,11 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
         curvature data), ``kind``, ``damping`` and solver (``solver=None`` takes the
         state's): its state is used and nothing is prepared -- fit once, query many test
         sets. A state for other inputs is refused (``InputError`` naming what differs).
+      memory_budget: bytes every pass may use (module docstring); ``None``:
+        :func:`influx._memory.default_budget`. Too small for one example:
+        :class:`influx.errors.ResourceError` with both sizes.
+      progress: progress bars for the fit (EK-FAC), the solves and the scoring (tqdm, else a
+        stderr line); ``None``: when stderr is a terminal; ``False`` (default): none.
 
     Cost: ``n_test`` gradients + one solver preparation + ``n_test`` solves, then one
     pass over the training set (``n_test`` JVPs or one per-example-gradient pass per
@@ -446,7 +553,7 @@ def influence(obj: Objective, params, train, test, *, kind: str = "gnh", damping
     _saved.verify(state, obj, params, train, kind=kind, damping=damping, solver=solver)
     scores, info = _influence(obj, params, train, test, f, n=n, n_test=n_test, kind=kind, damping=damping,
                               solver=solver, chunk_size=chunk_size, method=method, on_failure=on_failure,
-                              prepared=state)
+                              prepared=state, memory_budget=_check_budget(memory_budget), progress=progress)
     return (scores, info) if return_info else scores
 
 
@@ -466,13 +573,14 @@ def _validate(obj, params, train, test, *, kind, damping, solver, measurement, c
 
 
 def _influence(obj, params, train, test, f, *, n, n_test, kind, damping, solver, chunk_size, method,
-               on_failure, prepared=None):
+               on_failure, prepared=None, memory_budget=None, progress=False):
     """:func:`influence` on validated inputs: ``(scores, info)``."""
     vecs, sol = _solve_test_vectors(obj, params, train, test, f, kind=kind, damping=damping,
                                     solver=solver, chunk_size=chunk_size, on_failure=on_failure,
-                                    prepared=prepared)
+                                    prepared=prepared, memory_budget=memory_budget, progress=progress)
     method = _resolve_method(method, n_test, params, chunk_size, train[0], obj)
-    scores = _score_arrays(obj, params, vecs, train, method=method, chunk_size=chunk_size, n_total=n)
+    scores = _score_arrays(obj, params, vecs, train, method=method, chunk_size=chunk_size, n_total=n,
+                           memory_budget=memory_budget, progress=progress)
     bad = masked_rows(sol.status, on_failure)
     scores = _nan_rows(scores, bad if bad.any() else None)  # explicit: a failed row is NaN
     info = InfluenceInfo(method, n, n_test, repr(solver), np.asarray(sol.residual_norm),
@@ -519,7 +627,7 @@ def _groups_matrix(groups, n: int) -> np.ndarray:
 def group_influence(obj: Objective, params, train, test, groups, *, kind: str = "gnh", damping=1e-3,
                     solver: Solver | None = None, measurement=None, chunk_size: int = 256,
                     method: str = "auto", return_info: bool = False, on_failure: str = "raise",
-                    state=None):
+                    state=None, memory_budget: int | None = None, progress: bool | None = False):
     """Influence of removing whole groups of training examples at once: ``(n_test, n_groups)``.
 
     Removing a set ``S`` (each member up-weighted by ``-1/N``) changes the parameters, to
@@ -531,8 +639,9 @@ def group_influence(obj: Objective, params, train, test, groups, *, kind: str = 
 
     ``groups``: an ``(N,)`` int array of group ids (groups ``0..max``), an
     ``(n_groups, N)`` boolean mask, or a sequence of index arrays (possibly overlapping).
-    Other keyword arguments (and the failure policy ``on_failure``: a failed test vector
-    gives a NaN row; ``state``, a prepared solver state) as :func:`influence`.
+    Other keyword arguments (the failure policy ``on_failure``: a failed test vector gives a
+    NaN row; ``state``, a prepared solver state; ``memory_budget``, ``progress``) as
+    :func:`influence`.
     """
     solver = _saved.resolve_solver(state, solver)  # prepared state (influx.solvers.saved)
     params, n, n_test, f, solver = _validate(obj, params, train, test, kind=kind, damping=damping,
@@ -542,7 +651,7 @@ def group_influence(obj: Objective, params, train, test, groups, *, kind: str = 
     _saved.verify(state, obj, params, train, kind=kind, damping=damping, solver=solver)
     scores, info = _influence(obj, params, train, test, f, n=n, n_test=n_test, kind=kind, damping=damping,
                               solver=solver, chunk_size=chunk_size, method=method, on_failure=on_failure,
-                              prepared=state)
+                              prepared=state, memory_budget=_check_budget(memory_budget), progress=progress)
     g = scores @ jnp.asarray(m, dtype=scores.dtype)
     return (g, info) if return_info else g
 
@@ -550,7 +659,8 @@ def group_influence(obj: Objective, params, train, test, groups, *, kind: str = 
 @_boundary
 def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=1e-3,
                    solver: Solver | None = None, chunk_size: int = 256, return_info: bool = False,
-                   on_failure: str = "raise", state=None):
+                   on_failure: str = "raise", state=None, memory_budget: int | None = None,
+                   progress: bool | None = False):
     """Self-influence ``(1/N) grad L(z_m)^T (C + (l2 + damping) I)^-1 grad L(z_m)``, ``(N,)``.
 
     The diagonal of ``influence(obj, params, train, train, ...)``: large values flag
@@ -566,18 +676,23 @@ def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=
     ``on_failure`` as in :func:`influence`: an example whose solve failed raises
     :class:`influx.errors.SolveError` (default) or is NaN (``"nan"``/``"warn"``), never 0.
     ``state``: a prepared solver state for these inputs, as in :func:`influence`.
+    ``memory_budget`` (bytes) bounds the fit and the chunks (at most ``chunk_size``
+    examples, fewer when one chunk's program would not fit); ``progress`` as :func:`influence`.
     """
     solver = _saved.resolve_solver(state, solver)  # prepared state (influx.solvers.saved)
     chunk_size = _validation.check_positive_int(chunk_size, "chunk_size")
+    memory_budget = _check_budget(memory_budget)
     _validation.check_on_failure(on_failure)
     _check_kind_damping(kind, damping)
     params = _upcast_params(params)
     n = check_data(obj, params, train, name="train")
     solver = _check_solver(solver, params)
     _saved.verify(state, obj, params, train, kind=kind, damping=damping, solver=solver)
-    op = _curvature.operator_unchecked(obj, params, train, kind=kind, damping=damping, chunk_size=chunk_size)
-    st = solver.prepare(op) if state is None else state.state
-    vals, sol = _self_values(solver, st, op, train, n, chunk_size)
+    op = _curvature.operator_unchecked(obj, params, train, kind=kind, damping=damping, chunk_size=chunk_size,
+                                       memory_budget=memory_budget)
+    st = _with_progress(solver, progress).prepare(op) if state is None else state.state
+    vals, sol = _self_values(solver, st, op, train, n, chunk_size, memory_budget=memory_budget,
+                             progress=progress)
     if sol is not None:
         bad = _failed_rows(sol, on_failure, f"self_influence ({solver!r})")
         vals = _nan_rows(vals, bad)
@@ -589,18 +704,33 @@ def self_influence(obj: Objective, params, train, *, kind: str = "gnh", damping=
     return vals, info
 
 
-def _self_values(solver, state, op, train, n, chunk_size):
+def _self_chunk(solver, state, op, train, limit, budget) -> int:
+    """Examples per chunk of ``solver.inverse_quadratic`` within ``budget`` bytes (shapes only)."""
+    example = _memory.shape_key(_first(train))
+    if isinstance(op, _curvature.Operator):  # the data is there already: count one product chunk of it
+        op = op.replace(data=_take(op.data, 0, min(op.num_examples, op.chunk_size)))
+
+    def bytes_at(c):
+        return _memory.peak_bytes(lambda st, o, ch: type(solver).inverse_quadratic(solver, st, o, ch),
+                                  state, op, _structs(example, (c,)))
+    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit,
+                                  what=f"self_influence ({solver.name})")
+
+
+def _self_values(solver, state, op, train, n, chunk_size, memory_budget=None, progress=False):
     """``(g_m^T A^-1 g_m / N for all m, batched Solution | None)`` chunk by chunk."""
     quad = compiled(type(solver).inverse_quadratic)
-    c = min(chunk_size, n)
+    c = _self_chunk(solver, state, op, train, min(chunk_size, n), _memory.resolve_budget(memory_budget))
     out, sols = [], []
-    for start in range(0, n, c):
-        chunk = _take(train, start, start + c)
-        m = num_examples(chunk)
-        vals, sol = quad(solver, state, op, _curvature.pad_rows(chunk, c) if m < c else chunk)
-        out.append(vals[:m])
-        if sol is not None:
-            sols.append(_take(sol._replace(x=None, stats={}), 0, m))
+    with _progress.bar(progress, total=n, desc="influx: self-influence") as bar:
+        for start in range(0, n, c):
+            chunk = _take(train, start, start + c)
+            m = num_examples(chunk)
+            vals, sol = quad(solver, state, op, _curvature.pad_rows(chunk, c) if m < c else chunk)
+            out.append(vals[:m])
+            if sol is not None:
+                sols.append(_take(sol._replace(x=None, stats={}), 0, m))
+            bar.update(m)
     vals = jnp.concatenate(out) / n
     if not sols:
         return vals, None

@@ -15,8 +15,12 @@ Dataset-level operator (:func:`operator`), for the objective of :class:`influx.O
     C_i = J_i^T H_z,i J_i               (kind="gnh", Gauss-Newton; PSD for convex losses)
     C_i = d^2 loss_i / dtheta^2          (kind="hessian")
 
-accumulated over chunks of ``chunk_size`` examples inside one compiled ``lax.scan``, so
-memory is bounded by the chunk; a final partial chunk is handled exactly. Operators are
+accumulated over chunks of at most ``chunk_size`` examples inside one compiled ``lax.scan``,
+so memory is bounded by the chunk; a final partial chunk is handled exactly. The chunk of a
+product is also bounded by the operator's ``memory_budget`` (bytes; default
+:func:`influx._memory.default_budget`): :meth:`Operator.product_chunk` takes the largest
+chunk whose product over ``k`` vectors (``vmap``) fits, from the program's peak bytes
+(:func:`influx._memory.peak_bytes`, shapes only). Operators are
 pytrees (params, data and damping are leaves), so they pass through ``jax.jit`` and their
 products ``vmap`` over batches of vectors.
 """
@@ -169,23 +173,27 @@ class Operator:
     (all :mod:`influx.losses`); ``positive_definite`` additionally needs a positive shift.
     """
 
-    def __init__(self, obj: Objective, params, data, damping, *, kind: str, chunk_size: int):
+    def __init__(self, obj: Objective, params, data, damping, *, kind: str, chunk_size: int,
+                 memory_budget: int | None = None):
         self.obj = obj
         self.params = params
         self.data = data
         self.damping = damping
         self.kind = kind
         self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
 
     # pytree protocol
     def tree_flatten(self):
-        return (self.params, self.data, self.damping), (self.obj, self.kind, self.chunk_size)
+        return (self.params, self.data, self.damping), (self.obj, self.kind, self.chunk_size,
+                                                        self.memory_budget)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        obj, kind, chunk_size = aux
+        obj, kind, chunk_size, memory_budget = aux
         params, data, damping = children
-        return cls(obj, params, data, damping, kind=kind, chunk_size=chunk_size)
+        return cls(obj, params, data, damping, kind=kind, chunk_size=chunk_size,
+                   memory_budget=memory_budget)
 
     # tags and sizes
     symmetric = True
@@ -218,18 +226,36 @@ class Operator:
         return _tree_axpy(self.shift, v, _curvature_product(self, v))
 
     def matmat(self, vs):
-        """Products with a batch of vectors (every leaf has a leading batch axis)."""
+        """Products with a batch of vectors (every leaf has a leading batch axis), in data
+        chunks sized for the whole batch (:meth:`for_vectors`)."""
         vs = check_like(self.params, vs, name="vs", batched=True)
-        return jax.vmap(self.__call__)(vs)
+        k = int(jax.tree_util.tree_leaves(vs)[0].shape[0])
+        return jax.vmap(self.for_vectors(k).__call__)(vs)
+
+    def product_chunk(self, n_vectors: int = 1) -> int:
+        """Examples per chunk of a product with ``n_vectors`` vectors at once (``vmap``): at
+        most ``chunk_size``, fewer when the product's peak memory would exceed the operator's
+        ``memory_budget`` (shapes only, nothing runs; cached per shapes). Raises
+        :class:`influx.errors.ResourceError` when one example does not fit."""
+        return _product_chunk(self.obj, self.kind, _memory.shape_key(self.params),
+                              _memory.shape_key(jax.tree_util.tree_map(lambda a: a[0], self.data)),
+                              min(int(self.chunk_size), self.num_examples), int(n_vectors),
+                              _memory.resolve_budget(self.memory_budget))
+
+    def for_vectors(self, n_vectors: int) -> Operator:
+        """This operator with its chunk sized for products with ``n_vectors`` vectors at once
+        (the same products; only the chunking, so the memory, changes)."""
+        c = self.product_chunk(n_vectors)
+        return self if c == self.chunk_size else self.replace(chunk_size=c)
 
     # variants
     def replace(self, **changes) -> Operator:
         """A copy with some of ``params``, ``data``, ``damping``, ``kind``, ``chunk_size`` changed."""
         kw = dict(params=self.params, data=self.data, damping=self.damping, kind=self.kind,
-                  chunk_size=self.chunk_size)
+                  chunk_size=self.chunk_size, memory_budget=self.memory_budget)
         kw.update(changes)
         return Operator(self.obj, kw["params"], kw["data"], kw["damping"], kind=kw["kind"],
-                        chunk_size=kw["chunk_size"])
+                        chunk_size=kw["chunk_size"], memory_budget=kw["memory_budget"])
 
     def subsample(self, idx) -> Operator:
         """The operator on the examples ``idx`` (``(k,)`` int array; its curvature the mean over
@@ -243,11 +269,32 @@ class Operator:
                 f"l2={self.obj.l2}, chunk_size={self.chunk_size})")
 
 
+def _struct(key):
+    """``jax.ShapeDtypeStruct`` pytree from a :func:`influx._memory.shape_key`, with an
+    optional leading axis."""
+    treedef, leaves = key
+    return lambda lead=(): jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(tuple(lead) + s, jnp.dtype(d)) for s, d in leaves])
+
+
+@functools.lru_cache(maxsize=256)
+def _product_chunk(obj, kind, params_key, example_key, limit, n_vectors, budget) -> int:
+    params, example = _struct(params_key), _struct(example_key)
+
+    def bytes_at(c):
+        def run(p, vs, chunk):
+            return jax.vmap(lambda v: _chunk_product(obj, kind, p, v)(chunk))(vs)
+        return _memory.peak_bytes(run, params(), params((n_vectors,)), example((c,)))
+
+    what = f"curvature.operator ({kind} product with {n_vectors} vector(s))"
+    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what=what)
+
+
 @jit
 def _curvature_product(op: Operator, v):
     """``C v``, compiled once per operator structure (inlined under an outer ``jit``)."""
     chunk_fn = _chunk_product(op.obj, op.kind, op.params, v)
-    total = chunked_sum(chunk_fn, op.data, chunk_size=op.chunk_size)
+    total = chunked_sum(chunk_fn, op.data, chunk_size=op.product_chunk(1))
     n = op.num_examples
     return jax.tree_util.tree_map(lambda t: t / n, total)
 
@@ -275,7 +322,7 @@ def _chunk_product(obj: Objective, kind: str, params, v):
 
 @_boundary
 def operator(obj: Objective, params, data, *, kind: str = "gnh", damping=0.0,
-             chunk_size: int = 256) -> Operator:
+             chunk_size: int = 256, memory_budget: int | None = None) -> Operator:
     """The damped curvature operator ``v -> (C + (obj.l2 + damping) I) v`` on ``data``.
 
     Args:
@@ -284,7 +331,10 @@ def operator(obj: Objective, params, data, *, kind: str = "gnh", damping=0.0,
       data: ``(x, y)`` with a leading example axis.
       kind: ``"gnh"`` (Gauss-Newton, ``J^T H_z J``) or ``"hessian"`` (exact Hessian).
       damping: ``lambda >= 0`` added to the diagonal on top of ``obj.l2``.
-      chunk_size: examples per scan step (bounds memory); any ``N`` works.
+      chunk_size: at most this many examples per scan step; any ``N`` works.
+      memory_budget: bytes one product (or a batch of products, :meth:`Operator.matmat`)
+        may use for its chunk; ``None``: :func:`influx._memory.default_budget`. The chunk is
+        the largest ``<= chunk_size`` that fits (:meth:`Operator.product_chunk`).
 
     Cost of one product: about one forward + one JVP + one VJP over the data for
     ``"gnh"``; one forward-over-reverse pass (~2-3 gradients) for ``"hessian"``.
@@ -292,18 +342,24 @@ def operator(obj: Objective, params, data, *, kind: str = "gnh", damping=0.0,
     Raises:
       influx.errors.InputError (a ``ValueError``; also a ``TypeError`` for a wrong type):
       unknown ``kind``, ``chunk_size < 1``, negative or non-finite
-      ``damping``, or data that does not fit the model (see :func:`influx.objective.check_data`).
+      ``damping``, a ``memory_budget`` that is not a positive number, or data that does not
+      fit the model (see :func:`influx.objective.check_data`).
     """
     check_choice(kind, "kind", KINDS)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     damping = check_damping(damping)
+    if memory_budget is not None:
+        memory_budget = _memory.resolve_budget(memory_budget)
     check_data(obj, params, data)
-    return operator_unchecked(obj, params, data, kind=kind, damping=damping, chunk_size=chunk_size)
+    return operator_unchecked(obj, params, data, kind=kind, damping=damping, chunk_size=chunk_size,
+                              memory_budget=memory_budget)
 
 
-def operator_unchecked(obj: Objective, params, data, *, kind: str, damping, chunk_size: int) -> Operator:
+def operator_unchecked(obj: Objective, params, data, *, kind: str, damping, chunk_size: int,
+                       memory_budget: int | None = None) -> Operator:
     """:func:`operator` for inputs a public entry point has already validated (no data scan)."""
-    return Operator(obj, params, data, jnp.asarray(damping), kind=kind, chunk_size=chunk_size)
+    return Operator(obj, params, data, jnp.asarray(damping), kind=kind, chunk_size=chunk_size,
+                    memory_budget=memory_budget)
 
 
 def dense(op: Operator, params=None, *, batch_size: int = 64):

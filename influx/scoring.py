@@ -116,7 +116,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -129,7 +128,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from influx import _store, errors
+from influx import _memory, _store, errors
+from influx import _progress as _progress_mod
 from influx import measurements as _measurements
 from influx.attribution import (
     METHODS,
@@ -139,6 +139,7 @@ from influx.attribution import (
     default_solver,
     forward_flops,
     measurements,
+    score_chunk_size,
     solve_test_vectors,
 )
 from influx.curvature import KINDS, pad_rows
@@ -408,6 +409,8 @@ class _Plan(NamedTuple):
     out_dir: Path | None
     fp_parts: dict
     prepared: Any = None  # an influx.Prepared (state=), verified against the curvature data
+    memory_budget: int | None = None
+    progress: bool | None = False
 
     @property
     def fingerprint(self) -> str:
@@ -444,10 +447,12 @@ def _check_options(chunk_size, kind, damping, method, top_k, keep_scores, on_fai
 
 def _plan(obj, params, train_source, test, *, chunk_size, kind, damping, solver, measurement, method,
           top_k, keep_scores, on_failure, out_dir, progress, devices, decode, num_train, curvature_data,
-          curvature_examples) -> _Plan:
+          curvature_examples, memory_budget=None) -> _Plan:
     """Checks every input and computes the fingerprint (no solve, no scoring, nothing written)."""
     chunk_size, damping = _check_options(chunk_size, kind, damping, method, top_k, keep_scores, on_failure,
                                          solver, out_dir, curvature_examples, progress)
+    if memory_budget is not None:
+        memory_budget = _memory.resolve_budget(memory_budget)
     devices = _resolve_devices(devices)
     if num_train is not None:
         num_train = check_positive_int(num_train, "num_train")
@@ -487,7 +492,8 @@ def _plan(obj, params, train_source, test, *, chunk_size, kind, damping, solver,
         },
     }
     return _Plan(chunk_size, devices, src, n_test, f, curv, method, solver, kind, damping, k,
-                 bool(keep_scores), on_failure, dtype, None if out_dir is None else Path(out_dir), fp_parts)
+                 bool(keep_scores), on_failure, dtype, None if out_dir is None else Path(out_dir), fp_parts,
+                 memory_budget, progress)
 
 
 # ------------------------------------------------------------------ communication strategies
@@ -653,13 +659,13 @@ class _Placement:
     """The devices as a one-axis mesh (one device is a one-device mesh): replicated parameters
     and vectors, chunks of ``c_pad`` rows split over the mesh axis, the compiled scorer."""
 
-    def __init__(self, obj, method: str, devices: list, c_pad: int):
+    def __init__(self, obj, method: str, devices: list, c_pad: int, sub: int | None = None):
         self.mesh = Mesh(np.array(devices), ("data",))
         self.data = NamedSharding(self.mesh, PartitionSpec("data"))
         self.repl = NamedSharding(self.mesh, PartitionSpec())
         self.c_pad = c_pad
         self.index_map = self.data.addressable_devices_indices_map((c_pad,))
-        self._fn = chunk_scorer(obj, method, self.mesh)
+        self._fn = chunk_scorer(obj, method, self.mesh, sub=sub)
 
     def replicate(self, tree):
         """A host pytree as global arrays replicated over the mesh (each process puts its copy)."""
@@ -840,7 +846,8 @@ def _solve_flat(obj, params, test, plan: _Plan):
     """The solved test vectors, flattened ``(n_test, P)`` (NaN rows for failed solves), and the
     solve report; raises SolveError under ``on_failure="raise"``."""
     kw = dict(kind=plan.kind, damping=plan.damping, solver=plan.solver, measurement=plan.f,
-              chunk_size=plan.chunk_size, on_failure="nan")  # the policy is applied here, once
+              chunk_size=plan.chunk_size, on_failure="nan",  # the policy is applied here, once
+              memory_budget=plan.memory_budget, progress=plan.progress)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*did not converge", category=RuntimeWarning)
         vecs, sol = solve_test_vectors(obj, params, plan.curv, test, state=plan.prepared, **kw)
@@ -978,43 +985,13 @@ class _Sink:
 
 
 # ------------------------------------------------------------------ progress
-class _StderrProgress:
-    """A plain progress line on stderr (when tqdm is not installed), at most every 10 s."""
-
-    def __init__(self, total: int, initial: int):
-        self.total, self.done, self.t0, self.last = total, initial, time.perf_counter(), 0.0
-
-    def update(self, m: int):
-        self.done += m
-        now = time.perf_counter()
-        if now - self.last >= 10 or self.done >= self.total:
-            self.last = now
-            print(f"influx.score: {self.done}/{self.total} examples ({now - self.t0:.0f}s)", file=sys.stderr,
-                  flush=True)
-
-    def close(self):
-        pass
-
-
-class _NoProgress:
-    def update(self, m: int):
-        pass
-
-    def close(self):
-        pass
+_StderrProgress, _NoProgress = _progress_mod._StderrProgress, _progress_mod._NoProgress
 
 
 def _progress(progress: bool | None, *, total: int, initial: int):
     """A tqdm bar (imported only here: an optional dependency), a plain stderr line without it,
-    or nothing; ``progress=None``: when stderr is a terminal."""
-    if not (sys.stderr.isatty() if progress is None else progress):
-        return _NoProgress()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _StderrProgress(total, initial)
-    return tqdm(total=total, initial=initial, unit="ex", unit_scale=True, desc="influx.score",
-                dynamic_ncols=True)
+    or nothing; ``progress=None``: when stderr is a terminal (:func:`influx._progress.bar`)."""
+    return _progress_mod.bar(progress, total=total, initial=initial, desc="influx.score")
 
 
 # ------------------------------------------------------------------ entry points
@@ -1024,7 +1001,7 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
           top_k: int | None = None, keep_scores: bool = True, on_failure: str = "raise",
           progress: bool | None = None, devices=None, decode: Callable | None = None,
           num_train: int | None = None, curvature_data=None, curvature_examples: int = 4096,
-          state=None) -> ScoreResult:
+          state=None, memory_budget: int | None = None) -> ScoreResult:
     """Scores every training example of ``train_source`` against every test point.
 
     See the module docstring for sources, the curvature data, sharding, on-disk output,
@@ -1059,6 +1036,11 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
         the training arrays, or ``curvature_data`` -- with the same ``kind``, ``damping``
         and solver; ``solver=None`` takes the state's): the solver is not prepared again.
         A state for other inputs is refused before any work (``InputError``).
+      memory_budget: bytes each pass may use (the fit, the test gradients, the solves'
+        products, each scoring step); ``None``: :func:`influx._memory.default_budget`. A
+        chunk whose scoring step would not fit is scored in sub-batches inside the step
+        (the chunks, the files and the fingerprint do not depend on the budget). Too small
+        for one example: :class:`~influx.errors.ResourceError` with both sizes.
 
     Cost: the test side once (see :func:`influx.attribution.solve_test_vectors`), then per chunk
     ``n_test`` JVPs or one per-example-gradient pass, divided over the devices; with
@@ -1082,7 +1064,7 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
         obj, params, train_source, test, chunk_size=chunk_size, kind=kind, damping=damping, solver=solver,
         measurement=measurement, method=method, top_k=top_k, keep_scores=keep_scores, on_failure=on_failure,
         out_dir=out_dir, progress=progress, devices=devices, decode=decode, num_train=num_train,
-        curvature_data=curvature_data, curvature_examples=curvature_examples))
+        curvature_data=curvature_data, curvature_examples=curvature_examples, memory_budget=memory_budget))
     if state is not None:  # refused before out_dir is touched or anything is solved
         _saved.verify(state, obj, params, plan.curv, kind=plan.kind, damping=plan.damping, solver=plan.solver)
         plan = plan._replace(prepared=state)
@@ -1099,8 +1081,14 @@ def score(obj: Objective, params, train_source, test, *, out_dir=None, chunk_siz
 def _run(obj, params, plan: _Plan, comm, store, flat, tk, status, *, progress, t_start) -> ScoreResult:
     """The scoring loop: place, read, score, gather, sink."""
     n, ndev = plan.src.n, len(plan.devices)
-    placement = _Placement(obj, plan.method, plan.devices, -(-min(plan.chunk_size, n) // ndev) * ndev)
+    c_pad = -(-min(plan.chunk_size, n) // ndev) * ndev
     unravel = ravel_pytree(params)[1]
+    # examples per device per kernel step: the device's slice of the chunk, or fewer when the
+    # step would not fit the memory budget (then a lax.map over sub-batches inside the kernel)
+    vec_shapes = jax.eval_shape(jax.vmap(unravel), jax.ShapeDtypeStruct(np.shape(flat), plan.dtype))
+    sub = score_chunk_size(obj, plan.method, params, vec_shapes, plan.curv, chunk_size=c_pad // ndev,
+                           memory_budget=plan.memory_budget)
+    placement = _Placement(obj, plan.method, plan.devices, c_pad, None if sub >= c_pad // ndev else sub)
     p_dev = placement.replicate(params)
     v_dev = placement.replicate(jax.vmap(unravel)(jnp.asarray(flat)))
     scale = placement.replicate(np.asarray(1.0 / n, dtype=plan.dtype))

@@ -68,8 +68,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-import time
 import warnings
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
@@ -79,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from influx import _progress
 from influx._xla import jit
 from influx.errors import InputError
 from influx.solvers._base import (
@@ -257,17 +256,16 @@ class CG(Solver):
         from Python (same state, same stopping rule; XLA:CPU runs convolutions several
         times slower inside a ``while_loop``, jax issue 12868)."""
         c, running, info = compiled(CG._host_start)(self, state, op, bs)
-        bar = _progress_bar(self.progress, total=self.max_steps)
         shown = 0
-        try:
+        with _progress.bar(self.progress, total=self.max_steps, desc="influx.cg", unit="steps") as bar:
             while bool(running):
                 c, running, info = compiled(CG._host_step)(self, state, op, bs, c)
                 steps, worst = (float(v) for v in info)
                 if steps > shown:
-                    bar.update(int(steps) - shown, f"rel. residual {worst:.2e}")
+                    if hasattr(bar, "set_postfix_str"):  # tqdm: the worst relative residual
+                        bar.set_postfix_str(f"rel. residual {worst:.2e}", refresh=False)
+                    bar.update(int(steps) - shown)
                     shown = int(steps)
-        finally:
-            bar.close()
         return compiled(CG._host_finish)(self, state, op, bs, c)
 
 
@@ -436,56 +434,6 @@ def has_convolution(op) -> bool:
         return _product_has_convolution(treedef, avals)
     except Exception:  # noqa: BLE001 -- an operator we cannot trace abstractly: keep the compiled loop
         return False
-
-
-class _StderrBar:
-    """A progress line on stderr (tqdm not installed), at most every 10 s."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.t0, self.last = total, 0, time.perf_counter(), time.perf_counter()
-
-    def update(self, n: int, postfix: str):
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= 10:
-            self.last = now
-            print(f"influx.cg: step {self.done}/{self.total}, {postfix} ({now - self.t0:.0f}s)",
-                  file=sys.stderr, flush=True)
-
-    def close(self):
-        pass
-
-
-class _TqdmBar:
-    def __init__(self, bar):
-        self.bar = bar
-
-    def update(self, n: int, postfix: str):
-        self.bar.set_postfix_str(postfix, refresh=False)
-        self.bar.update(n)
-
-    def close(self):
-        self.bar.close()
-
-
-class _NoBar:
-    def update(self, n: int, postfix: str):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(progress: bool | None, *, total: int):
-    """tqdm (an optional dependency, imported only here), a stderr line, or nothing;
-    ``progress=None``: when stderr is a terminal."""
-    if not (sys.stderr.isatty() if progress is None else progress):
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _StderrBar(total)
-    return _TqdmBar(tqdm(total=total, desc="influx.cg", unit="step", dynamic_ncols=True, leave=False))
 
 
 def _orthonormal_rows(m):

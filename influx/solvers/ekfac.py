@@ -40,7 +40,18 @@ drawn by the loss's ``sample`` with ``key`` (``E[L L^T] = H_z``; kronfluence's c
 
 Cost (``prepare``, once): one pass over the data for ``A``, ``S`` and the diagonal (a
 forward pass and ``K`` vector-Jacobian products per example), ``O(d_in^3 + d_out^3)``
-eigendecompositions per layer, and for EK-FAC a second pass for ``Lambda``. ``apply``: two
+eigendecompositions per layer, and for EK-FAC a second pass for ``Lambda``.
+
+Memory: each pass runs host-driven over chunks of its own size (the *fit* chunk, separate
+from the operator's scoring/product ``chunk_size``): ``chunk_size=`` of the solver, or by
+default the largest chunk whose program fits the memory budget (``memory_budget=`` of the
+solver, else the operator's, else :func:`influx._memory.default_budget`), estimated from the
+program's peak bytes on shapes (:func:`influx._memory.peak_bytes`). Nothing ``N x P`` or
+``P x P`` is formed; the largest arrays are the per-layer factors. A budget too small for
+one example raises :class:`influx.errors.ResourceError` with both sizes. The residual check
+of a batch of ``k`` right-hand sides runs its products in data chunks sized for ``k``
+vectors (:meth:`influx.curvature.Operator.for_vectors`). ``progress=True`` shows a bar per
+factor pass (tqdm, else a stderr line; default when stderr is a terminal). ``apply``: two
 small matrix products per layer and, by default, one operator product for the true
 residual ``||A x - b|| / ||b||`` against the operator being solved (``apply_many`` batches
 the products of all right-hand sides into one pass over the data). The status is
@@ -70,6 +81,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from influx import _memory, _progress
 from influx import losses as _losses
 from influx._xla import jit
 from influx.errors import InputError
@@ -206,23 +218,25 @@ def _factor_stats(blks, rows, g_other, g_out):
     return d, a_stats, s_stats
 
 
-def _correction_stats(blks, qa, qs, rows, g_out):
+_CORRECTION_BYTES = 256 * 2**20  # default bound on the (examples, K, rows, d_out) projections at once
+
+
+def _correction_stats(blks, qa, qs, rows, g_out, max_bytes=_CORRECTION_BYTES):
     """Per-chunk sums of ``(Q_A^T G_{n,c} Q_S)^2`` for every block."""
     out = []
     for k, b in enumerate(blks):
         gr = g_out[b.site] @ qs[k]  # (B, K, T, d_out)
         if b.diagonal_inputs:  # Q_A = I: G_{n,c} = per-token sums of the output gradients
-            out.append(_squared_projections(rows[b.site], gr, tokens=b.d_in))
+            out.append(_squared_projections(rows[b.site], gr, tokens=b.d_in, max_bytes=max_bytes))
             continue
         ar = rows[b.site] @ qa[k]  # (B, T, rows)
         if ar.shape[1] == 1:  # one position: (Q_A^T G Q_S)_ij = ar_i gr_j
             out.append((ar[:, 0] ** 2).T @ jnp.sum(gr[:, :, 0] ** 2, axis=1))
         else:
-            out.append(_squared_projections(ar, gr))
+            out.append(_squared_projections(ar, gr, max_bytes=max_bytes))
     return out
 
 
-_CORRECTION_BYTES = 256 * 2**20  # bound on the (examples, K, rows, d_out) projections at once
 
 
 def _token_rows(ids, g, tokens: int):
@@ -230,13 +244,13 @@ def _token_rows(ids, g, tokens: int):
     return jax.ops.segment_sum(g, ids, num_segments=tokens)
 
 
-def _squared_projections(ar, gr, tokens: int | None = None):
+def _squared_projections(ar, gr, tokens: int | None = None, max_bytes: int = _CORRECTION_BYTES):
     """``sum_{b,k} (ar_b^T gr_{b,k})^2`` for ``ar`` ``(B, T, rows)`` (or token ids ``(B, T)``
     standing for one-hot rows of width ``tokens``), ``gr`` ``(B, K, T, d_out)``, at most
-    ``_CORRECTION_BYTES`` of per-example ``(K, rows, d_out)`` matrices at a time."""
+    ``max_bytes`` of per-example ``(K, rows, d_out)`` matrices at a time."""
     b, k, _, d_out = gr.shape
     per_example = k * (tokens or ar.shape[-1]) * d_out * gr.dtype.itemsize
-    batch = max(1, min(b, _CORRECTION_BYTES // max(per_example, 1)))
+    batch = max(1, min(b, max_bytes // max(per_example, 1)))
 
     def one(pair):
         a, g = pair
@@ -265,13 +279,55 @@ def _per_chunk(obj, blks, samples, params, chunk, index, key):
 
 @functools.partial(jit, static_argnames=("obj", "blks", "samples"))
 def _chunk_factors(params, chunk, index, key, *, obj, blks, samples):
+    return _factors(params, chunk, index, key, obj=obj, blks=blks, samples=samples)
+
+
+def _correction(params, chunk, index, key, qa, qs, *, obj, blks, samples, max_bytes=_CORRECTION_BYTES):
+    rows, _, g_out = _per_chunk(obj, blks, samples, params, chunk, index, key)
+    return _correction_stats(blks, qa, qs, rows, g_out, max_bytes)
+
+
+_chunk_correction = functools.partial(jit, static_argnames=("obj", "blks", "samples", "max_bytes"))(
+    _correction)
+
+
+def _factors(params, chunk, index, key, *, obj, blks, samples):
     return _factor_stats(blks, *_per_chunk(obj, blks, samples, params, chunk, index, key))
 
 
-@functools.partial(jit, static_argnames=("obj", "blks", "samples"))
-def _chunk_correction(params, chunk, index, key, qa, qs, *, obj, blks, samples):
-    rows, _, g_out = _per_chunk(obj, blks, samples, params, chunk, index, key)
-    return _correction_stats(blks, qa, qs, rows, g_out)
+@functools.lru_cache(maxsize=128)
+def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct) -> int:
+    """Examples per chunk of the factor passes within ``budget`` bytes (shapes only)."""
+    params, data = _struct_of(params_key)(), _struct_of(data_key)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    opts = {"obj": obj, "blks": blks, "samples": samples}
+    leaves = jax.tree_util.tree_leaves(params)
+
+    def qs_like(b):
+        return jax.ShapeDtypeStruct((b.d_out, b.d_out), leaves[b.kernel].dtype)
+
+    def qa_like(b):
+        rows = b.d_in + (b.bias is not None)
+        return None if b.diagonal_inputs else jax.ShapeDtypeStruct((rows, rows), leaves[b.kernel].dtype)
+
+    qa, qs = [qa_like(b) for b in blks], [qs_like(b) for b in blks]
+
+    def bytes_at(c):
+        chunk, index = data(c), jax.ShapeDtypeStruct((c,), jnp.int32)
+        need = _memory.peak_bytes(functools.partial(_factors, **opts), params, chunk, index, key)
+        if correct and blks:
+            corr = functools.partial(_correction, **opts, max_bytes=max(budget // 4, 1))
+            need = max(need, _memory.peak_bytes(corr, params, chunk, index, key, qa, qs))
+        return need
+
+    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what="ekfac.prepare (factor passes)")
+
+
+def _struct_of(key):
+    treedef, leaves = key
+    return lambda lead=None: jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(s if lead is None else (lead,) + s[1:], jnp.dtype(d))
+                  for s, d in leaves])
 
 
 @functools.partial(jit, static_argnames=("blks",))
@@ -288,11 +344,12 @@ def _eigen(a_sum, s_sum, n, *, blks):
     return qa, qs, lam
 
 
-def _chunked(fn, data, chunk_size):
+def _chunked(fn, data, chunk_size, bar=None):
     """``sum_k fn(chunk_k, index_k)`` over consecutive chunks, driven from the host: one
     compiled program per chunk shape, called once per chunk (XLA:CPU runs convolutions
     several times slower inside a compiled loop, jax issue 12868; with one program per
-    chunk, memory stays bounded by ``chunk_size`` all the same)."""
+    chunk, memory stays bounded by ``chunk_size`` all the same). ``bar``: a progress bar
+    (``update(examples)``), advanced once a chunk is computed."""
     n = jax.tree_util.tree_leaves(data)[0].shape[0]
     acc = None
     for start in range(0, n, chunk_size):
@@ -300,22 +357,31 @@ def _chunked(fn, data, chunk_size):
         chunk = jax.tree_util.tree_map(lambda a, lo=start, hi=stop: a[lo:hi], data)
         part = fn(chunk, jnp.arange(start, stop))
         acc = part if acc is None else jax.tree_util.tree_map(jnp.add, acc, part)
+        if bar is not None:
+            jax.block_until_ready(acc)
+            bar.update(stop - start)
     return acc
 
 
-def _prepare_run(params, data, shift, key, *, obj, blks, correct, chunk_size, samples):
+def _prepare_run(params, data, shift, key, *, obj, blks, correct, chunk_size, samples,
+                 budget=None, progress=False, name="ekfac"):
     """The factor passes: ``A``, ``S`` and the diagonal, the eigenbases, then (EK-FAC) the
-    corrected eigenvalues."""
+    corrected eigenvalues (chunks of ``chunk_size`` examples; ``budget``: bytes for the
+    correction's projections)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     n = jax.tree_util.tree_leaves(data)[0].shape[0]
     other = _other_leaves(params, blks)
     opts = {"obj": obj, "blks": blks, "samples": samples}
-    d, a_sum, s_sum = _chunked(lambda c, i: _chunk_factors(params, c, i, key, **opts), data,
-                               chunk_size)
+    passes = 2 if correct and blks else 1
+    with _progress.bar(progress, total=n, desc=f"influx.{name}: factors (1/{passes})") as bar:
+        d, a_sum, s_sum = _chunked(lambda c, i: _chunk_factors(params, c, i, key, **opts), data,
+                                   chunk_size, bar)
     qa, qs, lam = _eigen(a_sum, s_sum, n, blks=blks)
     if correct and blks:
-        cs = _chunked(lambda c, i: _chunk_correction(params, c, i, key, qa, qs, **opts), data,
-                      chunk_size)
+        max_bytes = _CORRECTION_BYTES if budget is None else max(int(budget) // 4, 1)
+        with _progress.bar(progress, total=n, desc=f"influx.{name}: eigenvalues (2/2)") as bar:
+            cs = _chunked(lambda c, i: _chunk_correction(params, c, i, key, qa, qs, **opts,
+                                                         max_bytes=max_bytes), data, chunk_size, bar)
         lam = [c / n for c in cs]
     diag = [jnp.zeros_like(l) for l in leaves]
     for i, di in zip(other, d):
@@ -404,6 +470,9 @@ class EKFAC(Solver):
     samples: int | None = None
     key: tuple = (0, 0)  # key_tuple(jax.random.PRNGKey(0))
     declare: tuple = ()  # layers declared by hand (kron.Layer)
+    chunk_size: int | None = None
+    memory_budget: int | None = None
+    progress: bool | None = dataclasses.field(default=False, compare=False, repr=False)
 
     def __post_init__(self):
         if not (isinstance(self.tol, (int, float)) and float(self.tol) > 0):
@@ -414,6 +483,12 @@ class EKFAC(Solver):
             raise InputError(f"{self.name}: samples must be None (automatic), 0 (exact output "
                              f"factor) or a positive int, got {self.samples!r}")
         object.__setattr__(self, "declare", kron.declarations(self.declare))
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, (int, np.integer))
+                                            or isinstance(self.chunk_size, bool) or self.chunk_size < 1):
+            raise InputError(f"{self.name}: chunk_size must be None (from the memory budget) or an "
+                             f"int >= 1, got {self.chunk_size!r}")
+        if self.memory_budget is not None:
+            _memory.resolve_budget(self.memory_budget, name=f"{self.name}: memory_budget")
 
     # -- prepare ------------------------------------------------------------------------
     def _check_op(self, op):
@@ -465,9 +540,27 @@ class EKFAC(Solver):
             raise InputError(f"{self.name}: samples={samples} needs a loss with a predictive "
                              f"distribution (influx.losses.Loss.sample); {op.obj.loss_fn!r} has "
                              "none: pass samples=0 (exact factor)")
+        n = jax.tree_util.tree_leaves(op.data)[0].shape[0]
+        budget = self.memory_budget if self.memory_budget is not None else getattr(op, "memory_budget", None)
+        budget = _memory.resolve_budget(budget)
+        limit = n if self.chunk_size is None else min(int(self.chunk_size), n)
+        chunk = _fit_chunk(op.obj, tuple(blks), samples, _memory.shape_key(op.params),
+                           _memory.shape_key(op.data), limit, budget, self.correct)
         return _prepare_run(op.params, op.data, op.shift, key_array(self.key), obj=op.obj,
-                            blks=blks, correct=self.correct, chunk_size=int(op.chunk_size),
-                            samples=samples)
+                            blks=tuple(blks), correct=self.correct, chunk_size=chunk, samples=samples,
+                            budget=budget, progress=self.progress, name=self.name)
+
+    def fit_chunk(self, op) -> int:
+        """Examples per chunk of :meth:`prepare`'s factor passes for ``op`` (from ``chunk_size``
+        and the memory budget; shapes only, nothing runs)."""
+        x0 = jax.tree_util.tree_map(lambda a: a[:1], op.data[0])
+        blks = tuple(blocks(op.obj.apply_fn, op.params, x0))
+        n = jax.tree_util.tree_leaves(op.data)[0].shape[0]
+        budget = self.memory_budget if self.memory_budget is not None else getattr(op, "memory_budget", None)
+        limit = n if self.chunk_size is None else min(int(self.chunk_size), n)
+        return _fit_chunk(op.obj, blks, self._resolve_samples(op.obj, op.params, x0),
+                          _memory.shape_key(op.params), _memory.shape_key(op.data), limit,
+                          _memory.resolve_budget(budget), self.correct)
 
     # -- apply ----------------------------------------------------------------------------
     def _solution(self, state, x, b, ax):
@@ -498,6 +591,8 @@ class EKFAC(Solver):
         batched pass over the data (``vmap`` of the operator: one forward pass, batched
         tangents)."""
         xs = jax.vmap(lambda b: _inverse(state, b))(bs)
+        if self.residual and hasattr(op, "for_vectors"):  # data chunks sized for k vectors at once
+            op = op.for_vectors(int(jax.tree_util.tree_leaves(bs)[0].shape[0]))
         axs = jax.vmap(op)(xs) if self.residual else None
         if axs is None:
             return jax.vmap(lambda x, b: self._solution(state, x, b, None))(xs, bs)
@@ -540,7 +635,8 @@ class KFAC(EKFAC):
 
 
 def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = True,
-          samples: int | None = None, key=None, declare=None) -> EKFAC:
+          samples: int | None = None, key=None, declare=None, chunk_size: int | None = None,
+          memory_budget: int | None = None, progress: bool | None = False) -> EKFAC:
     """EK-FAC (``correct=True``) or K-FAC (``correct=False``) solver (module docstring).
 
     Args:
@@ -562,20 +658,30 @@ def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = Tr
         blocks; ``"dense"``/``"conv"``/``"embedding"`` requires the leaf to be such a layer
         (also inside ``custom_jvp``/``custom_vjp`` functions), else ``prepare`` raises
         :class:`InputError` naming it.
+      chunk_size: examples per step of the factor passes (the *fit* chunk, separate from the
+        operator's ``chunk_size`` used for products and scoring); ``None``: the largest chunk
+        (up to all of the data) whose pass fits the memory budget.
+      memory_budget: bytes a factor pass may use; ``None``: the operator's
+        ``memory_budget``, else :func:`influx._memory.default_budget`.
+      progress: a progress bar per factor pass (tqdm, else a plain stderr line); ``None``:
+        when stderr is a terminal; ``False`` (default): none.
 
     ``prepare(op)`` needs an :class:`influx.curvature.Operator` (it reads ``op.obj``,
     ``op.params``, ``op.data``, ``op.chunk_size``).
     """
     cls = EKFAC if correct else KFAC
     return cls(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key),
-               declare=kron.declarations(declare))
+               declare=kron.declarations(declare), chunk_size=chunk_size, memory_budget=memory_budget,
+               progress=progress)
 
 
 def kfac(*, tol: float = DEFAULT_TOL, residual: bool = True, samples: int | None = None,
-         key=None, declare=None) -> KFAC:
+         key=None, declare=None, chunk_size: int | None = None, memory_budget: int | None = None,
+         progress: bool | None = False) -> KFAC:
     """Plain K-FAC: ``ekfac(correct=False)``."""
     return KFAC(tol=_tol(tol), residual=residual, samples=samples, key=_seed(key),
-                declare=kron.declarations(declare))
+                declare=kron.declarations(declare), chunk_size=chunk_size, memory_budget=memory_budget,
+                progress=progress)
 
 
 def _tol(tol):

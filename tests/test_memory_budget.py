@@ -1,0 +1,149 @@
+"""Memory budgets (issue 15, item 4): chunk sizes chosen from ``memory_budget`` give the same
+numbers as one chunk; budgets too small for one example and dense methods on a large ``P``
+are refused before anything runs, naming the sizes."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import influx
+from influx import _memory, attribution, curvature, scoring, solvers
+from influx.errors import InputError, ResourceError
+from tests.conftest import make_problem
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    obj, params, (x, y) = make_problem("cnn", n=N + 3)
+    return obj, params, (x[:N], y[:N]), (x[N:], y[N:])
+
+
+def _smallest_budget(obj, params, train, n_test):
+    """The smallest power-of-two budget (from 32 KiB) that fits one example of every pass."""
+    op = curvature.operator(obj, params, train, damping=1e-2)
+    vecs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((n_test,) + a.shape, a.dtype), params)
+    budget = 1 << 15
+    while True:
+        try:
+            op.replace(memory_budget=budget).product_chunk(n_test)
+            solvers.ekfac(memory_budget=budget).fit_chunk(op)
+            attribution.score_chunk_size(obj, "jvp", params, vecs, train, chunk_size=N, memory_budget=budget)
+            return budget
+        except ResourceError:
+            budget *= 2
+
+
+@pytest.fixture(scope="module")
+def small(cnn):
+    obj, params, train, test = cnn
+    return _smallest_budget(obj, params, train, n_test=3)
+
+
+def test_small_budget_forces_chunks(cnn, small):
+    """The budget the equality tests use really splits every pass into several chunks."""
+    obj, params, train, _ = cnn
+    op = curvature.operator(obj, params, train, damping=1e-2, chunk_size=N)
+    vecs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((3,) + a.shape, a.dtype), params)
+    assert op.product_chunk(3) == N  # default budget: one chunk
+    assert solvers.ekfac().fit_chunk(op) == N
+    assert op.replace(memory_budget=small).product_chunk(3) < N // 2
+    assert solvers.ekfac(memory_budget=small).fit_chunk(op) < N // 2
+    assert attribution.score_chunk_size(obj, "jvp", params, vecs, train, chunk_size=N,
+                                        memory_budget=small) < N // 2
+
+
+def test_influence_with_a_tiny_budget_equals_one_chunk(cnn, small, monkeypatch, capsys):
+    """Same scores to 1e-12 with every pass in small chunks; the fit, the solves and the scoring
+    show progress (a plain stderr line without tqdm)."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    obj, params, train, test = cnn
+    kw = dict(damping=1e-2, solver=solvers.ekfac(tol=math.inf), chunk_size=N)
+    ref = influx.influence(obj, params, train, test, **kw)
+    got = influx.influence(obj, params, train, test, memory_budget=small, progress=True, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-9, atol=1e-12)
+    err = capsys.readouterr().err
+    for line in (f"influx.ekfac: factors (1/2): {N}/{N} examples",
+                 f"influx.ekfac: eigenvalues (2/2): {N}/{N}", "influx: solves (ekfac): 3/3 solves",
+                 f"influx: scoring: {N}/{N} examples"):
+        assert line in err, err
+
+
+def test_self_influence_and_ekfac_state_with_a_tiny_budget(cnn, small):
+    obj, params, train, _ = cnn
+    op = curvature.operator(obj, params, train, damping=1e-2, chunk_size=N)
+    sv = solvers.ekfac(tol=math.inf)
+    ref, got = sv.prepare(op), sv.prepare(op.replace(memory_budget=small))
+    for a, b in zip(got.lam, ref.lam):  # the corrected eigenvalues (eigenvectors: up to sign/order)
+        np.testing.assert_allclose(np.sort(np.asarray(a), axis=None), np.sort(np.asarray(b), axis=None),
+                                   rtol=1e-9, atol=1e-12)
+    b = jax.tree_util.tree_map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), params)
+    x_ref, x_got = sv.apply(ref, op, b), sv.apply(got, op.replace(memory_budget=small), b)
+    for a, c in zip(jax.tree_util.tree_leaves(x_got.x), jax.tree_util.tree_leaves(x_ref.x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(float(x_got.residual_norm), float(x_ref.residual_norm), rtol=1e-9)
+    kw = dict(damping=1e-2, solver=solvers.ekfac(tol=math.inf), chunk_size=N)
+    s_ref = influx.self_influence(obj, params, train, **kw)
+    s_got = influx.self_influence(obj, params, train, memory_budget=small, **kw)
+    np.testing.assert_allclose(np.asarray(s_got), np.asarray(s_ref), rtol=1e-9, atol=1e-12)
+
+
+def test_scoring_with_a_tiny_budget_equals_one_chunk(cnn, small):
+    obj, params, train, test = cnn
+    kw = dict(damping=1e-2, solver=solvers.ekfac(tol=math.inf), chunk_size=N, progress=False)
+    ref = scoring.score(obj, params, train, test, **kw)
+    got = scoring.score(obj, params, train, test, memory_budget=small, **kw)
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(ref.scores), rtol=1e-9, atol=1e-12)
+    assert got.manifest["fingerprint"] == ref.manifest["fingerprint"]  # the budget is no input
+
+
+def test_budget_below_one_example_names_the_sizes(cnn):
+    obj, params, train, test = cnn
+    with pytest.raises(ResourceError, match=r"one example needs .* but memory_budget is 1\.0 KB"):
+        influx.influence(obj, params, train, test, damping=1e-2, solver=solvers.ekfac(tol=math.inf),
+                         memory_budget=1024)
+    op = curvature.operator(obj, params, train, damping=1e-2)
+    with pytest.raises(ResourceError, match=r"ekfac.prepare \(factor passes\): one example needs"):
+        solvers.ekfac(memory_budget=1024).prepare(op)
+    with pytest.raises(ResourceError, match=r"product with 1 vector"):
+        op.replace(memory_budget=1024)(params)
+    for bad in (0, -5, "1GB", True, float("nan")):
+        with pytest.raises(InputError, match="memory_budget"):
+            influx.influence(obj, params, train, test, memory_budget=bad)
+
+
+def test_dense_methods_on_a_large_model_are_refused_before_allocation(cnn):
+    """P = 2,000,000 parameters as shapes only (nothing allocated): the dense matrix is
+    refused with its size, before any program runs."""
+    obj, _, train, _ = cnn
+    big = {"w": jax.ShapeDtypeStruct((2000, 1000), jnp.float64)}
+    op = curvature.operator_unchecked(obj, big, train, kind="gnh", damping=1e-2, chunk_size=8)
+    with pytest.raises(ResourceError, match=r"2,000,000 x 2,000,000 matrix needs 58\.2 TB"):
+        curvature.dense(op)
+    with pytest.raises(ResourceError, match=r"P = 2,000,000 parameters.*needs 87\.3 TB"):
+        solvers.direct().prepare(op)
+
+
+def test_peak_bytes_follows_the_program():
+    """The jaxpr estimate grows with the chunk and frees dead values (a chain of n
+    elementwise steps needs the input and two buffers, not n)."""
+    def chain(x):
+        for _ in range(10):
+            x = jnp.sin(x)
+        return x
+    one = 8 * 1000
+    assert _memory.peak_bytes(chain, jax.ShapeDtypeStruct((1000,), jnp.float64)) == 3 * one
+    mat = _memory.peak_bytes(lambda a: a @ a.T, jax.ShapeDtypeStruct((100, 10), jnp.float64))
+    assert mat == 8 * (2 * 100 * 10 + 100 * 100)  # input, its transpose, the product
+    c = _memory.chunk_size_for(lambda k: 1000 + 100 * k, budget=5000, limit=1000, what="x")
+    assert c == 40
+    with pytest.raises(ResourceError, match="one example needs 1.1 KB"):
+        _memory.chunk_size_for(lambda k: 1000 + 100 * k, budget=1000, limit=10, what="x")
