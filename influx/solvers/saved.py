@@ -306,8 +306,10 @@ class _Encoder:
             return {"type": "dict", "items": {k: self.encode(v, join(_safe(k))) for k, v in x.items()}}
         if isinstance(x, (tuple, list)):
             return {"type": type(x).__name__, "items": [self.encode(v, join(i)) for i, v in enumerate(x)]}
+        if isinstance(x, frozenset):  # e.g. a kron.Block's opened leaves (ints)
+            return {"type": "frozenset", "items": [self.encode(v, join(i)) for i, v in enumerate(sorted(x))]}
         raise InputError(f"save_state: cannot save a {type(x).__name__} (at {name or 'the root'!r} of the "
-                         "state); saved states hold arrays, numbers, strings, None, tuples, lists, dicts, "
+                         "state); saved states hold arrays, numbers, strings, None, tuples, lists, frozensets, dicts, "
                          "NamedTuples and dataclasses of influx")
 
 
@@ -378,6 +380,8 @@ class _Decoder:
             if t in ("tuple", "list"):
                 items = [self.decode(v) for v in node["items"]]
                 return tuple(items) if t == "tuple" else items
+            if t == "frozenset":
+                return frozenset(self.decode(v) for v in node["items"])
             if t in ("namedtuple", "dataclass"):
                 cls = _lookup_class(node["class"], self.where)
                 return cls(**{k: self.decode(v) for k, v in node["fields"].items()})
