@@ -534,9 +534,11 @@ def table(results: dict) -> str:
             lines.append(f"- {name} reference: {ref['method']}, {ref['cg_steps']} steps, relative "
                          f"residual {ref['max_rel_residual']:.1e}, {ref['n_ref']} queries x all N, "
                          f"{ref['seconds']:.0f} s")
-        lines.append(f"- {name}: run {r['date']}, {r['seconds']:.0f} s, load average (1, 5, 15 min) "
-                     f"{r['loadavg_start']} at the start, {r['loadavg_end']} at the end on "
-                     f"{results['cores']} cores")
+        load0, load1 = (r.get("loadavg_start", results.get("loadavg_start")),
+                        r.get("loadavg_end", results.get("loadavg_end")))
+        lines.append(f"- {name}: run {r.get('date', '-')}, {_f(r.get('seconds'), '{:.0f}')} s, load average "
+                     f"(1, 5, 15 min) {load0} at the start, {load1} at the end on "
+                     f"{results.get('cores')} cores")
     return "\n".join(lines)
 
 
