@@ -405,15 +405,19 @@ def reference(spec: Spec, workdir: Path) -> dict:
             "n_ref": spec.n_ref}
 
 
-def _vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident set size (``VmHWM``) of a running process, from ``/proc``."""
+def _vm_mb(pid: int, field: str = "VmHWM") -> float | None:
+    """``VmHWM`` (peak resident set size) or ``VmRSS`` of a running process, from ``/proc``."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError):
         return None
     return None
+
+
+MAX_RSS_MB = float(os.environ.get("INFLUX_BENCH_MAX_RSS_MB", 0.5 * os.sysconf("SC_PHYS_PAGES")
+                                  * os.sysconf("SC_PAGE_SIZE") / 2**20))
 
 
 def run_sub(cmd: list[str], timeout: float) -> dict:
@@ -427,14 +431,19 @@ def run_sub(cmd: list[str], timeout: float) -> dict:
     buf = {}
     reader = threading.Thread(target=lambda: buf.update(zip(("out", "err"), p.communicate())), daemon=True)
     reader.start()
-    hwm = 0.0
+    hwm, over = 0.0, False
     while reader.is_alive() and time.perf_counter() - t0 < timeout:
-        hwm = max(hwm, _vm_hwm_mb(p.pid) or 0.0)
+        hwm = max(hwm, _vm_mb(p.pid) or 0.0)
+        over = (_vm_mb(p.pid, "VmRSS") or 0.0) > MAX_RSS_MB
+        if over:  # a shared machine: stop before it runs out of memory
+            break
         reader.join(0.5)
     if reader.is_alive():
         p.kill()
         reader.join()
-        return {"ok": False, "error": f"timeout after {timeout:.0f} s", "peak_rss_mb_observed": hwm,
+        why = (f"stopped at {hwm:.0f} MB resident (over the cap MAX_RSS_MB = {MAX_RSS_MB:.0f} MB, "
+               "$INFLUX_BENCH_MAX_RSS_MB)" if over else f"timeout after {timeout:.0f} s")
+        return {"ok": False, "error": why, "peak_rss_mb_observed": hwm,
                 "wall_seconds": time.perf_counter() - t0}
     lines = [ln for ln in buf.get("out", "").splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
@@ -515,7 +524,8 @@ def table(results: dict) -> str:
             d = r[side]
             if not d.get("ok"):
                 rows.append(f"| {name} | {r['n_params']:,} | {s['n_train']} | {s['n_query']} | {side} | "
-                            f"failed: {d.get('error', '')[:120].replace('|', '/')} | | | |")
+                            f"failed: {d.get('error', '')[:120].replace('|', '/')} | "
+                            f"{_f(d.get('peak_rss_mb_observed'), '>= {:.0f}')} | | |")
                 continue
             sec = (f"{_f(d['seconds_cold'])} / {_f(d.get('seconds_warm'))}" if side == "influx"
                    else _f(d["seconds"]))
