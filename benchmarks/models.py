@@ -16,6 +16,12 @@ Models (float32, CPU; weights trained here with optax and copied into the torch 
 * ``mlp10m`` (influx only, item (c)): MLP 784-4096-1536-10 (ReLU), 9.5M parameters, 10,000
   MNIST images scored against 100 queries: time and peak memory on this machine.
 
+Sizes (``FULL``): CNN N = 2,000 training images, transformer N = 500 sequences (300 Adam
+steps), 100 queries each, float64 reference on 2 queries; mlp10m N = 10,000, 100 queries,
+sampled Fisher (``samples=1``), ``chunk_size=32``. ``--quick``: N = 500 / 300 / 1,000 and 20
+queries. Each subprocess is stopped above ``MAX_RSS_MB`` resident (half the machine's memory;
+``$INFLUX_BENCH_MAX_RSS_MB``) and after ``--timeout`` seconds; its peak so far is recorded.
+
 Per model (a, b): EK-FAC influence of all ``N`` training examples on 100 queries,
 ``S[t, m] = (1/N) g_t^T (G + lambda I)^{-1} g_m`` (influx convention; kronfluence's pairwise
 scores divided by ``N``), ``lambda = l2 + damping`` on both sides (kronfluence's
