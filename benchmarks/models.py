@@ -16,6 +16,12 @@ Models (float32, CPU; weights trained here with optax and copied into the torch 
 * ``mlp10m`` (influx only, item (c)): MLP 784-4096-1536-10 (ReLU), 9.5M parameters, 10,000
   MNIST images scored against 100 queries: time and peak memory on this machine.
 
+Sizes (``FULL``): CNN N = 2,000 training images, transformer N = 500 sequences (300 Adam
+steps), 100 queries each, float64 reference on 2 queries; mlp10m N = 10,000, 100 queries,
+sampled Fisher (``samples=1``), ``chunk_size=32``. ``--quick``: N = 500 / 300 / 1,000 and 20
+queries. Each subprocess is stopped above ``MAX_RSS_MB`` resident (half the machine's memory;
+``$INFLUX_BENCH_MAX_RSS_MB``) and after ``--timeout`` seconds; its peak so far is recorded.
+
 Per model (a, b): EK-FAC influence of all ``N`` training examples on 100 queries,
 ``S[t, m] = (1/N) g_t^T (G + lambda I)^{-1} g_m`` (influx convention; kronfluence's pairwise
 scores divided by ``N``), ``lambda = l2 + damping`` on both sides (kronfluence's
@@ -405,15 +411,19 @@ def reference(spec: Spec, workdir: Path) -> dict:
             "n_ref": spec.n_ref}
 
 
-def _vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident set size (``VmHWM``) of a running process, from ``/proc``."""
+def _vm_mb(pid: int, field: str = "VmHWM") -> float | None:
+    """``VmHWM`` (peak resident set size) or ``VmRSS`` of a running process, from ``/proc``."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except (OSError, ValueError):
         return None
     return None
+
+
+MAX_RSS_MB = float(os.environ.get("INFLUX_BENCH_MAX_RSS_MB", 0.5 * os.sysconf("SC_PHYS_PAGES")
+                                  * os.sysconf("SC_PAGE_SIZE") / 2**20))
 
 
 def run_sub(cmd: list[str], timeout: float) -> dict:
@@ -427,14 +437,19 @@ def run_sub(cmd: list[str], timeout: float) -> dict:
     buf = {}
     reader = threading.Thread(target=lambda: buf.update(zip(("out", "err"), p.communicate())), daemon=True)
     reader.start()
-    hwm = 0.0
+    hwm, over = 0.0, False
     while reader.is_alive() and time.perf_counter() - t0 < timeout:
-        hwm = max(hwm, _vm_hwm_mb(p.pid) or 0.0)
+        hwm = max(hwm, _vm_mb(p.pid) or 0.0)
+        over = (_vm_mb(p.pid, "VmRSS") or 0.0) > MAX_RSS_MB
+        if over:  # a shared machine: stop before it runs out of memory
+            break
         reader.join(0.5)
     if reader.is_alive():
         p.kill()
         reader.join()
-        return {"ok": False, "error": f"timeout after {timeout:.0f} s", "peak_rss_mb_observed": hwm,
+        why = (f"stopped at {hwm:.0f} MB resident (over the cap MAX_RSS_MB = {MAX_RSS_MB:.0f} MB, "
+               "$INFLUX_BENCH_MAX_RSS_MB)" if over else f"timeout after {timeout:.0f} s")
+        return {"ok": False, "error": why, "peak_rss_mb_observed": hwm,
                 "wall_seconds": time.perf_counter() - t0}
     lines = [ln for ln in buf.get("out", "").splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
@@ -515,7 +530,8 @@ def table(results: dict) -> str:
             d = r[side]
             if not d.get("ok"):
                 rows.append(f"| {name} | {r['n_params']:,} | {s['n_train']} | {s['n_query']} | {side} | "
-                            f"failed: {d.get('error', '')[:120].replace('|', '/')} | | | |")
+                            f"failed: {d.get('error', '')[:120].replace('|', '/')} | "
+                            f"{_f(d.get('peak_rss_mb_observed'), '>= {:.0f}')} | | |")
                 continue
             sec = (f"{_f(d['seconds_cold'])} / {_f(d.get('seconds_warm'))}" if side == "influx"
                    else _f(d["seconds"]))
@@ -534,9 +550,11 @@ def table(results: dict) -> str:
             lines.append(f"- {name} reference: {ref['method']}, {ref['cg_steps']} steps, relative "
                          f"residual {ref['max_rel_residual']:.1e}, {ref['n_ref']} queries x all N, "
                          f"{ref['seconds']:.0f} s")
-        lines.append(f"- {name}: run {r['date']}, {r['seconds']:.0f} s, load average (1, 5, 15 min) "
-                     f"{r['loadavg_start']} at the start, {r['loadavg_end']} at the end on "
-                     f"{results['cores']} cores")
+        load0, load1 = (r.get("loadavg_start", results.get("loadavg_start")),
+                        r.get("loadavg_end", results.get("loadavg_end")))
+        lines.append(f"- {name}: run {r.get('date', '-')}, {_f(r.get('seconds'), '{:.0f}')} s, load average "
+                     f"(1, 5, 15 min) {load0} at the start, {load1} at the end on "
+                     f"{results.get('cores')} cores")
     return "\n".join(lines)
 
 
