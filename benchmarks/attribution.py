@@ -174,7 +174,10 @@ def render(payload: dict) -> str:
                    else "-" for a in fr)] for r in d["rows"]]
         parts.append(f"**{name}** (N={d['n_train']}, {d['n_params']} params, M={d['config']['n_subsets']}, "
                      f"{d['n_test']} test losses, one training run {d['train_seconds']:.3g} s):\n\n"
-                     + common.md_table(["method", "s", "x train", *(f"LDS {a:g}" for a in fr)], rows))
+                     + common.md_table(["method", "s", "x train", *(f"LDS {a:g}" for a in fr)], rows)
+                     + (f"\n\n{d['note']}" if d.get("note") else "")
+                     + "".join(f"\n\n{r['method']}: {'; '.join(r['notes'])}"
+                               for r in d["rows"] if r.get("notes")))
     c = payload.get("cost", {}).get("rows", [])
     what = payload.get("cost", {}).get("problem")
     if c and "ratio" in c[0] and isinstance(c[0]["ratio"], dict):
