@@ -41,6 +41,7 @@ def test_custom_step_rule_equals_autodiff(opt_name, batch_size, segment):
     assert float(jnp.max(jnp.abs(j2))) > 0
 
 
+@pytest.mark.slow  # ~16 s of compilation; the MLP comparison and test_metagrad run by default
 def test_custom_step_rule_on_a_conv_net():
     model = models.CNN(channels=(2,), out=3)
     rng = np.random.default_rng(0)
