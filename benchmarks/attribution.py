@@ -47,10 +47,14 @@ def lds_section(problem: str, optimizer: str, quick: bool) -> dict:
         kw.update(n_train=500, width=32, steps=100, n_subsets=16, n_test_points=10,
                   data_dir=str(common.HERE.parent.parent / "shared" / "data"))
         if problem == "mnist_cnn":
-            # XLA:CPU runs this CNN's training step (2 small convolutions, 28x28 images) at about
-            # a tenth of its FLOP rate, inside the training scan or not: sizes chosen so the
-            # 4 x (M + 1) retrainings and every method fit in about 10 minutes on 2 cores
-            kw.update(n_train=200, steps=40, n_subsets=10, n_test_points=6)
+            # XLA:CPU runs this CNN's training step far below its FLOP rate and vmapped runs become
+            # grouped convolutions (retrain then runs one plain run at a time). At N=200, 40 steps,
+            # channels (4, 8) the study did not finish in 40 minutes on the shared 2-core machine
+            # (load ~20; the linearised PBRF alone is a 5000-step CG on 4,266 parameters). These
+            # sizes finished in 13 minutes there: 2,158 parameters (exact dense PBRF solve), cold
+            # timing (each method once, compilation included).
+            kw.update(n_train=100, steps=30, channels=(4, 4), n_subsets=8, n_test_points=4, cg_max_steps=100,
+                      lissa_depth=100, arnoldi_rank=20, warm_timing=False)
     if quick:
         kw.update(n_train=150, steps=60, n_subsets=8, n_test_points=8, fractions=(0.05, 0.5))
     res = lds.run(lds.LDSConfig(**kw))
@@ -174,7 +178,10 @@ def render(payload: dict) -> str:
                    else "-" for a in fr)] for r in d["rows"]]
         parts.append(f"**{name}** (N={d['n_train']}, {d['n_params']} params, M={d['config']['n_subsets']}, "
                      f"{d['n_test']} test losses, one training run {d['train_seconds']:.3g} s):\n\n"
-                     + common.md_table(["method", "s", "x train", *(f"LDS {a:g}" for a in fr)], rows))
+                     + common.md_table(["method", "s", "x train", *(f"LDS {a:g}" for a in fr)], rows)
+                     + (f"\n\n{d['note']}" if d.get("note") else "")
+                     + "".join(f"\n\n{r['method']}: {'; '.join(r['notes'])}"
+                               for r in d["rows"] if r.get("notes")))
     c = payload.get("cost", {}).get("rows", [])
     what = payload.get("cost", {}).get("problem")
     if c and "ratio" in c[0] and isinstance(c[0]["ratio"], dict):

@@ -30,7 +30,7 @@ def _both(obj, p0, train, test, opt, steps, batch_size, segment):
 
 
 @pytest.mark.parametrize(("opt_name", "batch_size", "segment"),
-                         [("sgd", None, None), ("adam", 8, 3)])
+                         [("adam", 8, 3)])  # full batch: test_metagrad's finite differences
 def test_custom_step_rule_equals_autodiff(opt_name, batch_size, segment):
     obj, p0, (x, y) = make_problem("tanh_mlp", n=20)
     test = (x[:3] * 0.7 + 0.2, y[:3])
@@ -41,6 +41,7 @@ def test_custom_step_rule_equals_autodiff(opt_name, batch_size, segment):
     assert float(jnp.max(jnp.abs(j2))) > 0
 
 
+@pytest.mark.slow  # ~16 s of compilation; the MLP comparison and test_metagrad run by default
 def test_custom_step_rule_on_a_conv_net():
     model = models.CNN(channels=(2,), out=3)
     rng = np.random.default_rng(0)
