@@ -493,7 +493,7 @@ def _plan(obj, params, train_source, test, *, chunk_size, kind, damping, solver,
     }
     return _Plan(chunk_size, devices, src, n_test, f, curv, method, solver, kind, damping, k,
                  bool(keep_scores), on_failure, dtype, None if out_dir is None else Path(out_dir), fp_parts,
-                 memory_budget, progress)
+                 memory_budget=memory_budget, progress=progress)
 
 
 # ------------------------------------------------------------------ communication strategies
