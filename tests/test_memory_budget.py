@@ -85,11 +85,6 @@ def test_self_influence_and_ekfac_state_with_a_tiny_budget(cnn, small):
     for a, b in zip(got.lam, ref.lam):  # the corrected eigenvalues (eigenvectors: up to sign/order)
         np.testing.assert_allclose(np.sort(np.asarray(a), axis=None), np.sort(np.asarray(b), axis=None),
                                    rtol=1e-9, atol=1e-12)
-    b = jax.tree_util.tree_map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), params)
-    x_ref, x_got = sv.apply(ref, op, b), sv.apply(got, op.replace(memory_budget=small), b)
-    for a, c in zip(jax.tree_util.tree_leaves(x_got.x), jax.tree_util.tree_leaves(x_ref.x)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(float(x_got.residual_norm), float(x_ref.residual_norm), rtol=1e-9)
     kw = dict(damping=1e-2, solver=solvers.ekfac(tol=math.inf), chunk_size=N)
     s_ref = influx.self_influence(obj, params, train, **kw)
     s_got = influx.self_influence(obj, params, train, memory_budget=small, **kw)
