@@ -11,8 +11,10 @@ chunks from a **memory budget** (``memory_budget=`` in bytes on the public funct
 
 * :func:`default_budget`: ``DEFAULT_FRACTION`` (1/4) of :func:`available_bytes`, and on a CPU
   host at most ``HOST_CAP`` (512 MiB: larger chunks buy little speed on CPU, only memory);
-* :func:`peak_bytes` ``(fn, *args)``: the peak of live buffers of ``fn``'s program, from its
-  jaxpr (``jax.make_jaxpr`` on shapes only, nothing runs): a liveness walk over the
+* :func:`peak_bytes` ``(fn, *args)``: the peak of the buffers ``fn``'s program allocates
+  beyond its inputs (the parameters, test vectors and data it is given are already in
+  memory; counting them would make a model with large ``n_test x P`` vectors refuse every
+  chunk), from its jaxpr (``jax.make_jaxpr`` on shapes only, nothing runs): a liveness walk over the
   equations, sub-programs (``scan``/``map`` bodies, ``jit``, ``custom_vjp``) counted at their
   own peak. It ignores XLA's fusion (which only removes buffers), so it is an upper bound
   up to XLA's scheduling;
@@ -171,9 +173,11 @@ def _jaxpr_peak(jaxpr) -> int:
 
 
 def peak_bytes(fn, *args) -> int:
-    """Peak bytes of live buffers when ``fn(*args)`` runs, from its jaxpr (``args`` may be
-    ``jax.ShapeDtypeStruct`` s: nothing is computed)."""
-    return _jaxpr_peak(jax.make_jaxpr(fn)(*args).jaxpr)
+    """Peak bytes of the buffers ``fn(*args)`` allocates beyond its inputs, from its jaxpr
+    (``args`` may be ``jax.ShapeDtypeStruct`` s: nothing is computed)."""
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    inputs = sum(_nbytes(v) for v in set(jaxpr.invars) | set(jaxpr.constvars))
+    return _jaxpr_peak(jaxpr) - inputs
 
 
 def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:

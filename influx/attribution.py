@@ -255,11 +255,44 @@ def _test_grads(f, params, test, *, chunk_size, budget):
     return _measurement_grads(f, params, test, batch_size=batch)
 
 
-@functools.partial(jit, static_argnames=("solver", "batch_size"))
-def _solve_many(solver, state, op, rhs, *, batch_size):
-    """``solver.apply_many``, ``batch_size`` right-hand sides per call (compiled once per
-    solver value, operator structure and batch shape)."""
-    return _curvature.chunked_map(lambda b: solver.apply_many(state, op, b), rhs, chunk_size=batch_size)
+def _solve_batch(solver, state, op, rhs, *, limit, budget) -> int:
+    """Right-hand sides per ``apply_many`` program: ``limit``, or fewer when the program's
+    peak beyond its inputs (shapes only) would exceed ``budget``."""
+    def bytes_at(k):
+        b = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((k,) + a.shape[1:], a.dtype), rhs)
+        return _memory.peak_bytes(lambda st, o, bb: type(solver).apply_many(solver, st, o, bb), state, op, b)
+
+    return _memory.chunk_size_for(bytes_at, budget=_memory.resolve_budget(budget), limit=limit,
+                                  what=f"solves ({solver.name})")
+
+
+def _solve_many(solver, state, op, rhs, *, batch_size, progress=False, host=False):
+    """``solver.apply_many`` on ``batch_size`` right-hand sides at a time (one compiled program
+    per solver value, operator structure and batch shape; ``host``: the solver's own
+    host-driven ``apply_batch``), with a bar when ``progress`` asks. The batches' answers
+    are joined leaf by leaf, each batch's leaf released once joined, so the peak is the
+    right-hand sides plus about one copy of the answers (an ``n_test x P`` matrix is the
+    largest thing here)."""
+    n = num_examples(rhs)
+    solve = ((lambda b: solver.apply_batch(state, op, b)) if host else
+             (lambda b: compiled(type(solver).apply_many)(solver, state, op, b)))
+    parts = []
+    with _progress.bar(progress, total=n, desc=f"influx: solves ({solver.name})", unit="solves") as bar:
+        for start in range(0, n, batch_size):
+            parts.append(solve(_take(rhs, start, start + batch_size)))
+            jax.block_until_ready(parts[-1].x)
+            bar.update(num_examples(parts[-1].x))
+    if len(parts) == 1:
+        return parts[0]
+    treedef = jax.tree_util.tree_structure(parts[0])
+    leaves = [jax.tree_util.tree_leaves(p) for p in parts]
+    del parts
+    joined = []
+    for i in range(len(leaves[0])):
+        joined.append(jnp.concatenate([ls[i] for ls in leaves]))
+        for ls in leaves:
+            ls[i] = None
+    return jax.tree_util.tree_unflatten(treedef, joined)
 
 
 class InfluenceInfo(NamedTuple):
@@ -365,21 +398,12 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
     # first: a refused dense allocation comes before any program runs
     state = _with_progress(solver, progress).prepare(op) if prepared is None else prepared.state
     grads = _test_grads(f, params, test, chunk_size=chunk_size, budget=memory_budget)
-    batch = min(rhs_batch_size, n_test)
     host = getattr(solver, "host_driven", lambda _: False)(op)  # cg on a conv net on CPU
-    if not host and (progress is False or (progress is None and not sys.stderr.isatty())):
-        sol = _solve_many(solver, state, op, grads, batch_size=batch)
-    else:  # host-driven batches of right-hand sides, with a bar when asked
-        parts = []
-        desc = f"influx: solves ({solver.name})"
-        with _progress.bar(progress, total=n_test, desc=desc, unit="solves") as bar:
-            for start in range(0, n_test, batch):
-                rhs = _take(grads, start, start + batch)
-                parts.append(solver.apply_batch(state, op, rhs) if host else
-                             _solve_many(solver, state, op, rhs, batch_size=num_examples(rhs)))
-                jax.block_until_ready(parts[-1].x)
-                bar.update(num_examples(rhs))
-        sol = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts) if len(parts) > 1 else parts[0]
+    batch = min(rhs_batch_size, n_test)
+    if not host:  # fewer right-hand sides per program when one batch would not fit the budget
+        batch = _solve_batch(solver, state, op, grads, limit=batch, budget=memory_budget)
+    sol = _solve_many(solver, state, op, grads, batch_size=batch, progress=progress, host=host)
+    del grads  # the right-hand sides: one n_test x P copy less from here on
     bad = _failed_rows(sol, on_failure, f"influence ({solver!r})")
     return _nan_rows(sol.x, bad), sol
 

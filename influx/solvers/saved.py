@@ -309,8 +309,8 @@ class _Encoder:
         if isinstance(x, frozenset):  # e.g. a kron.Block's opened leaves (ints)
             return {"type": "frozenset", "items": [self.encode(v, join(i)) for i, v in enumerate(sorted(x))]}
         raise InputError(f"save_state: cannot save a {type(x).__name__} (at {name or 'the root'!r} of the "
-                         "state); saved states hold arrays, numbers, strings, None, tuples, lists, frozensets, dicts, "
-                         "NamedTuples and dataclasses of influx")
+                         "state); saved states hold arrays, numbers, strings, None, tuples, lists, "
+                         "frozensets, dicts, NamedTuples and dataclasses of influx")
 
 
 def _lookup_class(name: Any, where: Path):
