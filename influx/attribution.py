@@ -76,7 +76,7 @@ from influx import _memory, _progress
 from influx import curvature as _curvature
 from influx import validation as _validation
 from influx._xla import jit
-from influx.errors import InputError
+from influx.errors import InputError, ResourceError
 from influx.measurements import Measurement, measurements
 from influx.measurements import bind as _bind_measurement
 from influx.measurements import check as _check_measurement
@@ -257,13 +257,16 @@ def _test_grads(f, params, test, *, chunk_size, budget):
 
 def _solve_batch(solver, state, op, rhs, *, limit, budget) -> int:
     """Right-hand sides per ``apply_many`` program: ``limit``, or fewer when the program's
-    peak beyond its inputs (shapes only) would exceed ``budget``."""
+    peak beyond its inputs (shapes only) would exceed ``budget`` (at least one)."""
     def bytes_at(k):
         b = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((k,) + a.shape[1:], a.dtype), rhs)
         return _memory.peak_bytes(lambda st, o, bb: type(solver).apply_many(solver, st, o, bb), state, op, b)
 
-    return _memory.chunk_size_for(bytes_at, budget=_memory.resolve_budget(budget), limit=limit,
-                                  what=f"solves ({solver.name})")
+    try:
+        return _memory.chunk_size_for(bytes_at, budget=_memory.resolve_budget(budget), limit=limit,
+                                      what=f"solves ({solver.name})")
+    except ResourceError:  # one right-hand side is the smallest unit (its vectors exist anyway)
+        return 1
 
 
 def _solve_many(solver, state, op, rhs, *, batch_size, progress=False, host=False):
