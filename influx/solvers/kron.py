@@ -267,6 +267,16 @@ def _pass_prov(name, params, p, shape_in, leaf_shape):
     return None
 
 
+def _bind(eqn, result, env, prov, site_of):
+    """Binds a sub-program's ``(outs, provenances, sites)`` to the equation's outputs."""
+    for v, o, p, s in zip(eqn.outvars, *result):
+        env[v] = o
+        if p is not None:
+            prov[v] = p
+        if s is not None:
+            site_of[v] = s
+
+
 def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
     """Evaluates ``jaxpr``; returns ``(outs, out_provs, out_sites)``."""
     env, prov, site_of = {}, {}, {}
@@ -283,24 +293,12 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
         if name in _CALLS and "jaxpr" in eqn.params:
             c = eqn.params["jaxpr"]  # closed (jit) or open (checkpoint / remat)
             inner, consts = (c.jaxpr, c.consts) if hasattr(c, "consts") else (c, [])
-            outs, oprov, osite = _interp(inner, consts, invals, pin, tape, leaf_shapes)
-            for v, o, p, s in zip(eqn.outvars, outs, oprov, osite):
-                env[v] = o
-                if p is not None:
-                    prov[v] = p
-                if s is not None:
-                    site_of[v] = s
+            _bind(eqn, _interp(inner, consts, invals, pin, tape, leaf_shapes), env, prov, site_of)
             continue
         if (name in _CUSTOM and tape.opened
                 and any(p is not None and p.leaf in tape.opened for p in pin)):
             c = eqn.params["call_jaxpr"]  # a declared layer inside: its primal program
-            outs, oprov, osite = _interp(c.jaxpr, c.consts, invals, pin, tape, leaf_shapes)
-            for v, o, p, s in zip(eqn.outvars, outs, oprov, osite):
-                env[v] = o
-                if p is not None:
-                    prov[v] = p
-                if s is not None:
-                    site_of[v] = s
+            _bind(eqn, _interp(c.jaxpr, c.consts, invals, pin, tape, leaf_shapes), env, prov, site_of)
             continue
         if name == "scan" and _unrollable(eqn, pin):
             for v, o in zip(eqn.outvars, _unroll_scan(eqn, invals, pin, tape, leaf_shapes)):
