@@ -204,7 +204,10 @@ class CG(Solver):
         return compiled(CG._apply)(self, state, op, b)
 
     def apply_many(self, state, op, bs) -> Solution:
-        """Independent CGs in one loop (``block=False``), or block CG (``block=True``)."""
+        """Independent CGs in one loop (``block=False``), or block CG (``block=True``); the
+        operator's data chunks are sized for the batch's products at once."""
+        if hasattr(op, "for_vectors"):
+            op = op.for_vectors(int(jax.tree_util.tree_leaves(bs)[0].shape[0]))
         if not self.block:
             return jax.vmap(lambda b: self._apply(state, op, b))(bs)
         return self._solve_rows(state, op, bs)
