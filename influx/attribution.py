@@ -257,14 +257,21 @@ def _test_grads(f, params, test, *, chunk_size, budget):
 
 def _solve_batch(solver, state, op, rhs, *, limit, budget) -> int:
     """Right-hand sides per ``apply_many`` program: ``limit``, or fewer when the program's
-    peak beyond its inputs (shapes only) would exceed ``budget`` (at least one)."""
+    peak beyond its inputs (shapes only) would exceed ``budget`` (at least one); cached per
+    solver value and shapes, as the other chunk sizes here."""
+    row = jax.tree_util.tree_map(lambda a: a[0], rhs)
+    return _solve_batch_for(solver, _memory.shape_key(state), _memory.shape_key(op), _memory.shape_key(row),
+                            limit, _memory.resolve_budget(budget))
+
+
+@functools.lru_cache(maxsize=64)
+def _solve_batch_for(solver, state_key, op_key, row_key, limit, budget) -> int:
     def bytes_at(k):
-        b = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((k,) + a.shape[1:], a.dtype), rhs)
-        return _memory.peak_bytes(lambda st, o, bb: type(solver).apply_many(solver, st, o, bb), state, op, b)
+        return _memory.peak_bytes(lambda st, o, bb: type(solver).apply_many(solver, st, o, bb),
+                                  _structs(state_key), _structs(op_key), _structs(row_key, (k,)))
 
     try:
-        return _memory.chunk_size_for(bytes_at, budget=_memory.resolve_budget(budget), limit=limit,
-                                      what=f"solves ({solver.name})")
+        return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what=f"solves ({solver.name})")
     except ResourceError:  # one right-hand side is the smallest unit (its vectors exist anyway)
         return 1
 

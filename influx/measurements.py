@@ -278,6 +278,15 @@ def _mask_weights(mask, t: int, what: str):
     return np.asarray(mask, bool)
 
 
+def _labelled_tokens(obj, params, example, what):
+    """``(logits (T, V), labels (T,), T)`` of one labelled sequence example, checked."""
+    x, y = example
+    _needs_labels(y, what)
+    z = _outputs(obj, params, x)
+    t, _ = _token_logits(z, what)
+    return z, jnp.asarray(y), t
+
+
 @dataclasses.dataclass(frozen=True)
 class _SequenceLoss:
     """``sum_t w_t CE_t`` (``mean``: over ``sum_t w_t``; 0/0 = NaN) with ``w_t = [y_t >= 0] mask_t``."""
@@ -290,11 +299,7 @@ class _SequenceLoss:
         return f"sequence_loss(reduction={'mean' if self.mean else 'sum'!r})"
 
     def __call__(self, obj, params, example):
-        x, y = example
-        _needs_labels(y, self.what)
-        z = _outputs(obj, params, x)
-        t, _ = _token_logits(z, self.what)
-        y = jnp.asarray(y)
+        z, y, t = _labelled_tokens(obj, params, example, self.what)
         w = y >= 0
         m = _mask_weights(self.mask, t, self.what)
         if m is not None:
@@ -351,12 +356,8 @@ class _TokenLoss:
         return f"token_loss({self.position})"
 
     def __call__(self, obj, params, example):
-        x, y = example
-        _needs_labels(y, self.what)
-        z = _outputs(obj, params, x)
-        t, _ = _token_logits(z, self.what)
+        z, y, t = _labelled_tokens(obj, params, example, self.what)
         i = _position(self.position, t, self.what)
-        y = jnp.asarray(y)
         return jnp.where(y[i] >= 0, _token_ce(z[i:i + 1], y[i:i + 1])[0], jnp.nan)
 
     def check(self, outputs, y):
