@@ -167,10 +167,12 @@ class _Param(NamedTuple):
 
 
 class _Bias(NamedTuple):
-    """A value whose trailing axes are parameter leaf ``leaf`` (or its slice ``leaf[index]``),
-    leading axes broadcast."""
+    """A value that is parameter leaf ``leaf`` (or its slice ``leaf[index]``) broadcast: the
+    value's axes ``axes`` hold the leaf's axes (in the leaf's order), and it is constant
+    along every other axis (size 1 or broadcast)."""
     leaf: int
     index: tuple = ()
+    axes: tuple = ()
 
 
 def _shape(p, leaf_shapes) -> tuple:
@@ -206,15 +208,38 @@ class _Site(NamedTuple):
     group: int = 0  # a grouped convolution is one site per feature group
     groups: int = 1
     n_in: int = 0  # how many of ``perm``'s axes are input axes (the rest: output features)
+    nbatch: int = 0  # batched dense: the leading output axes that are the batch dimensions
+    act_batch: tuple = ()  # batched dense: the input's batch axes, in the kernel's order
 
     @property
     def pert_shape(self) -> tuple:
-        """Shape of this site's share of the operation's output (one feature group's)."""
+        """Shape of this site's share of the operation's output (one feature group's, one
+        batch slice's)."""
+        if self.nbatch:
+            return self.out_shape[self.nbatch:]
         if self.groups == 1:
             return self.out_shape
         s = list(self.out_shape)
         s[self.out_axes[0]] = self.d_out
         return tuple(s)
+
+    @property
+    def bias_axes(self) -> tuple:
+        """The axes of the operation's output that a bias of this layer spans, in the order of
+        the bias leaf: the batch axes, then the output features."""
+        return tuple(range(self.nbatch)) + tuple(self.nbatch + a for a in self.out_axes)
+
+    def slice_rows(self, r, g: int):
+        """Group / slice ``g``'s share of the operation's input rows ``r`` (:func:`_rows`)."""
+        if self.nbatch:
+            return r[g]
+        return r if self.groups == 1 else r[:, g * self.d_in:(g + 1) * self.d_in]
+
+    def combine(self, parts):
+        """The operation's output perturbation from one part per group / batch slice."""
+        if self.nbatch:
+            return jnp.stack(parts).reshape(self.out_shape)
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=self.out_axes[0])
 
 
 @dataclasses.dataclass
@@ -242,28 +267,52 @@ def _read(env, v):
 
 
 def _pass_prov(name, params, p, shape_in, leaf_shape):
-    """Provenance of the output of a one-operand value-preserving op, or ``None``."""
+    """Provenance of the output of a one-operand value-preserving op, or ``None``: casts and
+    copies keep it, a transpose permutes a kernel's axes, and a reshape that only inserts or
+    drops size-1 axes, a ``broadcast_in_dim``, a ``squeeze`` or a transpose of a plain leaf
+    (or of a broadcast one) give a :class:`_Bias` (the leaf broadcast along other axes)."""
     if name in _PASS:
         return p
     if name == "transpose" and isinstance(p, _Param):
         return _Param(p.leaf, tuple(p.perm[i] for i in params["permutation"]), p.index)
-    plain = isinstance(p, _Bias) or (isinstance(p, _Param) and p.perm == tuple(range(len(p.perm))))
-    if not plain:
-        return None
     nd = len(leaf_shape)
-    if name == "reshape":
-        new = tuple(params["new_sizes"])
-        if len(new) >= nd and new[len(new) - nd:] == tuple(leaf_shape) and all(
-                d == 1 for d in new[:len(new) - nd]):
-            return _Bias(p.leaf, p.index)
+    if isinstance(p, _Bias):
+        axes = p.axes
+    elif isinstance(p, _Param) and p.perm == tuple(range(len(p.perm))):
+        axes = tuple(range(nd))
+    else:
+        return None
+    if name == "transpose":
+        perm = tuple(params["permutation"])
+        return _Bias(p.leaf, p.index, tuple(perm.index(a) for a in axes))
     if name == "broadcast_in_dim":
-        shape, bd = tuple(params["shape"]), tuple(params["broadcast_dimensions"])
-        lead = len(shape_in) - nd
-        if (nd and lead >= 0 and tuple(shape_in[lead:]) == tuple(leaf_shape)
-                and all(d == 1 for d in shape_in[:lead])
-                and bd[lead:] == tuple(range(len(shape) - nd, len(shape)))
-                and shape[len(shape) - nd:] == tuple(leaf_shape)):
-            return _Bias(p.leaf, p.index)
+        bd = tuple(params["broadcast_dimensions"])
+        return _Bias(p.leaf, p.index, tuple(bd[a] for a in axes))
+    if name == "squeeze":
+        gone = {d % len(shape_in) for d in params["dimensions"]}
+        if gone & set(axes):
+            return None
+        return _Bias(p.leaf, p.index, tuple(a - sum(d < a for d in gone) for a in axes))
+    if name == "reshape":
+        # only size-1 axes inserted or dropped, the leaf's axes in order: match the leaf's
+        # shape right-aligned in the new shape, every other new axis of size 1
+        if list(axes) != sorted(axes) or any(
+                shape_in[i] != 1 for i in range(len(shape_in)) if i not in axes):
+            return None
+        new = tuple(params["new_sizes"])
+        pos, j = [], len(new) - 1
+        for k in reversed(range(nd)):
+            while j >= 0 and new[j] != leaf_shape[k]:
+                if new[j] != 1:
+                    return None
+                j -= 1
+            if j < 0:
+                return None
+            pos.append(j)
+            j -= 1
+        if any(new[i] != 1 for i in range(j + 1)):
+            return None
+        return _Bias(p.leaf, p.index, tuple(reversed(pos)))
     return None
 
 
@@ -323,14 +372,13 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
                 r = _rows(name, eqn, invals, site)
                 for g, i in enumerate(sids):
                     if i in tape.want:
-                        tape.rows[i] = r if site.groups == 1 else r[:, g * site.d_in:(g + 1) * site.d_in]
+                        tape.rows[i] = site.slice_rows(r, g)
             if tape.perts is not None and any(i in tape.perts for i in sids):
                 parts = [tape.perts[i] if i in tape.perts else jnp.zeros(site.pert_shape, ans.dtype)
                          for i in sids]
-                ans = ans + (parts[0] if len(parts) == 1 else
-                             jnp.concatenate(parts, axis=site.out_axes[0]))
+                ans = ans + site.combine(parts)
             env[eqn.outvars[0]] = ans
-            site_of[eqn.outvars[0]] = sid
+            site_of[eqn.outvars[0]] = (sid, tuple(range(len(site.out_shape))))
             continue
         if name == "add" and _bias_add(eqn, invals, pin, site_of, tape, leaf_shapes):
             env[eqn.outvars[0]] = eqn.primitive.bind(*invals, **eqn.params)
@@ -340,6 +388,13 @@ def _interp(jaxpr, consts, args, provs, tape: _Tape, leaf_shapes):
         ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
         for v, a in zip(eqn.outvars, ans if eqn.primitive.multiple_results else [ans]):
             env[v] = a
+        if (name == "transpose" or name in _PASS) and not isinstance(eqn.invars[0], jex.core.Literal) \
+                and eqn.invars[0] in site_of:  # a layer output, transposed: its bias may follow
+            sid, amap = site_of[eqn.invars[0]]
+            if name == "transpose":
+                perm = tuple(eqn.params["permutation"])
+                amap = tuple(perm.index(a) for a in amap)
+            site_of[eqn.outvars[0]] = (sid, amap)
     outs = [_read(env, v) for v in jaxpr.outvars]
     return outs, [get(v) for v in jaxpr.outvars], [
         None if isinstance(v, jex.core.Literal) else site_of.get(v) for v in jaxpr.outvars]
@@ -382,23 +437,27 @@ def _unroll_scan(eqn, invals, pin, tape: _Tape, leaf_shapes):
 
 
 def _bias_add(eqn, invals, pin, site_of, tape, leaf_shapes) -> bool:
-    """Records ``site output + bias`` (bias over the trailing output-feature axes)."""
+    """Records ``site output + bias``: a leaf broadcast along every axis of the layer's output
+    except the ones it spans (:attr:`_Site.bias_axes`: the output features, and for a batched
+    kernel the batch axes first), in that order (the output possibly transposed before)."""
+    out_shape = tuple(eqn.outvars[0].aval.shape)
     for k in (0, 1):
         v, p = eqn.invars[k], pin[1 - k]
         if isinstance(v, jex.core.Literal) or v not in site_of or p is None:
             continue
         if isinstance(p, _Param) and p.perm != tuple(range(len(p.perm))):
             continue
-        site = tape.sites[site_of[v]]
+        sid, amap = site_of[v]
+        site = tape.sites[sid]
         if site.kind == "embedding":  # a table row plus a vector: the vector gets the diagonal
             continue
-        nfeat = len(site.out_axes)
-        feat_last = site.out_axes == tuple(range(len(site.out_shape) - nfeat, len(site.out_shape)))
         bshape = _shape(p, leaf_shapes)
-        if (feat_last and bshape == tuple(site.out_shape[len(site.out_shape) - nfeat:])
-                and np.shape(invals[1 - k])[-len(bshape):] == bshape
-                and np.shape(invals[k]) == np.shape(eqn.outvars[0].aval)):
-            tape.bias.setdefault(site_of[v], []).append((p.leaf, p.index))
+        have = p.axes if isinstance(p, _Bias) else tuple(range(len(bshape)))
+        want = tuple(amap[a] for a in site.bias_axes)
+        if (have == want and np.shape(invals[k]) == out_shape
+                and tuple(out_shape[a] for a in want) == bshape
+                and np.ndim(invals[1 - k]) == len(out_shape)):
+            tape.bias.setdefault(sid, []).append((p.leaf, p.index))
             return True
     return False
 
@@ -407,22 +466,26 @@ def _match(name, eqn, invals, pin, leaf_shapes) -> _Site | None:
     """The layer an equation is, or ``None``."""
     if name == "dot_general":
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        if lb or rb:
-            return None
         for k in (1, 0):  # prefer the rhs as the kernel (x @ W)
             p, other = pin[k], pin[1 - k]
             if isinstance(p, _Param) and other is None:
-                kc = list(rc if k == 1 else lc)
+                kc, kb = list(rc if k == 1 else lc), list(rb if k == 1 else lb)
                 nd = np.ndim(invals[k])
-                kf = [i for i in range(nd) if i not in kc]
+                kf = [i for i in range(nd) if i not in kc and i not in kb]
                 shp = np.shape(invals[k])
-                out_nd = np.ndim(invals[1 - k]) - len(kc) + len(kf)
+                d_in, d_out = math.prod(shp[i] for i in kc), math.prod(shp[i] for i in kf)
+                if kb and d_in * d_out == 1:  # a scale per slice: the exact diagonal is its block
+                    return None
+                # one slice of the output (batch axes dropped): (input free, kernel free) for
+                # x @ W, (kernel free, input free) for W @ x
+                out_nd = np.ndim(invals[1 - k]) - len(kc) - len(kb) + len(kf)
                 out_axes = (tuple(range(out_nd - len(kf), out_nd)) if k == 1
                             else tuple(range(len(kf))))
-                return _Site("dense", p.leaf, tuple(p.perm[i] for i in kc + kf),
-                             math.prod(shp[i] for i in kc), math.prod(shp[i] for i in kf),
-                             out_axes, tuple(eqn.outvars[0].aval.shape), 1 - k,
-                             tuple(lc if k == 1 else rc), p.index, n_in=len(kc))
+                return _Site("batched" if kb else "dense", p.leaf, tuple(p.perm[i] for i in kc + kb + kf),
+                             d_in, d_out, out_axes, tuple(eqn.outvars[0].aval.shape), 1 - k,
+                             tuple(lc if k == 1 else rc), p.index,
+                             groups=math.prod(shp[i] for i in kb), n_in=len(kc), nbatch=len(kb),
+                             act_batch=tuple(lb if k == 1 else rb))
         return None
     if name == "conv_general_dilated":
         prm = eqn.params
@@ -460,8 +523,11 @@ def _rows(name, eqn, invals, site: _Site):
     of the output positions; for an embedding the token ids ``(positions,)`` that stand for
     the one-hot rows."""
     if name == "dot_general":
-        act, ac = invals[site.act_operand], list(site.act_axes)
-        a = jnp.moveaxis(act, ac, list(range(act.ndim - len(ac), act.ndim)))
+        act, ac, ab = invals[site.act_operand], list(site.act_axes), list(site.act_batch)
+        free = [i for i in range(act.ndim) if i not in ac and i not in ab]
+        a = jnp.transpose(act, ab + free + ac)
+        if site.nbatch:  # (slices, positions, d_in): the batch axes flattened first
+            return a.reshape(site.groups, -1, site.d_in)
         return a.reshape(-1, site.d_in)
     if name == "conv_general_dilated":
         prm = eqn.params
@@ -486,7 +552,7 @@ def out_rows(g, out_axes, d_out):
 
 
 # ------------------------------------------------------------------ layers declared by hand
-KINDS = ("dense", "conv", "embedding")
+KINDS = ("dense", "batched", "conv", "embedding")
 DECLARABLE = KINDS + ("diagonal",)
 
 
@@ -532,6 +598,7 @@ class Layer:
     in_axes: tuple | None = None
     out_axes: tuple | None = None
     shape: tuple | None = None
+    batch_axes: tuple | None = None
 
     def __post_init__(self):
         if not isinstance(self.path, str) or not self.path:
@@ -542,8 +609,13 @@ class Layer:
         object.__setattr__(self, "in_axes", _axes(self.in_axes, "in_axes"))
         object.__setattr__(self, "out_axes", _axes(self.out_axes, "out_axes"))
         object.__setattr__(self, "shape", _axes(self.shape, "shape"))
-        if self.kind == "diagonal" and (self.in_axes or self.out_axes):
-            raise InputError(f"kron.Layer {self.path!r}: a 'diagonal' leaf has no in_axes/out_axes")
+        object.__setattr__(self, "batch_axes", _axes(self.batch_axes, "batch_axes"))
+        if self.kind == "diagonal" and (self.in_axes or self.out_axes or self.batch_axes):
+            raise InputError(f"kron.Layer {self.path!r}: a 'diagonal' leaf has no in_axes/out_axes/"
+                             "batch_axes")
+        if self.batch_axes and self.kind != "batched":
+            raise InputError(f"kron.Layer {self.path!r}: batch_axes={self.batch_axes} makes it a "
+                             f"'batched' layer (one block per slice), not {self.kind!r}")
 
 
 def declarations(declare) -> tuple[Layer, ...]:
@@ -642,7 +714,7 @@ def _check_declared(decl, found, tape, leaf_shapes, paths, floating):
             uses = sum(n for (lf, _), n in tape.uses.items() if lf == leaf)
             if not ops:
                 raise InputError(
-                    f"{name}: the traced apply_fn applies no dense, conv or embedding operation "
+                    f"{name}: the traced apply_fn applies no dense, batched, conv or embedding operation "
                     f"to this leaf as a weight (it has {uses} other use(s): e.g. inside lax.cond, "
                     "while_loop, or after a reshape or an elementwise op); declare it 'diagonal' "
                     "or apply it with a plain dot/einsum/conv")
@@ -659,12 +731,15 @@ def _check_declared(decl, found, tape, leaf_shapes, paths, floating):
         if kinds != {d.kind}:
             raise InputError(f"{name}: the trace uses it as a {'/'.join(sorted(kinds))} layer")
         site = tape.sites[mine[0].site]
-        t_in, t_out = set(site.perm[:site.n_in]), set(site.perm[site.n_in:])
-        for what, want, got in (("in_axes", d.in_axes, t_in), ("out_axes", d.out_axes, t_out)):
+        nb = site.n_in + site.nbatch
+        t_in, t_b, t_out = set(site.perm[:site.n_in]), set(site.perm[site.n_in:nb]), set(site.perm[nb:])
+        for what, want, got in (("in_axes", d.in_axes, t_in), ("out_axes", d.out_axes, t_out),
+                                ("batch_axes", d.batch_axes, t_b)):
             if want is not None and set(want) != got:
                 raise InputError(f"{name}: declared {what}={want}, but the trace contracts axes "
-                                 f"{tuple(sorted(t_in))} with the layer input and puts axes "
-                                 f"{tuple(sorted(t_out))} on the output features")
+                                 f"{tuple(sorted(t_in))} with the layer input, puts axes "
+                                 f"{tuple(sorted(t_out))} on the output features and has batch "
+                                 f"axes {tuple(sorted(t_b))} (one layer per slice)")
 
 
 # ------------------------------------------------------------------ tracing and discovery
@@ -760,7 +835,8 @@ def _discover(apply_fn, params, x_example, declare=()) -> tuple[Traced, tuple]:
         path = paths[s.leaf] + "".join(f"[{i}]" for i in s.index)
         for g in range(s.groups):
             found.append(Block(s.kind, sid + g, s.leaf, b, s.perm, s.d_in, s.d_out,
-                               path + (f"[group {g}]" if s.groups > 1 else ""),
+                               path + (f"[slice {g}]" if s.nbatch else f"[group {g}]" if s.groups > 1
+                                       else ""),
                                _public_index(s.index), g, s.groups, opened))
     _check_declared(decl, found, tape, traced.leaf_shapes, paths, floating)
     return traced, tuple(found)
