@@ -716,8 +716,8 @@ def _check_declared(decl, found, tape, leaf_shapes, paths, floating):
                 raise InputError(
                     f"{name}: the traced apply_fn applies no dense, conv or embedding operation "
                     f"(batched or not) to this leaf as a weight (it has {uses} other use(s): e.g. "
-                    "inside lax.cond, while_loop, or after a reshape or an elementwise op); declare it 'diagonal' "
-                    "or apply it with a plain dot/einsum/conv")
+                    "inside lax.cond, while_loop, or after a reshape or an elementwise op); declare "
+                    "it 'diagonal' or apply it with a plain dot/einsum/conv")
             if len(ops) > uses or len({s.index for s in ops}) < len(ops):
                 why = f"it is the weight of {len(ops)} operations (shared or tied weights)"
             elif uses > len(ops):
