@@ -1,28 +1,55 @@
 """Kronecker-factored curvature blocks: which layers of a model get one.
 
 ``apply_fn`` is traced once for one example (``jax.make_jaxpr``) and evaluated by a small
-interpreter that recognises three kinds of linear layers whose weight is a parameter leaf
+interpreter that recognises four kinds of linear layers whose weight is a parameter leaf
 (seen through casts, copies and transposes) applied to something that is not a parameter:
 
 * ``"dense"``: ``dot_general`` without batch dimensions, any number of contracted and free
   kernel axes (``nn.Dense``, ``DenseGeneral`` / ``nnx.LinearGeneral``, the query, key, value
   and output projections of ``MultiHeadAttention``, einsum kernels, and a dense layer applied
   at every position of a sequence: the "expand" setting, every position is a row);
+* ``"batched"``: ``dot_general`` with batch dimensions shared by the layer input and the
+  kernel (per-head kernels ``einsum('bthd,hde->bthe', x, W)`` with ``W: (heads, d, e)``,
+  mixtures of experts ``einsum('ecd,edf->ecf', x, W)``, linen ``DenseGeneral(batch_dims=)``,
+  ``nnx.Einsum`` / ``nn.Einsum`` with such an equation; any number of batch axes in any
+  placement, contracted axes in any order, the kernel on either side). Slice ``h`` of the
+  batch axes (flattened row-major, in the output's order) is a dense layer of its own,
+  ``y[h] = x[h] W[h]`` at every remaining position, with its own inputs and output
+  gradients, and gets its own block ``A_h (x) S_h`` (``A_h = E[a_h a_h^T]``, ``S_h =
+  E[g_h g_h^T]``), exactly as a feature group of a grouped convolution. The alternative,
+  the batch index kept as one more factor (one ``A`` and ``S`` shared by all slices, times an
+  ``H x H`` factor), would average the input statistics of different heads or experts,
+  which see different inputs, and is not exact where K-FAC is (one position per slice, or
+  a linear model); per-slice blocks cost ``H (d_in^3 + d_out^3)`` for the
+  eigendecompositions, ``H`` times the shared factors' but the same as ``H`` separate
+  layers. It is also what the peers amount to: kronfluence factors only ``nn.Linear`` and
+  ``nn.Conv2d`` modules, so per-head or per-expert weights get factors only when written
+  as one ``nn.Linear`` each (one block per slice); kfac-jax's graph matcher registers a
+  ``dot_general`` as a dense layer only without batch dimensions (its "repeated dense"
+  blocks are one *shared* weight applied along vmapped axes, the ``"dense"`` expand case
+  here), so a batched kernel falls back to its diagonal/generic blocks. A batched
+  ``dot_general`` whose slices are ``1 x 1`` (a scale per slice) is left to the exact
+  diagonal, which is its exact block;
 * ``"conv"``: ``conv_general_dilated`` with ``batch_group_count = 1`` (any number of
   spatial dimensions, strides, padding, dilations): the rows are the input patches at
   every output position (Grosse & Martens 2016, KFC; the "expand" form of Eschenhagen et
   al. 2023), computed with ``lax.conv_general_dilated_patches``. A grouped convolution
   (``feature_group_count = G > 1``; depthwise: ``G`` = input channels) is ``G`` layers,
   one block per group: group ``g``'s outputs are its kernel columns ``g*O/G ... (g+1)*O/G``
-  applied to the patches of its input channels and nothing else, so the Gauss-Newton
-  matrix is exactly block-diagonal over the groups (no cross-group approximation);
+  applied to the patches of its input channels and nothing else, a layer of its own (the
+  Gauss-Newton blocks between two groups are dropped as those between two layers are; they
+  vanish when the groups' outputs reach the loss separately, e.g. a linear model with
+  squared error);
 * ``"embedding"``: a ``gather`` of rows of a 2-D table (``nn.Embed``, ``jnp.take``): the
   rows are the one-hot token vectors, so the input factor ``A`` is exactly diagonal (the
   token frequencies) and is kept as a diagonal -- no ``V x V`` matrix, no eigendecomposition.
 
 A layer's weight is viewed as a ``(d_in, d_out)`` matrix by a transpose ``perm`` of the leaf
-followed by a reshape (contracted/input axes first, output-feature axes last); its bias is a
-parameter leaf added right after it, broadcast along the output features (trailing axes). A
+followed by a reshape (contracted/input axes first, then a batched kernel's batch axes,
+output-feature axes last); its bias is a parameter leaf added right after it (possibly after
+a transpose of the layer's output), spanning the output features (a batched kernel's bias:
+the batch axes, then the output features) and broadcast along every other axis (through
+reshapes that insert size-1 axes, ``broadcast_in_dim``, ``squeeze``, transposes). A
 leaf used anywhere else (weight tying, a kernel also used in a regulariser inside
 ``apply_fn``) gets no block. Nested ``jit`` and ``checkpoint``/``remat`` calls are inlined;
 layers inside ``cond``, ``while`` or custom derivatives are not seen (custom derivatives:
@@ -74,14 +101,17 @@ class Block:
     ``cols = group * d_out : (group + 1) * d_out`` (:meth:`matrix`; ``leaf`` itself when
     ``index`` is ``None``, ``leaf[i]`` for a layer inside a ``scan`` over stacked
     parameters, ``leaf[i, j]`` (``index = (i, j)``) inside nested scans; one feature group of
-    a grouped convolution: ``groups > 1``). The bias, if any (``bias_leaf[index][cols]``), is
-    appended as a last row, so the factored matrix is ``(d_in + 1, d_out)``. ``site``:
-    which recognised operation of the traced program it is (one per feature group);
+    a grouped convolution, or one slice of a batched kernel's batch axes (``kind =
+    "batched"``; ``perm`` puts the batch axes between the input and the output axes, so
+    slice ``group`` is ``W[h]``): ``groups > 1``). The bias, if any
+    (``bias_leaf[index].reshape(-1)[cols]``), is appended as a last row, so the factored
+    matrix is ``(d_in + 1, d_out)``. ``site``: which recognised operation of the traced
+    program it is (one per feature group or batch slice);
     ``path``: the kernel's key path, for reports; ``opened``: the leaves whose
     custom-derivative calls the interpreter enters (declared layers, :class:`Layer`).
     """
 
-    kind: str  # "dense" | "conv" | "embedding"
+    kind: str  # "dense" | "batched" | "conv" | "embedding"
     site: int
     kernel: int
     bias: int | None
@@ -90,7 +120,7 @@ class Block:
     d_out: int
     path: str
     index: int | tuple | None = None  # the slice of a stacked kernel (and bias) leaf: scans
-    group: int = 0  # the feature group of a grouped convolution
+    group: int = 0  # the feature group of a grouped convolution, the slice of a batched kernel
     groups: int = 1
     opened: frozenset = frozenset()
 
@@ -147,7 +177,8 @@ class Block:
 
 class LeafReport(NamedTuple):
     """One parameter leaf: its key ``path``, ``shape``, ``size``, the ``block`` it got
-    (``"dense"``, ``"conv"``, ``"embedding"``: Kronecker; ``"diagonal"``: the exact diagonal
+    (``"dense"``, ``"batched"`` (one block per batch slice), ``"conv"``, ``"embedding"``:
+    Kronecker; ``"diagonal"``: the exact diagonal
     of the Gauss-Newton matrix; ``"none"``: not floating point, not a parameter of the solve)
     and its ``role`` in the block (``"kernel"``, ``"bias"`` or ``""``)."""
 
@@ -576,21 +607,23 @@ class Layer:
 
     ``kind``:
 
-    * ``"dense"`` / ``"conv"`` / ``"embedding"``: the leaf must be the kernel of such a
-      layer in the traced ``apply_fn``, used by nothing else (one block, or one per slice
-      or feature group), else :class:`InputError` says what the trace found. Inside a
-      ``jax.custom_jvp`` / ``jax.custom_vjp`` function that uses a declared leaf, the
-      interpreter follows the function's primal program (which it otherwise treats as
-      opaque): the pseudo-gradients of the factors are then the derivatives of that
-      program, not of the custom rule (the same when the rule is the true derivative with
-      other numerics, the usual case).
+    * ``"dense"`` / ``"batched"`` / ``"conv"`` / ``"embedding"``: the leaf must be the kernel
+      of such a layer in the traced ``apply_fn``, used by nothing else (one block, or one per
+      scan slice, feature group or batch slice), else :class:`InputError` says what the
+      trace found (a per-head or per-expert kernel, ``dot_general`` with batch dimensions,
+      is ``"batched"``, not ``"dense"``). Inside a ``jax.custom_jvp`` / ``jax.custom_vjp``
+      function that uses a declared leaf, the interpreter follows the function's primal
+      program (which it otherwise treats as opaque): the pseudo-gradients of the factors
+      are then the derivatives of that program, not of the custom rule (the same when the
+      rule is the true derivative with other numerics, the usual case).
     * ``"diagonal"``: keep the leaf out of every block (it gets the exact Gauss-Newton
       diagonal): a layer K-FAC approximates badly, or a bias to leave out of its block.
 
     ``in_axes`` / ``out_axes`` (optional): the kernel's axes that meet the layer input
     (contracted; for a convolution the input-feature and spatial axes) and those that hold
-    the output features, counted on the layer's weight (one slice of a stacked leaf); and
-    ``shape`` (optional), the leaf's shape: checked against the trace.
+    the output features, counted on the layer's weight (one slice of a stacked leaf);
+    ``batch_axes`` (optional, ``"batched"`` only): the kernel's batch axes, one block per
+    slice of them; and ``shape`` (optional), the leaf's shape: checked against the trace.
     """
 
     path: str
@@ -866,9 +899,10 @@ def _report(params, found) -> list[LeafReport]:
 
 def layers(apply_fn, params, x_example, *, declare=()) -> list[LeafReport]:
     """Every parameter leaf of ``params`` with the block it gets (:class:`LeafReport`):
-    ``"dense"`` / ``"conv"`` / ``"embedding"`` (Kronecker-factored; an embedding's input
-    factor is its exact diagonal), ``"diagonal"`` (the exact Gauss-Newton diagonal) or
-    ``"none"`` (not floating point). ``x_example``: one example as a batch of one."""
+    ``"dense"`` / ``"batched"`` / ``"conv"`` / ``"embedding"`` (Kronecker-factored: a batched
+    kernel one block per batch slice, an embedding's input factor its exact diagonal),
+    ``"diagonal"`` (the exact Gauss-Newton diagonal) or ``"none"`` (not floating point).
+    ``x_example``: one example as a batch of one."""
     return _report(params, blocks(apply_fn, params, x_example, declare=declare))
 
 
