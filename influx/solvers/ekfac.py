@@ -1,7 +1,8 @@
 """K-FAC and EK-FAC: Kronecker-factored inverse of the Gauss-Newton matrix.
 
 For every linear layer ``y = a W + b`` that :mod:`influx.solvers.kron` finds (dense and
-``DenseGeneral``/einsum kernels, convolutions over patches, embeddings, at every position
+``DenseGeneral``/einsum kernels, per-head / per-expert batched kernels with one block per
+slice, convolutions over patches, embeddings, at every position
 of a sequence or image: the "expand" setting of Eschenhagen et al. 2023), the Gauss-Newton
 block of ``C = 1/N sum_n J_n^T H_n J_n`` is approximated by a Kronecker product (Martens &
 Grosse 2015; Grosse & Martens 2016 for convolutions). With the input rows ``a~ = [a; 1]``
@@ -660,7 +661,7 @@ def ekfac(*, correct: bool = True, tol: float = DEFAULT_TOL, residual: bool = Tr
         each example folds in its index).
       declare: layers declared by hand (:class:`influx.solvers.kron.Layer`, a ``{path:
         kind}`` mapping or ``(path, kind)`` pairs): ``"diagonal"`` keeps a leaf out of the
-        blocks; ``"dense"``/``"conv"``/``"embedding"`` requires the leaf to be such a layer
+        blocks; ``"dense"``/``"batched"``/``"conv"``/``"embedding"`` requires the leaf to be such a layer
         (also inside ``custom_jvp``/``custom_vjp`` functions), else ``prepare`` raises
         :class:`InputError` naming it.
       chunk_size: examples per step of the factor passes (the *fit* chunk, separate from the
