@@ -307,3 +307,38 @@ def test_batched_kernels_used_elsewhere_fall_back_and_declarations_are_checked()
         kron.blocks(_one_per_head, params, x0, declare=kron.Layer("w", "batched", batch_axes=1))
     with pytest.raises(influx.errors.InputError, match="batch_axes.*'batched' layer"):
         kron.Layer("w", "dense", batch_axes=0)
+
+
+def test_flax_einsum_modules_and_nnx_scan_over_them_get_a_block_per_slice():
+    # linen nn.Einsum with a per-head equation and its bias; nnx.scan over nnx.vmap-stacked
+    # nnx.Einsum layers: one block per (layer, head), the bias with it (traced, nothing runs)
+    class Linen(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((3, 4, 2), "bthd,hde->bthe", use_bias=True)(x)
+
+    m, x = Linen(), jnp.ones((1, 5, 3, 4))
+    params = jax.eval_shape(m.init, jax.random.PRNGKey(0), x)
+    rep = {r.path: (r.block, r.role) for r in kron.layers(m.apply, params, x)}
+    assert rep == {"['params']['Einsum_0']['bias']": ("batched", "bias"),
+                   "['params']['Einsum_0']['kernel']": ("batched", "kernel")}
+
+    class Layer(nnx.Module):
+        def __init__(self, rngs):
+            self.e = nnx.Einsum("bthd,hde->bthe", (2, 3, 3), (2, 3), rngs=rngs)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.split_rngs(splits=3)(nnx.vmap(Layer, in_axes=0, out_axes=0))(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def step(h, layer):
+                return jnp.tanh(layer.e(h))
+            return step(x, self.layers)
+
+    net = nnx.eval_shape(lambda: Net(nnx.Rngs(0)))
+    graph, state = nnx.split(net)
+    blks = kron.blocks(lambda p, x: nnx.merge(graph, p)(x), state, jnp.ones((1, 4, 2, 3)))
+    assert [(b.kind, b.index, b.group, b.bias is not None) for b in blks] == [
+        ("batched", i, h, True) for i in range(3) for h in range(2)]
