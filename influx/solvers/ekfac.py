@@ -299,6 +299,7 @@ def _factors(params, chunk, index, mask, key, *, obj, blks, samples):
 def _accumulate(fn):
     """``(acc, *args) -> acc + fn(*args)`` (leafwise): a chunk's sums are added inside the
     chunk's own program (no separate program per accumulator leaf)."""
+    @functools.wraps(fn)
     def step(acc, *args, **kwargs):
         part = fn(*args, **kwargs)
         return part if acc is None else jax.tree_util.tree_map(jnp.add, acc, part)
