@@ -104,6 +104,11 @@ QUICK = {
     "mlp10m": replace(FULL["mlp10m"], n_train=1000, n_query=20, train_steps=50),
 }
 
+# the sides of a model's row: influx with the spec's output factor (exact for these models),
+# influx with kronfluence's default (sampled Fisher, one label per example), kronfluence
+SIDES = ("influx", "influx_sampled", "kronfluence")
+SIDE_NAMES = {"influx": "influx", "influx_sampled": "influx (samples=1)", "kronfluence": "kronfluence"}
+
 TF = {"vocab": 64, "seq": 16, "d": 128, "heads": 4, "mlp": 512, "blocks": 5, "classes": 4}
 
 
@@ -303,8 +308,10 @@ def unflatten(flat: dict):
 
 
 # ------------------------------------------------------------------------ the sides
-def influx_side(spec: Spec, workdir: Path) -> dict:
-    """EK-FAC influence with influx (run in its own process); twice: cold and compiled."""
+def influx_side(spec: Spec, workdir: Path, samples: int | None = None, tag: str = "influx") -> dict:
+    """EK-FAC influence with influx (run in its own process); twice: cold and compiled.
+    ``samples``: the output factor (``None``: the spec's; 1: kronfluence's default, one
+    sampled label per example); scores saved as ``scores_<tag>.npy``."""
     import jax
     import jax.numpy as jnp
 
@@ -316,7 +323,7 @@ def influx_side(spec: Spec, workdir: Path) -> dict:
     obj = influx.Objective(f, influx.losses.softmax_cross_entropy, l2=spec.l2)
     train_set = (jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"]))
     query = (jnp.asarray(data["x_query"]), jnp.asarray(data["y_query"]))
-    solver = influx.solvers.ekfac(residual=False, samples=spec.samples)
+    solver = influx.solvers.ekfac(residual=False, samples=spec.samples if samples is None else samples)
     rss0 = peak_rss_mb()
     out = {"coverage": float(influx.solvers.ekfac.coverage(f, params, train_set[0][:1]))}
     times = []
@@ -326,7 +333,7 @@ def influx_side(spec: Spec, workdir: Path) -> dict:
                              chunk_size=spec.chunk_size)
         S = np.asarray(jax.block_until_ready(S))
         times.append(time.perf_counter() - t0)
-    np.save(workdir / "scores_influx.npy", S)
+    np.save(workdir / f"scores_{tag}.npy", S)
     out.update(seconds_cold=times[0], seconds_warm=times[-1] if len(times) > 1 else None,
                peak_rss_mb=peak_rss_mb(), rss_before_mb=rss0, finite=bool(np.all(np.isfinite(S))))
     return out
@@ -487,6 +494,9 @@ def run_model(spec: Spec, workdir: Path, timeout: float) -> dict:
     res = {"spec": asdict(spec), "n_params": int(sum(v.size for v in flat.values())), "train": log}
     me = [sys.executable, "-m", "benchmarks.models", "--side"]
     res["influx"] = run_sub(me + ["influx", "--model", spec.name, "--workdir", str(workdir)], timeout)
+    if spec.peer and spec.samples is None:  # also at kronfluence's own setting: one sampled label
+        res["influx_sampled"] = run_sub(me + ["influx", "--model", spec.name, "--workdir", str(workdir),
+                                              "--samples", "1", "--tag", "influx_sampled"], timeout)
     if spec.peer:
         res["kronfluence"] = run_sub([str(peer_python()), str(ROOT / "benchmarks/peers/models_torch.py"),
                                       "--workdir", str(workdir)], timeout)
@@ -495,25 +505,32 @@ def run_model(spec: Spec, workdir: Path, timeout: float) -> dict:
                                    timeout)
         if res["reference"].get("ok"):
             ref = np.load(workdir / "scores_reference.npy")
-            for side in ("influx", "kronfluence"):
+            for side in SIDES:
                 r = res.get(side, {})
                 path = workdir / f"scores_{side}.npy"
                 if r.get("ok") and path.exists():
                     sc = np.load(path)[: spec.n_ref]
                     r["pearson"] = pearson(sc, ref)
                     r["norm_ratio_to_reference"] = float(np.linalg.norm(sc) / np.linalg.norm(ref))
-    k, i = res.get("kronfluence", {}), res["influx"]
-    if k.get("ok") and i.get("ok"):
+    k = res.get("kronfluence", {})
+    for side in SIDES[:-1]:
+        i = res.get(side, {})
+        if not (k.get("ok") and i.get("ok")):
+            continue
         ki = np.load(workdir / "scores_kronfluence.npy")
-        res["pearson_influx_kronfluence"] = pearson(np.load(workdir / "scores_influx.npy"), ki)
-        res["speedup_cold"] = k["seconds"] / i["seconds_cold"]
-        res["speedup_warm"] = k["seconds"] / i["seconds_warm"]
-        res["memory_ratio"] = i["peak_rss_mb_observed"] / k["peak_rss_mb_observed"]
         pi, pk = i.get("pearson", np.nan), k.get("pearson", np.nan)
-        res["targets"] = {"5x_faster_cold": res["speedup_cold"] >= 5,
-                          "5x_faster_warm": res["speedup_warm"] >= 5,
+        cmp = {"pearson_influx_kronfluence": pearson(np.load(workdir / f"scores_{side}.npy"), ki),
+               "speedup_cold": k["seconds"] / i["seconds_cold"],
+               "speedup_warm": k["seconds"] / i["seconds_warm"],
+               "memory_ratio": i["peak_rss_mb_observed"] / k["peak_rss_mb_observed"]}
+        cmp["targets"] = {"5x_faster_cold": cmp["speedup_cold"] >= 5,
+                          "5x_faster_warm": cmp["speedup_warm"] >= 5,
                           "pearson_not_worse": bool(pi >= pk - 1e-3),
-                          "memory_not_larger": res["memory_ratio"] <= 1}
+                          "memory_not_larger": cmp["memory_ratio"] <= 1}
+        if side == "influx":
+            res.update(cmp)
+        else:
+            res[f"vs_kronfluence_{side}"] = cmp
     return res
 
 
@@ -527,27 +544,31 @@ def table(results: dict) -> str:
             "parameters in Kronecker blocks |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["models"].items():
         s = r["spec"]
-        for side in ("influx", "kronfluence"):
+        for side in SIDES:
             if side not in r:
                 continue
             d = r[side]
             if not d.get("ok"):
-                rows.append(f"| {name} | {r['n_params']:,} | {s['n_train']} | {s['n_query']} | {side} | "
+                rows.append(f"| {name} | {r['n_params']:,} | {s['n_train']} | {s['n_query']} | "
+                            f"{SIDE_NAMES[side]} | "
                             f"failed: {d.get('error', '')[:120].replace('|', '/')} | "
                             f"{_f(d.get('peak_rss_mb_observed'), '>= {:.0f}')} | | |")
                 continue
-            sec = (f"{_f(d['seconds_cold'])} / {_f(d.get('seconds_warm'))}" if side == "influx"
+            sec = (f"{_f(d['seconds_cold'])} / {_f(d.get('seconds_warm'))}" if side != "kronfluence"
                    else _f(d["seconds"]))
-            rows.append(f"| {name} | {r['n_params']:,} | {s['n_train']} | {s['n_query']} | {side} | {sec} | "
+            rows.append(f"| {name} | {r['n_params']:,} | {s['n_train']} | {s['n_query']} | "
+                        f"{SIDE_NAMES[side]} | {sec} | "
                         f"{_f(d['peak_rss_mb_observed'], '{:.0f}')} | {_f(d.get('pearson'), '{:.3f}')} | "
                         f"{_f(d.get('coverage', d.get('tracked_share')), '{:.3f}')} |")
     lines = ["\n".join(rows), ""]
     for name, r in results["models"].items():
-        if "targets" in r:
-            lines.append(f"- {name}: kronfluence/influx time {r['speedup_cold']:.2f}x (cold), "
-                         f"{r['speedup_warm']:.2f}x (compiled); influx/kronfluence peak memory "
-                         f"{r['memory_ratio']:.2f}; Pearson(influx, kronfluence) "
-                         f"{r['pearson_influx_kronfluence']:.3f}; targets {r['targets']}")
+        for side, c in (("influx", r), ("influx_sampled", r.get("vs_kronfluence_influx_sampled", {}))):
+            if "targets" in c:
+                lines.append(f"- {name}, {SIDE_NAMES[side]}: kronfluence/influx time "
+                             f"{c['speedup_cold']:.2f}x (cold), {c['speedup_warm']:.2f}x (compiled); "
+                             f"influx/kronfluence peak memory "
+                             f"{c['memory_ratio']:.2f}; Pearson(influx, kronfluence) "
+                             f"{c['pearson_influx_kronfluence']:.3f}; targets {c['targets']}")
         if r.get("reference", {}).get("ok"):
             ref = r["reference"]
             lines.append(f"- {name} reference: {ref['method']}, {ref['cg_steps']} steps, relative "
@@ -570,11 +591,14 @@ def main(argv=None) -> None:
     ap.add_argument("--table", action="store_true", help="print the tables of the results file only")
     ap.add_argument("--side", choices=["influx", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--samples", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tag", default="influx", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.side:  # a subprocess: one JSON line on stdout
         spec = Spec(**{k: v for k, v in json.loads((args.workdir / "spec.json").read_text()).items()
                        if k != "tf"})
-        out = influx_side(spec, args.workdir) if args.side == "influx" else reference(spec, args.workdir)
+        out = (influx_side(spec, args.workdir, args.samples, args.tag) if args.side == "influx"
+               else reference(spec, args.workdir))
         print(json.dumps(out))
         return
     specs = QUICK if args.quick else FULL

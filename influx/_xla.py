@@ -25,7 +25,7 @@ import os
 
 import jax
 
-__all__ = ["CPU_OPTIONS", "jit", "compiler_options", "set_enabled"]
+__all__ = ["CPU_OPTIONS", "jit", "compiler_options", "set_enabled", "has_primitive", "conv_on_cpu"]
 
 #: extra XLA options for programs compiled for the CPU backend
 CPU_OPTIONS: dict[str, str] = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -109,3 +109,35 @@ def jit(fun=None, **kwargs):
     if fun is None:
         return functools.partial(jit, **kwargs)
     return _Jitted(fun, kwargs)
+
+
+CONV_PRIMITIVES = frozenset({"conv_general_dilated"})
+
+
+def has_primitive(jaxpr, names) -> bool:
+    """Whether a (closed) jaxpr, or any jaxpr nested in it, has an equation of a primitive in
+    ``names``."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in names:
+            return True
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and has_primitive(inner, names):
+                    return True
+    return False
+
+
+def conv_on_cpu(fn, *args) -> bool:
+    """Whether ``fn(*args)`` has a convolution and runs on the CPU backend: XLA:CPU runs
+    convolutions several times slower inside a compiled loop (``while``/``scan``, jax issue
+    12868), so callers drive such loops from the host or vectorise them instead. Traces
+    ``fn`` on ``args`` (arrays or ``ShapeDtypeStruct``s; no FLOPs); ``False`` when it cannot
+    be traced."""
+    if jax.default_backend() != "cpu":
+        return False
+    try:
+        return has_primitive(jax.make_jaxpr(fn)(*args), CONV_PRIMITIVES)
+    except Exception:  # noqa: BLE001 -- not traceable here: keep the default
+        return False

@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from influx import _memory, _progress
+from influx import _memory, _progress, _xla
 from influx import curvature as _curvature
 from influx import validation as _validation
 from influx._xla import jit
@@ -122,7 +122,8 @@ JVP_MAX_TEST = 32
 # The per-example path never holds more than PER_EXAMPLE_BATCH x P gradients; above this
 # many bytes for that block it is not used.
 PER_EXAMPLE_MAX_BYTES = 1 << 30
-# Per-example gradients are formed this many examples at a time inside a chunk.
+# Per-example gradients are formed this many examples at a time inside a chunk (a model
+# with convolutions on the CPU: the whole chunk at once, see per_example_block).
 PER_EXAMPLE_BATCH = 16
 
 
@@ -227,9 +228,12 @@ def _measurement_grads(f, params, test, *, batch_size):
     return jax.lax.map(lambda ex: jax.grad(f)(params, ex), test, batch_size=batch_size)
 
 
-def _first(tree):
-    """One example of a batched pytree (no leading axis)."""
-    return jax.tree_util.tree_map(lambda a: a[0], tree)
+def _first(tree, lead=None):
+    """The shapes of one example of a batched pytree (no leading axis; ``lead``: a leading
+    axis of this length), as ``ShapeDtypeStruct``s: no slicing program runs."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(((lead,) if lead else ()) + tuple(np.shape(a))[1:],
+                                       jnp.result_type(a)), tree)
 
 
 def _structs(key, lead=()):
@@ -419,42 +423,57 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
 
 
 # ------------------------------------------------------------------ training side
-def _kernel(obj, method, params, vecs, chunk, scale, sub=None):
+def per_example_block(obj: Objective, params, example) -> int | None:
+    """Examples per block of the per-example scoring kernel: ``PER_EXAMPLE_BATCH`` (blocks in
+    a ``lax.map``: cache-sized gradient blocks, several times faster on CPU than one
+    ``(chunk, P)`` block for dense models), or ``None`` -- the whole chunk in one ``vmap`` --
+    when ``apply_fn`` has a convolution and runs on the CPU: XLA:CPU runs convolutions
+    several times slower inside a compiled loop (jax issue 12868; 2.5-3x on the models
+    benchmark's CNN). ``example``: one input with a leading axis of 1 (arrays or shapes)."""
+    return None if _xla.conv_on_cpu(obj.apply_fn, params, example) else PER_EXAMPLE_BATCH
+
+
+def _kernel(obj, method, params, vecs, chunk, scale, sub=None, block=PER_EXAMPLE_BATCH):
     """``scale * grad L(z_m)^T v_t`` for every ``v_t`` in ``vecs`` and ``m`` in ``chunk``
-    (``sub``: at most this many examples at a time, in a ``lax.map``, bounding the memory)."""
+    (``sub``: at most this many examples at a time, in a ``lax.map``, bounding the memory;
+    ``block``: per-example gradients formed this many at a time, ``None``: all at once)."""
     c = num_examples(chunk)
     if sub is not None and sub < c:
         def one(ex):
             one_ex = jax.tree_util.tree_map(lambda a: a[None], ex)
-            return _kernel(obj, method, params, vecs, one_ex, 1.0)[:, 0]
+            return _kernel(obj, method, params, vecs, one_ex, 1.0, block=block)[:, 0]
         return jax.lax.map(one, chunk, batch_size=sub).T * scale
     vecs = jax.tree_util.tree_map(lambda v, p: v.astype(jnp.result_type(p)), vecs, params)
     if method == "jvp":
         f = lambda p: obj.per_example_loss(p, chunk)
         out = jax.vmap(lambda v: jax.jvp(f, (params,), (v,))[1])(vecs)
     else:
-        # per-example gradients, PER_EXAMPLE_BATCH at a time (cache-sized blocks are several
-        # times faster on CPU than one (chunk, P) block), contracted leaf by leaf (no ravel copy)
+        # per-example gradients, ``block`` at a time (per_example_block), contracted leaf by
+        # leaf (no ravel copy)
         def one(ex):
             g = _curvature.example_grad(obj, params, ex)
             parts = jax.tree_util.tree_map(lambda v, gl: jnp.tensordot(v, gl, axes=gl.ndim), vecs, g)
             return sum(jax.tree_util.tree_leaves(parts))
 
-        c = num_examples(chunk)
-        out = jax.lax.map(one, chunk, batch_size=min(PER_EXAMPLE_BATCH, c)).T
+        if block is None or block >= c:
+            out = jax.vmap(one)(chunk).T
+        else:
+            out = jax.lax.map(one, chunk, batch_size=block).T
     return out * scale
 
 
 @functools.lru_cache(maxsize=64)
-def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data", sub: int | None = None):
+def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data", sub: int | None = None,
+                 block: int | None = PER_EXAMPLE_BATCH):
     """A compiled ``(params, vecs, chunk, scale) -> (n_test, chunk) scores`` function.
 
     With a ``mesh`` the chunk is split over the mesh axis ``axis`` with ``jax.shard_map``
     (parameters and vectors replicated, every device scores its slice of the chunk with
     no communication); the chunk length must be a multiple of the axis size. ``sub``: each
     device scores its slice at most ``sub`` examples at a time (memory bounded by ``sub``).
+    ``block``: see :func:`per_example_block`.
     """
-    kern = functools.partial(_kernel, obj, method, sub=sub)
+    kern = functools.partial(_kernel, obj, method, sub=sub, block=block)
     if mesh is None:
         return jit(kern)
 
@@ -462,7 +481,7 @@ def chunk_scorer(obj: Objective, method: str, mesh=None, axis: str = "data", sub
         # Mark the replicated parameters as device-varying: differentiating an unvarying
         # input inside shard_map would psum the per-example gradients across devices.
         params = jax.lax.pcast(params, axis, to="varying")
-        return _kernel(obj, method, params, vecs, chunk, scale, sub)
+        return _kernel(obj, method, params, vecs, chunk, scale, sub, block)
 
     P = PartitionSpec
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P()),
@@ -475,42 +494,46 @@ def _take(tree, a, b):
 
 
 @functools.lru_cache(maxsize=256)
-def _score_chunk(obj, method, params_key, vecs_key, example_key, limit, budget) -> int:
+def _score_chunk(obj, method, params_key, vecs_key, example_key, limit, budget, block) -> int:
     """Training examples per scoring step within ``budget`` bytes (shapes only)."""
     def bytes_at(c):
         scale = jax.ShapeDtypeStruct((), jnp.dtype(params_key[1][0][1]))
-        return _memory.peak_bytes(functools.partial(_kernel, obj, method), _structs(params_key),
+        return _memory.peak_bytes(functools.partial(_kernel, obj, method, block=block), _structs(params_key),
                                   _structs(vecs_key), _structs(example_key, (c,)), scale)
     return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit,
                                   what=f"influence scoring ({method})")
 
 
-def score_chunk_size(obj, method, params, vecs, train, *, chunk_size, memory_budget=None) -> int:
+def score_chunk_size(obj, method, params, vecs, train, *, chunk_size, memory_budget=None,
+                     block: int | None = PER_EXAMPLE_BATCH) -> int:
     """Training examples per scoring step: ``chunk_size``, or fewer when the step (``method``
-    against the batched ``vecs``) would need more than ``memory_budget`` bytes."""
+    against the batched ``vecs``, per-example ``block``) would need more than
+    ``memory_budget`` bytes."""
     n = num_examples(train)
     return _score_chunk(obj, method, _memory.shape_key(params), _memory.shape_key(vecs),
                         _memory.shape_key(_first(train)), min(int(chunk_size), n),
-                        _memory.resolve_budget(memory_budget))
+                        _memory.resolve_budget(memory_budget), block)
 
 
 def _score_arrays(obj, params, vecs, train, *, method, chunk_size, n_total, memory_budget=None,
                   progress=False):
     """Scores in-memory ``train`` against ``vecs`` chunk by chunk -> ``(n_test, N)``."""
     n = num_examples(train)
-    c = score_chunk_size(obj, method, params, vecs, train, chunk_size=chunk_size, memory_budget=memory_budget)
-    fn = chunk_scorer(obj, method)
-    scale = jnp.asarray(1.0 / n_total, dtype=jnp.result_type(*jax.tree_util.tree_leaves(params)))
+    block = per_example_block(obj, params, _first(train[0], lead=1)) if method == "per_example" else None
+    c = score_chunk_size(obj, method, params, vecs, train, chunk_size=chunk_size, memory_budget=memory_budget,
+                         block=block)
+    c, spans = _curvature.chunk_plan(n, c)
+    fn = chunk_scorer(obj, method, block=block)
+    scale = np.asarray(1.0 / n_total, dtype=jnp.result_type(*jax.tree_util.tree_leaves(params)))
     outs = []
     with _progress.bar(progress, total=n, desc="influx: scoring") as bar:
-        for start in range(0, n, c):
-            chunk = _take(train, start, start + c)
-            m = num_examples(chunk)
-            out = fn(params, vecs, _curvature.pad_rows(chunk, c) if m < c else chunk, scale)
-            outs.append(out[:, :m])
+        for start, stop in spans:
+            chunk, w, _ = _curvature.window(train, start, stop, c)
+            out = fn(params, vecs, chunk, scale)
+            outs.append(out if start == w else out[:, start - w:])  # the last window's new rows
             if not isinstance(bar, _progress._NoProgress):
                 jax.block_until_ready(outs[-1])
-            bar.update(m)
+            bar.update(stop - start)
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
 

@@ -135,6 +135,44 @@ def pad_rows(chunk, size: int):
         lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], size - n, axis=0)]), chunk)
 
 
+def chunk_plan(n: int, chunk_size: int) -> tuple[int, list[tuple[int, int]]]:
+    """Equal chunks for a host-driven pass over ``n`` examples: ``k = ceil(n / chunk_size)``
+    chunks of ``c = ceil(n / k) <= chunk_size`` examples, so one compiled program serves
+    every chunk (a short last chunk would compile the program a second time). Returns
+    ``(c, [(start, stop), ...])``; the last chunk may hold fewer than ``c`` examples
+    (:func:`window` gives it the shape of the others)."""
+    n, chunk_size = int(n), max(1, int(chunk_size))
+    k = max(1, -(-n // chunk_size))
+    c = -(-n // k) if n else 1
+    return c, [(a, min(a + c, n)) for a in range(0, n, c)]
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _window_jit(leaves, start, *, size):
+    return [jax.lax.dynamic_slice_in_dim(a, start, size) for a in leaves]
+
+
+def window(data, start: int, stop: int, size: int):
+    """Examples ``[start, stop)`` of ``data`` as a chunk of exactly ``size`` rows, with a mask.
+
+    The chunk is rows ``[w, w + size)`` with ``w = min(start, n - size)``: a short last
+    chunk is moved back over examples of the chunk before it (no padding copy), and
+    ``mask`` (``(size,)`` bool, numpy) marks the rows in ``[start, stop)``. Returns
+    ``(chunk, w, mask)``. NumPy leaves are sliced on the host; JAX arrays by one compiled
+    slice per data structure and ``size`` (not one program per start, as ``a[start:stop]``
+    compiles). Needs ``size <= n``."""
+    leaves, treedef = jax.tree_util.tree_flatten(data)
+    n = leaves[0].shape[0]
+    w = max(0, min(int(start), n - size))
+    dev = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array)]
+    out = [a if i in dev else np.asarray(a)[w:w + size] for i, a in enumerate(leaves)]
+    if dev:
+        for i, a in zip(dev, _window_jit([leaves[i] for i in dev], np.int32(w), size=size)):
+            out[i] = a
+    mask = (np.arange(w, w + size) >= start) & (np.arange(w, w + size) < stop)
+    return jax.tree_util.tree_unflatten(treedef, out), w, mask
+
+
 def chunked_map(fn, xs, *, chunk_size: int):
     """``fn`` applied to consecutive chunks of ``xs``'s leading axis, outputs concatenated.
 

@@ -115,6 +115,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from influx import _xla
 from influx import validation as _validation
 from influx.curvature import chunked_map
 from influx.errors import InputError, SolveError
@@ -1275,23 +1276,6 @@ def retrain(obj: Objective, init_params, train, weights, *, test, optimizer, ste
                    params=params, info=info)
 
 
-_CONV_PRIMITIVES = frozenset({"conv_general_dilated"})
-
-
-def _has_conv(jaxpr) -> bool:
-    """Whether a (closed) jaxpr or any jaxpr nested in it has a convolution."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _CONV_PRIMITIVES:
-            return True
-        for v in eqn.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    if _has_conv(sub):
-                        return True
-    return False
-
-
 def retrain_chunk_size(obj: Objective, init_params, train) -> int:
     """The default ``chunk_size`` of :func:`retrain`: ``1`` (runs one after the other, not
     vmapped) when ``obj.apply_fn`` has a convolution and the default backend is the CPU,
@@ -1299,11 +1283,7 @@ def retrain_chunk_size(obj: Objective, init_params, train) -> int:
     if jax.default_backend() != "cpu":
         return 32
     x1 = jax.tree_util.tree_map(lambda a: a[:1], tuple(train)[0])
-    try:
-        jaxpr = jax.make_jaxpr(obj.apply_fn)(init_params, x1)
-    except Exception:  # noqa: BLE001 -- not traceable on one example: keep the vmapped default
-        return 32
-    return 1 if _has_conv(jaxpr) else 32
+    return 1 if _xla.conv_on_cpu(obj.apply_fn, init_params, x1) else 32
 
 
 def _check_retrain(obj, init_params, train, weights, *, test, optimizer, steps, batch_size, seed, measurement,

@@ -134,11 +134,13 @@ from influx import measurements as _measurements
 from influx.attribution import (
     METHODS,
     PER_EXAMPLE_OVERHEAD,
+    _first,
     choose_method,
     chunk_scorer,
     default_solver,
     forward_flops,
     measurements,
+    per_example_block,
     score_chunk_size,
     solve_test_vectors,
 )
@@ -659,13 +661,14 @@ class _Placement:
     """The devices as a one-axis mesh (one device is a one-device mesh): replicated parameters
     and vectors, chunks of ``c_pad`` rows split over the mesh axis, the compiled scorer."""
 
-    def __init__(self, obj, method: str, devices: list, c_pad: int, sub: int | None = None):
+    def __init__(self, obj, method: str, devices: list, c_pad: int, sub: int | None = None,
+                 block: int | None = None):
         self.mesh = Mesh(np.array(devices), ("data",))
         self.data = NamedSharding(self.mesh, PartitionSpec("data"))
         self.repl = NamedSharding(self.mesh, PartitionSpec())
         self.c_pad = c_pad
         self.index_map = self.data.addressable_devices_indices_map((c_pad,))
-        self._fn = chunk_scorer(obj, method, self.mesh, sub=sub)
+        self._fn = chunk_scorer(obj, method, self.mesh, sub=sub, block=block)
 
     def replicate(self, tree):
         """A host pytree as global arrays replicated over the mesh (each process puts its copy)."""
@@ -1086,9 +1089,12 @@ def _run(obj, params, plan: _Plan, comm, store, flat, tk, status, *, progress, t
     # examples per device per kernel step: the device's slice of the chunk, or fewer when the
     # step would not fit the memory budget (then a lax.map over sub-batches inside the kernel)
     vec_shapes = jax.eval_shape(jax.vmap(unravel), jax.ShapeDtypeStruct(np.shape(flat), plan.dtype))
+    block = (per_example_block(obj, params, _first(plan.curv[0], lead=1)) if plan.method == "per_example"
+             else None)
     sub = score_chunk_size(obj, plan.method, params, vec_shapes, plan.curv, chunk_size=c_pad // ndev,
-                           memory_budget=plan.memory_budget)
-    placement = _Placement(obj, plan.method, plan.devices, c_pad, None if sub >= c_pad // ndev else sub)
+                           memory_budget=plan.memory_budget, block=block)
+    placement = _Placement(obj, plan.method, plan.devices, c_pad, None if sub >= c_pad // ndev else sub,
+                           block=block)
     p_dev = placement.replicate(params)
     v_dev = placement.replicate(jax.vmap(unravel)(jnp.asarray(flat)))
     scale = placement.replicate(np.asarray(1.0 / n, dtype=plan.dtype))

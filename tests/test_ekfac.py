@@ -329,3 +329,28 @@ def test_eigenvalue_correction_in_bounded_memory_equals_the_one_pass(monkeypatch
     np.testing.assert_allclose(np.asarray(E._squared_projections(ar, gr)), want, rtol=1e-12)
     monkeypatch.setattr(E, "_CORRECTION_BYTES", 3 * 7 * 4 * 8 * 3)  # three examples at a time
     np.testing.assert_allclose(np.asarray(E._squared_projections(ar, gr)), want, rtol=1e-12)
+
+
+def test_uneven_fit_chunks_count_every_example_once():
+    """Chunks that do not divide N (the last one moved back over examples of the one before,
+    those masked): the factors, eigenvalues and diagonal equal one chunk, for an embedding
+    (token counts), a dense layer at every position, a diagonal leaf, and sampled labels."""
+    rng = np.random.default_rng(0)
+    n, t, vocab, d = 20, 3, 7, 4
+    params = {"emb": jnp.asarray(rng.normal(size=(vocab, d))), "scale": jnp.asarray(rng.normal(size=d)),
+              "w": jnp.asarray(rng.normal(size=(d, 3))), "b": jnp.zeros(3)}
+
+    def apply_fn(p, ids):
+        h = jnp.tanh(p["emb"][ids] * p["scale"])
+        return jnp.mean(h @ p["w"] + p["b"], axis=-2)
+
+    ids = jnp.asarray(rng.integers(0, vocab, size=(n, t)))
+    y = jnp.asarray(rng.integers(0, 3, size=n))
+    obj = influx.Objective(apply_fn, losses.softmax_cross_entropy, l2=1e-3)
+    op = curvature.operator(obj, params, (ids, y), kind="gnh", damping=1e-2, chunk_size=n)
+    for samples in (0, 2):
+        one = solvers.ekfac(samples=samples, chunk_size=n).prepare(op)
+        for c in (7, 6, 3):
+            split = solvers.ekfac(samples=samples, chunk_size=c).prepare(op)
+            for a, b in zip(jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(one)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)

@@ -82,6 +82,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from influx import _memory, _progress
+from influx import curvature as _curvature
 from influx import losses as _losses
 from influx._xla import jit
 from influx.errors import InputError
@@ -200,19 +201,23 @@ def _label_cotangent(loss_fn):
 
 
 # ------------------------------------------------------------------ the factor passes
-def _factor_stats(blks, rows, g_other, g_out):
-    """Per-chunk sums: the diagonal of the other leaves, ``A`` (a diagonal for embeddings)
-    and ``S`` of every block."""
+def _factor_stats(blks, mask, rows, g_other, g_out):
+    """Per-chunk sums over the examples where ``mask`` (``(B,)``) is 1: the diagonal of the
+    other leaves, ``A`` (a diagonal for embeddings) and ``S`` of every block (the gradients
+    of masked-out examples are already zero: their cotangents are)."""
     d = [jnp.sum(g * g, axis=(0, 1)) for g in g_other]
     a_stats, s_stats = [], []
     for b in blks:
         a = rows[b.site]  # (B, T, rows), or the token ids (B, T) of an embedding
+        dt = g_out[b.site].dtype
         if b.diagonal_inputs:  # A = diag(token counts): one-hot rows squared
-            counts = jnp.zeros(b.d_in, g_out[b.site].dtype).at[a.reshape(-1)].add(1.0, mode="drop")
+            w = jnp.broadcast_to(mask.astype(dt)[:, None], a.shape).reshape(-1)
+            counts = jnp.zeros(b.d_in, dt).at[a.reshape(-1)].add(w, mode="drop")
             a_stats.append(counts / a.shape[1])
         else:
             af = a.reshape(-1, a.shape[-1])
-            a_stats.append(af.T @ af / a.shape[1])
+            wf = (a * mask.astype(a.dtype)[:, None, None]).reshape(-1, a.shape[-1])
+            a_stats.append(wf.T @ af / a.shape[1])
         gf = g_out[b.site].reshape(-1, b.d_out)  # (B K T, d_out)
         s_stats.append(gf.T @ gf)
     return d, a_stats, s_stats
@@ -268,31 +273,43 @@ def _squared_projections(ar, gr, tokens: int | None = None, max_bytes: int = _CO
     return jnp.sum(jax.lax.map(one, (ar, gr), batch_size=batch), axis=0)
 
 
-def _per_chunk(obj, blks, samples, params, chunk, index, key):
+def _per_chunk(obj, blks, samples, params, chunk, index, mask, key):
     """Block rows, diagonal-leaf and block-output pseudo-gradients of every example of a chunk
-    (``index``: the examples' positions in the data, for their sampled labels)."""
+    (``index``: the examples' positions in the data, for their sampled labels; ``mask``:
+    ``(B,)``, 0 for rows of the chunk that are not counted: their cotangents are zeroed)."""
     x0 = jax.tree_util.tree_map(lambda a: a[:1], chunk[0])
     pseudo, _ = _pseudo_fn(obj, params, blks, x0)
     cot = _factor_cotangents(obj.loss_fn, samples, key)
-    return jax.vmap(lambda e, i: pseudo(e, lambda z, y: cot(z, y, i)))(chunk, index)
+
+    def one(e, i, m):
+        return pseudo(e, lambda z, y: cot(z, y, i) * m.astype(z.dtype))
+
+    return jax.vmap(one)(chunk, index, mask)
 
 
-@functools.partial(jit, static_argnames=("obj", "blks", "samples"))
-def _chunk_factors(params, chunk, index, key, *, obj, blks, samples):
-    return _factors(params, chunk, index, key, obj=obj, blks=blks, samples=samples)
-
-
-def _correction(params, chunk, index, key, qa, qs, *, obj, blks, samples, max_bytes=_CORRECTION_BYTES):
-    rows, _, g_out = _per_chunk(obj, blks, samples, params, chunk, index, key)
+def _correction(params, chunk, index, mask, key, qa, qs, *, obj, blks, samples,
+                max_bytes=_CORRECTION_BYTES):
+    rows, _, g_out = _per_chunk(obj, blks, samples, params, chunk, index, mask, key)
     return _correction_stats(blks, qa, qs, rows, g_out, max_bytes)
 
 
+def _factors(params, chunk, index, mask, key, *, obj, blks, samples):
+    return _factor_stats(blks, mask, *_per_chunk(obj, blks, samples, params, chunk, index, mask, key))
+
+
+def _accumulate(fn):
+    """``(acc, *args) -> acc + fn(*args)`` (leafwise): a chunk's sums are added inside the
+    chunk's own program (no separate program per accumulator leaf)."""
+    @functools.wraps(fn)
+    def step(acc, *args, **kwargs):
+        part = fn(*args, **kwargs)
+        return part if acc is None else jax.tree_util.tree_map(jnp.add, acc, part)
+    return step
+
+
+_chunk_factors = functools.partial(jit, static_argnames=("obj", "blks", "samples"))(_accumulate(_factors))
 _chunk_correction = functools.partial(jit, static_argnames=("obj", "blks", "samples", "max_bytes"))(
-    _correction)
-
-
-def _factors(params, chunk, index, key, *, obj, blks, samples):
-    return _factor_stats(blks, *_per_chunk(obj, blks, samples, params, chunk, index, key))
+    _accumulate(_correction))
 
 
 @functools.lru_cache(maxsize=128)
@@ -314,10 +331,11 @@ def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct)
 
     def bytes_at(c):
         chunk, index = data(c), jax.ShapeDtypeStruct((c,), jnp.int32)
-        need = _memory.peak_bytes(functools.partial(_factors, **opts), params, chunk, index, key)
+        mask = jax.ShapeDtypeStruct((c,), jnp.bool_)
+        need = _memory.peak_bytes(functools.partial(_factors, **opts), params, chunk, index, mask, key)
         if correct and blks:
             corr = functools.partial(_correction, **opts, max_bytes=max(budget // 4, 1))
-            need = max(need, _memory.peak_bytes(corr, params, chunk, index, key, qa, qs))
+            need = max(need, _memory.peak_bytes(corr, params, chunk, index, mask, key, qa, qs))
         return need
 
     return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what="ekfac.prepare (factor passes)")
@@ -345,18 +363,25 @@ def _eigen(a_sum, s_sum, n, *, blks):
 
 
 def _chunked(fn, data, chunk_size, bar=None):
-    """``sum_k fn(chunk_k, index_k)`` over consecutive chunks, driven from the host: one
-    compiled program per chunk shape, called once per chunk (XLA:CPU runs convolutions
-    several times slower inside a compiled loop, jax issue 12868; with one program per
-    chunk, memory stays bounded by ``chunk_size`` all the same). ``bar``: a progress bar
-    (``update(examples)``), advanced once a chunk is computed."""
+    """``sum_k fn(acc, chunk_k, index_k, mask_k)`` over equal chunks, driven from the host.
+
+    ``fn(acc, chunk, index, mask) -> acc + sums over the chunk's rows where mask`` is one
+    compiled program called once per chunk: :func:`influx.curvature.chunk_plan` makes the
+    chunks equal and :func:`influx.curvature.window` gives a short last chunk the same shape
+    (its repeated rows masked), so it compiles once; the accumulator starts as zeros made on
+    the host. Driven from the host because XLA:CPU runs convolutions several times slower
+    inside a compiled loop (jax issue 12868); memory stays bounded by ``chunk_size`` all the
+    same. ``bar``: a progress bar (``update(examples)``), advanced once a chunk is computed."""
     n = jax.tree_util.tree_leaves(data)[0].shape[0]
+    c, spans = _curvature.chunk_plan(n, chunk_size)
     acc = None
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        chunk = jax.tree_util.tree_map(lambda a, lo=start, hi=stop: a[lo:hi], data)
-        part = fn(chunk, jnp.arange(start, stop))
-        acc = part if acc is None else jax.tree_util.tree_map(jnp.add, acc, part)
+    for start, stop in spans:
+        chunk, w, mask = _curvature.window(data, start, stop, c)
+        index = np.arange(w, w + c, dtype=np.int32)
+        if acc is None:
+            shapes = jax.eval_shape(lambda *a: fn(None, *a), chunk, index, mask)
+            acc = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+        acc = fn(acc, chunk, index, mask)
         if bar is not None:
             jax.block_until_ready(acc)
             bar.update(stop - start)
@@ -374,20 +399,28 @@ def _prepare_run(params, data, shift, key, *, obj, blks, correct, chunk_size, sa
     opts = {"obj": obj, "blks": blks, "samples": samples}
     passes = 2 if correct and blks else 1
     with _progress.bar(progress, total=n, desc=f"influx.{name}: factors (1/{passes})") as bar:
-        d, a_sum, s_sum = _chunked(lambda c, i: _chunk_factors(params, c, i, key, **opts), data,
-                                   chunk_size, bar)
+        d, a_sum, s_sum = _chunked(lambda acc, c, i, m: _chunk_factors(acc, params, c, i, m, key, **opts),
+                                   data, chunk_size, bar)
     qa, qs, lam = _eigen(a_sum, s_sum, n, blks=blks)
     if correct and blks:
         max_bytes = _CORRECTION_BYTES if budget is None else max(int(budget) // 4, 1)
         with _progress.bar(progress, total=n, desc=f"influx.{name}: eigenvalues (2/2)") as bar:
-            cs = _chunked(lambda c, i: _chunk_correction(params, c, i, key, qa, qs, **opts,
-                                                         max_bytes=max_bytes), data, chunk_size, bar)
-        lam = [c / n for c in cs]
+            lam = _chunked(lambda acc, c, i, m: _chunk_correction(acc, params, c, i, m, key, qa, qs, **opts,
+                                                                  max_bytes=max_bytes), data, chunk_size, bar)
+    lam, diag = _finish(lam, d, leaves, n, correct=bool(correct and blks), other=tuple(other))
+    return EKFACState(tuple(qa), tuple(qs), tuple(lam), jax.tree_util.tree_unflatten(treedef, diag),
+                      jnp.asarray(shift), tuple(blks))
+
+
+@functools.partial(jax.jit, static_argnames=("correct", "other"))
+def _finish(lam, d, leaves, n, *, correct, other):
+    """The corrected eigenvalues (sums / n) and the diagonal pytree's leaves (zeros on block
+    leaves), in one program."""
+    lam = [c / n for c in lam] if correct else lam
     diag = [jnp.zeros_like(l) for l in leaves]
     for i, di in zip(other, d):
         diag[i] = di / n
-    return EKFACState(tuple(qa), tuple(qs), tuple(lam), jax.tree_util.tree_unflatten(treedef, diag),
-                      jnp.asarray(shift), tuple(blks))
+    return lam, diag
 
 
 # ------------------------------------------------------------------ the factored inverse
