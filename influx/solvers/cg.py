@@ -48,11 +48,39 @@ solver value works: ``cg(preconditioner=influx.solvers.ekfac())`` fits the EK-FA
 once in ``prepare`` (two passes over the data) and applies ``M^-1 r = (C_ekfac + s I)^-1 r``
 with the factored inverse (two small matrix products per layer, no operator product), SPD
 because every corrected eigenvalue is ``>= 0`` and ``s = l2 + damping > 0`` (checked).
-Where the Kronecker approximation is good, the spectrum of ``M^-1 A`` clusters near 1 and
-CG needs far fewer steps; where it underestimates the curvature, ``M^-1 A`` has eigenvalues
-up to ``C / shift`` and PCG can need *more* steps than plain CG (measured on a trained CNN
-and transformer, ``benchmarks/results/solvers_precond.json``); ``precond_damping`` adds
-to the shift of ``M`` only, bounding those eigenvalues.
+Where the Kronecker approximation is good (one dense layer, badly scaled inputs), the
+spectrum of ``M^-1 A`` clusters near 1 and CG needs far fewer steps. On trained deep nets
+it is not: their GNH is "low rank plus shift" (most eigenvalues of ``A`` sit at the shift
+``s``, where CG pays nothing for them, a few large ones set the step count), while a
+block-diagonal Kronecker product has curvature in directions where the GNH has none
+(cross-layer cancellations such as the ReLU rescaling symmetry, the rank of ``A (x) S``
+exceeding that of the GNH). There ``M^-1 A ~ s / (lambda_kron + s) << 1``: the cluster at
+the shift is spread over decades and PCG needs *more* steps than plain CG (measured on
+a trained ReLU net, CNN and transformer, ``benchmarks/results/solvers_precond.json``).
+``precond_damping`` adds to the shift of ``M`` only (fewer steps than with EK-FAC alone,
+still more than plain CG there).
+
+Deflation (``cg(deflate=k)``, a spectral two-level preconditioner; Carpentieri, Duff &
+Giraud 2003, Saad et al. 2000): ``prepare`` runs ``k`` Lanczos steps on ``M^-1 A`` in the
+``M`` inner product (``M = I`` without a preconditioner; full re-orthogonalisation; ``k``
+operator products, once per operator, shared by every right-hand side), giving Ritz pairs
+``(theta_i, u_i)`` with ``U^T M U = I``, and replaces the preconditioner by::
+
+    M_k^-1 = c^-1 M^-1 + U diag(1/theta_i - 1/c) U^T,     c = s (M = I),  c = 1 (else)
+
+so that ``M_k^-1 A u_i = u_i`` for converged Ritz pairs and the rest of the spectrum is
+that of ``c^-1 M^-1 A`` (without a preconditioner: ``A / s >= 1``, the deflated
+eigenvalues move to the bottom of the spectrum, 1). ``M_k`` is symmetric positive definite
+for any ``U`` with ``U^T M U = I`` and ``theta_i > 0`` (its eigenvalues in the ``M`` metric
+are ``1/theta_i`` and ``1/c``), so inexact Ritz vectors cost steps, never correctness;
+pairs with ``theta_i <= 0`` (an indefinite Hessian) are left out. Without a
+preconditioner this is the damped low-rank inverse of :func:`influx.solvers.arnoldi` with
+``complement=True`` used as a preconditioner, and CG then corrects what the rank misses.
+It removes the top of the spectrum, which is what sets CG's step count on low-rank-plus-
+shift curvature: on the trained CNN of ``benchmarks/models.py`` (shift 1e-2) plain CG
+needs ~50 steps, ``deflate=50`` about 10 (``benchmarks/README.md``). Cost: ``k`` products
+and ``2 k P`` numbers (``3 k P`` with a preconditioner) in ``prepare`` (checked against the
+memory available), two ``(k, P)`` products per step.
 
 Loops (``cg(loop=...)``): XLA:CPU runs convolutions several times slower inside a
 ``lax.while_loop`` than as a standalone program (jax issue 12868). ``loop="host"`` runs the
@@ -135,7 +163,9 @@ class CG(Solver):
     def prepare(self, op):
         """The preconditioner's state: ``{}`` (none or a callable), ``{"inv_diag": ...}``
         (``"jacobi"``, ``precond_samples`` products) or ``{"precond": state}`` (a solver value
-        such as ``ekfac()``: its ``prepare(op)``, e.g. the Kronecker factors)."""
+        such as ``ekfac()``: its ``prepare(op)``, e.g. the Kronecker factors); with
+        ``deflate=k`` also ``"deflation"``: ``{"u": (k, P) M-orthonormal Ritz vectors,
+        "d": 1/theta - 1/c, "scale": 1/c, "ritz": theta}`` (``k`` operator products)."""
         shift = _concrete_float(getattr(op, "shift", None))
         if not is_positive_semidefinite(op) and shift is not None and shift <= 0:
             warnings.warn("cg: the operator is not tagged positive semidefinite (e.g. kind='hessian') and "
@@ -366,6 +396,12 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
         unchanged). Where the approximation underestimates the curvature, ``M^-1 A`` has
         eigenvalues up to ``C / shift``; a larger shift in ``M`` bounds them (at the price
         of a weaker preconditioner where it is accurate).
+      deflate: ``k > 0``: correct the preconditioner (or the identity) by the top of the
+        spectrum of ``M^-1 A`` found by ``k`` Lanczos steps in ``prepare`` (``k`` operator
+        products, once per operator; see the module docstring): ``M_k^-1 = c^-1 M^-1 + U
+        (Theta^-1 - 1/c) U^T``, ``c`` the shift without a preconditioner, else 1. Pays off
+        when one ``prepare`` serves many right-hand sides (influence of many queries).
+        Needs ``l2 + damping > 0`` without a preconditioner. ``0`` (default): none.
       recompute_every: replace the recurrence residual by the true residual every this
         many steps (one extra product each time).
       stagnation_window: stop with ``Status.STAGNATED`` when the best true residual has
