@@ -546,8 +546,9 @@ def _cg_row(solver, op, rhs, **info):
     common.block(sols)
     t_solve = time.perf_counter() - t0  # includes compiling (one call per configuration)
     steps = np.asarray(sols.stats["steps"])
-    if isinstance(state, dict) and "deflation" in state:  # Ritz values of M^-1 A (descending)
-        ritz = np.sort(np.asarray(state["deflation"]["ritz"], np.float64))[::-1]
+    if isinstance(state, dict) and "deflation" in state:  # Ritz values of c^-1 M^-1 A (descending)
+        dfl = state["deflation"]
+        ritz = np.sort(np.asarray(dfl["ritz"], np.float64) * float(dfl["scale"]))[::-1]
         info["ritz"] = [float(v) for v in ritz]
     return {**info, "prepare_s": t_prep, "solve_s": t_solve,
             "steps": [int(s) for s in steps],
@@ -605,6 +606,12 @@ def _precond_rows(name, op, rhs, configs, max_steps, out):
         out["rows"].append(row)
 
 
+# full-size trained models: K-FAC (as EK-FAC, slower) and EK-FAC + deflation (between the two) only in
+# the quick run and on the small problems, to keep the run within ~30 min on 2 shared cores
+TRAINED_CONFIGS = [c for c in PRECOND_CONFIGS if c[0] != "kfac" and not (c[0] == "ekfac" and c[3])]
+TRAINED_MAX_STEPS = 100  # plain CG needs ~50 there: "not converged in 100" already answers
+
+
 def run_precond_trained(name, quick):
     """As :func:`run_precond` on the trained models of ``benchmarks/models.py`` (its data,
     initialisation, minibatch training and ``apply_fn``; ReLU CNN with N = 2000 / 500 quick,
@@ -625,25 +632,44 @@ def run_precond_trained(name, quick):
     out = {"n_train": spec.n_train, "params": int(ravel_pytree(params)[0].size), "tol": PRECOND_TOL,
            "rhs": k, "l2": spec.l2, "damping": spec.damping, "train": log, "rows": []}
     out["coverage"] = float(solvers.ekfac.coverage(obj.apply_fn, params, train_[0][:1]))
-    _precond_rows(f"{name} (trained)", op, rhs, PRECOND_CONFIGS, 150 if quick else 300, out)
+    _precond_rows(f"{name} (trained)", op, rhs, PRECOND_CONFIGS if quick else TRAINED_CONFIGS,
+                 150 if quick else TRAINED_MAX_STEPS, out)
     return out
 
 
+def _precond_table(r):
+    rows = []
+    for x in r["rows"]:
+        top = f"{x['ritz'][0]:.3g}" if x.get("ritz") else "-"
+        rows.append([x["preconditioner"], x["precond_damping"], x["deflate"], max(x["steps"]),
+                     max(x["products"]), f"{x['products_amortised']:.1f}", max(x["relative_residual"]),
+                     ",".join(sorted(set(x["status"]))), top, x["prepare_s"], x["solve_s"]])
+    return common.md_table(["preconditioner", "precond_damping", "deflate", "steps", "products",
+                            f"products/query ({AMORTISE_OVER} queries)", "rel. residual", "status",
+                            "top Ritz value", "prepare s", "solve s"], rows)
+
+
 def precond_markdown(res, load, runtime):
-    lines = [f"CG to relative residual {PRECOND_TOL:g} (float32, GNH, l2 = 1e-3, damping 1e-3) on "
-             "test-loss gradients, without and with a Kronecker-factored preconditioner "
-             "(`cg(preconditioner=ekfac(), precond_damping=...)`); steps and products per right-hand "
-             "side (max over them), times for the batch (solve time includes compiling; the CNN "
-             "runs with the host-driven loop, `loop=\"auto\"`). "
+    lines = [f"CG to relative residual {PRECOND_TOL:g} (float32, GNH) on test-loss gradients of "
+             "2 queries, without and with a preconditioner: Kronecker-factored "
+             "(`cg(preconditioner=ekfac(), precond_damping=...)`) and/or deflation "
+             "(`cg(deflate=k)`: `k` Lanczos steps on `M^-1 A` in `prepare`, top Ritz pairs mapped to 1; "
+             "`influx/solvers/cg.py`). Steps and products per right-hand side (max over them); "
+             f"products/query counts the `deflate` Lanczos products of `prepare` shared by {AMORTISE_OVER} "
+             "queries; top Ritz value: of `M^-1 A / c` (`c` = the shift without a preconditioner, "
+             "so the condition number of `A`; 1 with one). Times for the batch (solve time includes "
+             "compiling; the CNN runs with the host-driven loop, `loop=\"auto\"`). "
              "Run: `python -m benchmarks.solvers --only precond`."]
-    for name, r in res.items():
-        lines.append(f"\n**{name}** (P = {r['params']:,}, N = {r['n_train']}, {r['rhs']} right-hand "
-                     f"sides, Kronecker coverage {r['coverage']:.0%})\n")
-        rows = [[x["preconditioner"], x["precond_damping"], max(x["steps"]), max(x["products"]),
-                 max(x["relative_residual"]), ",".join(sorted(set(x["status"]))), x["prepare_s"],
-                 x["solve_s"]] for x in r["rows"]]
-        lines.append(common.md_table(["preconditioner", "precond_damping", "steps", "products",
-                                      "rel. residual", "status", "prepare s", "solve s"], rows))
+    for key, r in res.items():
+        if key.endswith("trained"):
+            name = key.split(" ")[0]
+            lines.append(f"\n**{name}, trained** (`benchmarks/models.py`: P = {r['params']:,}, N = "
+                         f"{r['n_train']}, l2 = {r['l2']:g}, damping = {r['damping']:g}, Kronecker coverage "
+                         f"{r['coverage']:.0%})\n")
+        else:
+            lines.append(f"\n**{key}, harder shift** (l2 = 1e-3, damping 1e-3: shift 2e-3; P = "
+                         f"{r['params']:,}, N = {r['n_train']}, Kronecker coverage {r['coverage']:.0%})\n")
+        lines.append(_precond_table(r))
         if "loop_timing" in r:
             c = r["loop_timing"]
             lines.append(f"\nCost per curvature product on the CNN: {c['product_standalone_s']:.3g} s "
@@ -656,14 +682,30 @@ def precond_markdown(res, load, runtime):
     return "\n".join(lines)
 
 
-def precond_main(quick):
+PRECOND_PARTS = ("cnn", "transformer", "cnn trained", "transformer trained")
+
+
+def precond_main(quick, parts=PRECOND_PARTS):
+    """Runs ``parts`` (the harder-shift problems at N = 256 as in earlier runs, the trained
+    models at ``benchmarks/models.py``'s sizes, ``--quick``: its quick sizes), merging them into
+    ``results/solvers_precond.json`` (earlier parts kept), then rewrites the README section."""
+    import json
+
+    path = common.RESULTS / "solvers_precond.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    res = old.get("results", {}) if old.get("version") == 2 else {}
     t_start, load0 = time.perf_counter(), _load()
-    res = {name: run_precond(name, quick) for name in ("cnn", "transformer")}
+    for part in parts:
+        name = part.split(" ")[0]
+        res[part] = run_precond_trained(name, quick) if part.endswith("trained") else run_precond(name, True)
     runtime, load = time.perf_counter() - t_start, [load0, _load()]
-    payload = {"machine": common.machine(), "quick": quick, "results": res, "runtime_s": runtime,
-               "load_average": load}
+    if old.get("version") == 2 and set(parts) != set(PRECOND_PARTS):
+        runtime += old.get("runtime_s", 0.0)
+        load = [old["load_average"][0], load[1]] if old.get("load_average") else load
+    payload = {"version": 2, "machine": common.machine(), "quick": quick, "results": res,
+               "runtime_s": runtime, "load_average": load}
     path = common.save_json("solvers_precond", payload)
-    md = precond_markdown(res, load, runtime)
+    md = precond_markdown({k: res[k] for k in PRECOND_PARTS if k in res}, load, runtime)
     common.write_section("Preconditioned CG", md)
     print(md)
     print(f"wrote {path}")
@@ -682,6 +724,9 @@ def main():
     ap.add_argument("--only", choices=["digits", "mnist", "precond"], default=None,
                     help="one problem; 'precond': preconditioned CG on a CNN and a transformer "
                          "(results/solvers_precond.json)")
+    ap.add_argument("--parts", default=None,
+                    help="with --only precond: comma-separated subset of " + ",".join(PRECOND_PARTS)
+                         + " (merged into results/solvers_precond.json)")
     ap.add_argument("--from-json", action="store_true",
                     help="only re-render the README section from results/solvers.json")
     args = ap.parse_args()
@@ -695,7 +740,7 @@ def main():
         print(md)
         return
     if args.only == "precond":
-        precond_main(args.quick)
+        precond_main(args.quick, tuple(args.parts.split(",")) if args.parts else PRECOND_PARTS)
         return
     t_start, load0 = time.perf_counter(), _load()
     machine = common.machine()
