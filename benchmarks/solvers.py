@@ -612,6 +612,75 @@ TRAINED_CONFIGS = [c for c in PRECOND_CONFIGS if c[0] != "kfac" and not (c[0] ==
 TRAINED_MAX_STEPS = 100  # plain CG needs ~50 there: "not converged in 100" already answers
 
 
+def precond_diagnosis(seed=0):
+    """Dense float64 diagnosis on a trained two-layer ReLU net (6-12-4, softmax, N = 200,
+    l2 = damping = 1e-3, P = 136): spectra of ``A`` and of ``M^-1 A`` for EK-FAC, K-FAC, the
+    exact per-layer block diagonal of ``A`` and deflation (``cg(deflate=k)``), and CG steps to
+    1e-6 (float64, ``loop="compiled"``) on 3 random right-hand sides."""
+    n, d, h, k = 200, 6, 12, 4
+    kx, ky, k1, k2 = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(kx, (n, d), jnp.float64)
+    y = jnp.argmax(x @ jax.random.normal(ky, (d, k)) + 0.5 * jax.random.normal(ky, (n, k)), 1)
+    params = [{"w": jax.random.normal(k1, (d, h), jnp.float64) * np.sqrt(2 / d), "b": jnp.zeros(h)},
+              {"w": jax.random.normal(k2, (h, k), jnp.float64) / np.sqrt(h), "b": jnp.zeros(k)}]
+    obj = influx.Objective(lambda p, x: jax.nn.relu(x @ p[0]["w"] + p[0]["b"]) @ p[1]["w"] + p[1]["b"],
+                           influx.losses.softmax_cross_entropy, l2=1e-3)
+    params = train(obj, params, (x, y), steps=300, lr=1e-2)[0]
+    op = curvature.operator(obj, params, (x, y), kind="gnh", damping=1e-3)
+    a = np.asarray(curvature.dense(op))
+    flat, unravel = ravel_pytree(params)
+    p_ = flat.shape[0]
+    shift = float(op.shift)
+    chol = np.linalg.cholesky(a)
+
+    def dense_psolve(solver):
+        state = solver.prepare(op)
+        return np.asarray(jax.vmap(solver._psolve(state, unravel, flat.dtype))(jnp.eye(p_))).T
+
+    sizes = np.cumsum([0] + [int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params)])
+    block = np.zeros_like(a)
+    for lo, hi in ((sizes[0], sizes[2]), (sizes[2], sizes[4])):  # leaves: b0, w0 | b1, w1
+        block[lo:hi, lo:hi] = a[lo:hi, lo:hi]
+    ev_a = np.linalg.eigvalsh(a)
+    out = {"params": int(p_), "shift": shift, "cond_A": float(ev_a[-1] / ev_a[0]),
+           "share_A_below_3_shift": float(np.mean(ev_a < 3 * shift)), "rows": []}
+    rng = np.random.default_rng(seed)
+    bs = rng.standard_normal((3, p_))
+    binv = np.linalg.inv(block)
+    exact_blocks = solvers.cg(tol=1e-6, loop="compiled", preconditioner=lambda v: unravel(
+        jnp.asarray(binv) @ ravel_pytree(v)[0]))
+    preconds = [("exact layer blocks", binv, exact_blocks)]
+    for label, solver in (("none", solvers.cg(tol=1e-6, loop="compiled")),
+                          ("ekfac", solvers.cg(tol=1e-6, loop="compiled", preconditioner="ekfac")),
+                          ("kfac", solvers.cg(tol=1e-6, loop="compiled", preconditioner="kfac")),
+                          ("deflate=20", solvers.cg(tol=1e-6, loop="compiled", deflate=20)),
+                          ("deflate=40", solvers.cg(tol=1e-6, loop="compiled", deflate=40)),
+                          ("ekfac, deflate=40", solvers.cg(tol=1e-6, loop="compiled", deflate=40,
+                                                           preconditioner="ekfac"))):
+        preconds.append((label, None if label == "none" else dense_psolve(solver), solver))
+    for label, minv, solver in preconds:
+        ev = ev_a if minv is None else np.linalg.eigvalsh(chol.T @ (0.5 * (minv + minv.T)) @ chol)
+        row = {"preconditioner": label, "min": float(ev[0]), "max": float(ev[-1]),
+               "cond": float(ev[-1] / ev[0]), "share_below_3_min": float(np.mean(ev < 3 * ev[0]))}
+        if solver is not None:
+            sols = solver.apply_batch(solver.prepare(op), op, jax.vmap(unravel)(jnp.asarray(bs)))
+            row["steps"] = [int(v) for v in np.asarray(sols.stats["steps"])]
+            row["converged"] = bool(np.all(np.asarray(sols.converged)))
+        out["rows"].append(row)
+        print("diagnosis", row, flush=True)
+    return out
+
+
+def _diagnosis_markdown(r):
+    rows = [[x["preconditioner"], x["min"], x["max"], x["cond"], f"{x['share_below_3_min']:.0%}",
+             max(x["steps"]) if "steps" in x else "-"] for x in r["rows"]]
+    return (f"\n**Diagnosis, dense float64** (`precond_diagnosis`): a trained two-layer ReLU net "
+            f"(6-12-4, N = 200, P = {r['params']}, shift {r['shift']:g}). {r['share_A_below_3_shift']:.0%} "
+            "of the eigenvalues of `A` lie below 3x the shift (the GNH is low rank plus shift). Spectrum "
+            "of `M^-1 A` and CG steps to 1e-6 (max over 3 random right-hand sides):\n\n"
+            + common.md_table(["M", "min eig", "max eig", "cond", "eigs < 3 min", "CG steps"], rows))
+
+
 def run_precond_trained(name, quick):
     """As :func:`run_precond` on the trained models of ``benchmarks/models.py`` (its data,
     initialisation, minibatch training and ``apply_fn``; ReLU CNN with N = 2000 / 500 quick,
@@ -661,6 +730,9 @@ def precond_markdown(res, load, runtime):
              "compiling; the CNN runs with the host-driven loop, `loop=\"auto\"`). "
              "Run: `python -m benchmarks.solvers --only precond`."]
     for key, r in res.items():
+        if key == "diagnosis":
+            lines.append(_diagnosis_markdown(r))
+            continue
         if key.endswith("trained"):
             name = key.split(" ")[0]
             lines.append(f"\n**{name}, trained** (`benchmarks/models.py`: P = {r['params']:,}, N = "
@@ -682,7 +754,7 @@ def precond_markdown(res, load, runtime):
     return "\n".join(lines)
 
 
-PRECOND_PARTS = ("cnn", "transformer", "cnn trained", "transformer trained")
+PRECOND_PARTS = ("diagnosis", "cnn", "transformer", "cnn trained", "transformer trained")
 
 
 def precond_main(quick, parts=PRECOND_PARTS):
@@ -697,7 +769,11 @@ def precond_main(quick, parts=PRECOND_PARTS):
     t_start, load0 = time.perf_counter(), _load()
     for part in parts:
         name = part.split(" ")[0]
-        res[part] = run_precond_trained(name, quick) if part.endswith("trained") else run_precond(name, True)
+        if part == "diagnosis":
+            res[part] = precond_diagnosis()
+        else:
+            trained = part.endswith("trained")
+            res[part] = run_precond_trained(name, quick) if trained else run_precond(name, True)
     runtime, load = time.perf_counter() - t_start, [load0, _load()]
     if old.get("version") == 2 and set(parts) != set(PRECOND_PARTS):
         runtime += old.get("runtime_s", 0.0)
