@@ -226,7 +226,8 @@ def test_deflation_preconditioner_is_spd_and_maps_the_ritz_pairs_to_one():
         assert ev_new.max() / ev_new.min() < 0.5 * ev_old.max() / ev_old.min()
 
 
-def test_deflation_host_loop_block_cg_and_bad_input():
+@pytest.mark.slow
+def test_deflation_host_loop_and_block_cg():
     op, ref = _relu_net()
     bs = jax.vmap(ref["unravel"])(jnp.asarray(ref["bs"]))
     comp = solvers.cg(deflate=12, loop="compiled")
@@ -237,6 +238,9 @@ def test_deflation_host_loop_block_cg_and_bad_input():
     assert np.all(np.asarray(sols.status) == Status.CONVERGED)
     for i in range(2):
         assert _rel(jax.tree_util.tree_map(lambda a, i=i: a[i], sols.x), ref["xs"][i]) < 1e-7
+
+
+def test_deflation_is_an_option_of_the_value_and_bad_input_is_refused():
     assert solvers.cg(deflate=12) == solvers.cg(deflate=12) != solvers.cg(deflate=13)
     assert hash(solvers.cg(deflate=12)) == hash(solvers.cg(deflate=12))
     with pytest.raises(InputError, match="deflate"):
