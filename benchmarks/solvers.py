@@ -693,8 +693,11 @@ def run_precond_trained(name, quick):
     params = jax.tree_util.tree_map(jnp.asarray, params)
     obj = influx.Objective(M.apply_fn_for(name), influx.losses.softmax_cross_entropy, l2=spec.l2)
     train_ = (jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"]))
+    # one data chunk (the memory budget may split it): the scoring chunk of benchmarks/models.py (256)
+    # puts the convolutions inside a scan, where XLA:CPU runs them ~10x slower (20.9 s against 2.0 s
+    # per product on the CNN at N = 2000, jax issue 12868)
     op = curvature.operator(obj, params, train_, kind="gnh", damping=np.float32(spec.damping),
-                            chunk_size=spec.chunk_size)
+                            chunk_size=spec.n_train)
     k = 2
     rhs = curvature.per_example_grads(obj, params, (jnp.asarray(data["x_query"][:k]),
                                                     jnp.asarray(data["y_query"][:k])))
