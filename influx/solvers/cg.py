@@ -77,8 +77,10 @@ pairs with ``theta_i <= 0`` (an indefinite Hessian) are left out. Without a
 preconditioner this is the damped low-rank inverse of :func:`influx.solvers.arnoldi` with
 ``complement=True`` used as a preconditioner, and CG then corrects what the rank misses.
 It removes the top of the spectrum, which is what sets CG's step count on low-rank-plus-
-shift curvature: on the trained CNN of ``benchmarks/models.py`` (shift 1e-2) plain CG
-needs ~50 steps, ``deflate=50`` about 10 (``benchmarks/README.md``). Cost: ``k`` products
+shift curvature: on the trained CNN of ``benchmarks/models.py`` (N = 2000, shift 1e-2, tol
+1e-3, float32) plain CG takes 29 steps, ``deflate=20`` 10 and ``deflate=50`` 6, EK-FAC PCG
+60; at shift 2e-3 (a smaller tanh CNN) 99, 63, 45 and not converged in 150
+(``benchmarks/README.md``). Cost: ``k`` products
 and ``2 k P`` numbers (``3 k P`` with a preconditioner) in ``prepare`` (checked against the
 memory available), two ``(k, P)`` products per step.
 
