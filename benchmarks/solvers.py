@@ -28,11 +28,17 @@ call) vs sequential (16 calls) right-hand sides at one configuration per solver
 (damping 0); ``cg (block)`` is ``cg(block=True)``, whose batched call is block CG (one
 Krylov space for all 16) while its sequential calls are plain CG.
 
-Preconditioned CG (``--only precond``, ``results/solvers_precond.json``): CG steps and time
-to a relative residual of 1e-3 without and with EK-FAC / K-FAC as preconditioner
-(``cg(preconditioner=ekfac())``) on a CNN (two convolutions, P = 105,866, MNIST) and a
-two-block transformer with a classification head (P ~ 27k), host-driven and compiled
-loops on the CNN, and one GNH product standalone vs inside a compiled ``fori_loop``.
+Preconditioned CG (``--only precond [--parts ...]``, ``results/solvers_precond.json``): a
+dense float64 diagnosis of ``M^-1 A`` on a trained two-layer ReLU net (``diagnosis``); CG
+steps, products and time to a relative residual of 1e-3 (float32) without and with EK-FAC /
+K-FAC as preconditioner (``cg(preconditioner=ekfac(), precond_damping=...)``) and with
+deflation (``cg(deflate=k)``) on a tanh CNN (two convolutions, P = 105,866, MNIST, N = 256)
+and a two-block transformer (P ~ 26k, N = 256) at shift 2e-3 (``cnn``, ``transformer``; plus
+host-driven vs compiled loops on the CNN and one GNH product standalone vs inside a
+compiled ``fori_loop``), and on the trained ReLU CNN (N = 2000) and GELU transformer (P =
+1.0M, N = 500) of ``benchmarks/models.py`` at its shift 1e-4 + 1e-2 (``cnn trained``,
+``transformer trained``; ``--quick``: its quick sizes). Parts run separately are merged
+into the results file.
 
 Run: ``python -m benchmarks.solvers [--quick] [--only digits|mnist|precond] [--from-json]``.
 Runtime on 2 shared CPU cores: default < 5 min, ``--quick`` < 90 s (both printed at the
