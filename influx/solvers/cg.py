@@ -48,11 +48,41 @@ solver value works: ``cg(preconditioner=influx.solvers.ekfac())`` fits the EK-FA
 once in ``prepare`` (two passes over the data) and applies ``M^-1 r = (C_ekfac + s I)^-1 r``
 with the factored inverse (two small matrix products per layer, no operator product), SPD
 because every corrected eigenvalue is ``>= 0`` and ``s = l2 + damping > 0`` (checked).
-Where the Kronecker approximation is good, the spectrum of ``M^-1 A`` clusters near 1 and
-CG needs far fewer steps; where it underestimates the curvature, ``M^-1 A`` has eigenvalues
-up to ``C / shift`` and PCG can need *more* steps than plain CG (measured on a trained CNN
-and transformer, ``benchmarks/results/solvers_precond.json``); ``precond_damping`` adds
-to the shift of ``M`` only, bounding those eigenvalues.
+Where the Kronecker approximation is good (one dense layer, badly scaled inputs), the
+spectrum of ``M^-1 A`` clusters near 1 and CG needs far fewer steps. On trained deep nets
+it is not: their GNH is "low rank plus shift" (most eigenvalues of ``A`` sit at the shift
+``s``, where CG pays nothing for them, a few large ones set the step count), while a
+block-diagonal Kronecker product has curvature in directions where the GNH has none
+(cross-layer cancellations such as the ReLU rescaling symmetry, the rank of ``A (x) S``
+exceeding that of the GNH). There ``M^-1 A ~ s / (lambda_kron + s) << 1``: the cluster at
+the shift is spread over decades and PCG needs *more* steps than plain CG (measured on
+a trained ReLU net, CNN and transformer, ``benchmarks/results/solvers_precond.json``).
+``precond_damping`` adds to the shift of ``M`` only (fewer steps than with EK-FAC alone,
+still more than plain CG there).
+
+Deflation (``cg(deflate=k)``, a spectral two-level preconditioner; Carpentieri, Duff &
+Giraud 2003, Saad et al. 2000): ``prepare`` runs ``k`` Lanczos steps on ``M^-1 A`` in the
+``M`` inner product (``M = I`` without a preconditioner; full re-orthogonalisation; ``k``
+operator products, once per operator, shared by every right-hand side), giving Ritz pairs
+``(theta_i, u_i)`` with ``U^T M U = I``, and replaces the preconditioner by::
+
+    M_k^-1 = c^-1 M^-1 + U diag(1/theta_i - 1/c) U^T,     c = s (M = I),  c = 1 (else)
+
+so that ``M_k^-1 A u_i = u_i`` for converged Ritz pairs and the rest of the spectrum is
+that of ``c^-1 M^-1 A`` (without a preconditioner: ``A / s >= 1``, the deflated
+eigenvalues move to the bottom of the spectrum, 1). ``M_k`` is symmetric positive definite
+for any ``U`` with ``U^T M U = I`` and ``theta_i > 0`` (its eigenvalues in the ``M`` metric
+are ``1/theta_i`` and ``1/c``), so inexact Ritz vectors cost steps, never correctness;
+pairs with ``theta_i <= 0`` (an indefinite Hessian) are left out. Without a
+preconditioner this is the damped low-rank inverse of :func:`influx.solvers.arnoldi` with
+``complement=True`` used as a preconditioner, and CG then corrects what the rank misses.
+It removes the top of the spectrum, which is what sets CG's step count on low-rank-plus-
+shift curvature: on the trained CNN of ``benchmarks/models.py`` (N = 2000, shift 1e-2, tol
+1e-3, float32) plain CG takes 29 steps, ``deflate=20`` 10 and ``deflate=50`` 6, EK-FAC PCG
+60; at shift 2e-3 (a smaller tanh CNN) 99, 63, 45 and not converged in 150
+(``benchmarks/README.md``). Cost: ``k`` products
+and ``2 k P`` numbers (``3 k P`` with a preconditioner) in ``prepare`` (checked against the
+memory available), two ``(k, P)`` products per step.
 
 Loops (``cg(loop=...)``): XLA:CPU runs convolutions several times slower inside a
 ``lax.while_loop`` than as a standalone program (jax issue 12868). ``loop="host"`` runs the
@@ -77,7 +107,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influx import _progress
+from influx import _memory, _progress
 from influx._xla import jit
 from influx.errors import InputError
 from influx.solvers._base import (
@@ -97,7 +127,7 @@ from influx.solvers.ekfac import EKFAC, EKFACState
 from influx.solvers.ekfac import _inverse as _ekfac_inverse
 from influx.solvers.ekfac import ekfac as _ekfac_factory
 from influx.solvers.ekfac import kfac as _kfac_factory
-from influx.validation import check_positive_int
+from influx.validation import check_int, check_positive_int
 
 __all__ = ["CG", "LOOPS", "cg", "block_cg", "diagonal_preconditioner", "estimate_diagonal",
            "has_convolution", "linear_inverse"]
@@ -123,6 +153,7 @@ class CG(Solver):
     block: bool = False
     loop: str = "auto"
     precond_damping: float = 0.0
+    deflate: int = 0
     # not an option of the math: excluded from equality, hashing and options (fingerprints)
     progress: bool | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -134,13 +165,21 @@ class CG(Solver):
     def prepare(self, op):
         """The preconditioner's state: ``{}`` (none or a callable), ``{"inv_diag": ...}``
         (``"jacobi"``, ``precond_samples`` products) or ``{"precond": state}`` (a solver value
-        such as ``ekfac()``: its ``prepare(op)``, e.g. the Kronecker factors)."""
+        such as ``ekfac()``: its ``prepare(op)``, e.g. the Kronecker factors); with
+        ``deflate=k`` also ``"deflation"``: ``{"u": (k, P) M-orthonormal Ritz vectors,
+        "d": 1/theta - 1/c, "scale": 1/c, "ritz": theta}`` (``k`` operator products)."""
         shift = _concrete_float(getattr(op, "shift", None))
         if not is_positive_semidefinite(op) and shift is not None and shift <= 0:
             warnings.warn("cg: the operator is not tagged positive semidefinite (e.g. kind='hessian') and "
                           "has no shift (l2 + damping = 0); CG needs a positive definite operator and "
                           "stops with NEGATIVE_CURVATURE if it meets p^T A p <= 0: add damping or use "
                           "kind='gnh'", RuntimeWarning, stacklevel=2)
+        state = self._prepare_base(op)
+        if self.deflate:
+            state = {**state, "deflation": self._prepare_deflation(state, op, shift)}
+        return state
+
+    def _prepare_base(self, op):
         pre = self.preconditioner
         if isinstance(pre, Solver):
             try:
@@ -158,8 +197,67 @@ class CG(Solver):
     def _prepare_jacobi(self, op):
         return {"inv_diag": 1.0 / estimate_diagonal(op, key_array(self.key), samples=self.precond_samples)}
 
+    # -- deflation: a spectral correction of M^-1 from Lanczos on M^-1 A ----------------------
+    def _prepare_deflation(self, state, op, shift):
+        """``{"u", "d", "scale", "ritz"}`` of :func:`_deflation_finish`, after ``deflate``
+        Lanczos steps on ``M^-1 A`` (host-driven like the CG loop, see ``loop``)."""
+        p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(op.params))
+        m = min(self.deflate, p)
+        if self.preconditioner is None and shift is not None and shift <= 0:
+            raise InputError(f"cg: deflate={self.deflate} without a preconditioner maps the complement of "
+                             "the deflated space by 1/shift and needs l2 + damping > 0, got shift "
+                             f"{shift:g}: add damping or give a preconditioner")
+        itemsize = jnp.result_type(*jax.tree_util.tree_leaves(op.params)).itemsize
+        copies = 2 if self.preconditioner is None else 3  # basis (and M times it), Ritz vectors
+        _memory.check_fits(copies * m * p * itemsize,
+                           what=f"cg: the deflation basis ({m} x {p:,}, deflate={self.deflate})",
+                           alternative="lower deflate, or use deflate=0")
+        if self._on_host(state, op, ()):
+            carry = compiled(CG._lanczos_start)(self, state, op)
+            for j in range(m):
+                carry = compiled(CG._lanczos_step)(self, state, op, carry, jnp.int32(j))
+            return compiled(CG._lanczos_finish)(self, state, op, carry)
+        return compiled(CG._lanczos_all)(self, state, op)
+
+    def _lanczos_parts(self, state, op):
+        flat, unravel = ravel_pytree(op.params)
+        dtype = flat.dtype
+        mv = flat_matvec(op, unravel, dtype)
+        return flat, dtype, mv, self._base_psolve(state, unravel, dtype)
+
+    def _lanczos_start(self, state, op):
+        flat, dtype, _, base = self._lanczos_parts(state, op)
+        r = jax.random.normal(jax.random.fold_in(key_array(self.key), 1), flat.shape, dtype)
+        return _lanczos_start(r, base, min(self.deflate, flat.shape[0]))
+
+    def _lanczos_step(self, state, op, carry, j):
+        _, _, mv, base = self._lanczos_parts(state, op)
+        return _lanczos_step(mv, base, carry, j)
+
+    def _lanczos_finish(self, state, op, carry):
+        flat, dtype, _, base = self._lanczos_parts(state, op)
+        scale = 1.0 / jnp.asarray(op.shift, dtype) if base is None else jnp.ones((), dtype)
+        return _deflation_finish(carry, scale)
+
+    def _lanczos_all(self, state, op):
+        carry = self._lanczos_start(state, op)
+        m = carry["v"].shape[0]
+        carry = jax.lax.fori_loop(0, m, lambda j, c: self._lanczos_step(state, op, c, j), carry)
+        return self._lanczos_finish(state, op, carry)
+
     def _psolve(self, state, unravel, dtype):
-        """``r -> M^-1 r`` on flat vectors, or ``None`` without a preconditioner."""
+        """``r -> M^-1 r`` on flat vectors (with the deflation correction when ``deflate``),
+        or ``None`` without either."""
+        base = self._base_psolve(state, unravel, dtype)
+        if "deflation" not in state:
+            return base
+        dfl = state["deflation"]
+        u, d, scale = dfl["u"].astype(dtype), dfl["d"].astype(dtype), dfl["scale"].astype(dtype)
+        base = (lambda r: r) if base is None else base
+        return lambda r: scale * base(r) + (d * (u @ r)) @ u
+
+    def _base_psolve(self, state, unravel, dtype):
+        """``r -> M^-1 r`` of the preconditioner alone, or ``None`` without one."""
         pre = self.preconditioner
         if isinstance(pre, Solver):
             inverse, pstate = linear_inverse(pre), state["precond"]
@@ -276,7 +374,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
        preconditioner: Callable | str | Solver | None = None, recompute_every: int = 50,
        stagnation_window: int | None = None, divergence_factor: float = 100.0,
        precond_samples: int = 32, key=None, block: bool = False, loop: str = "auto",
-       precond_damping: float = 0.0, progress: bool | None = None) -> CG:
+       precond_damping: float = 0.0, deflate: int = 0, progress: bool | None = None) -> CG:
     """Conjugate-gradient solver (see module docstring); returns a :class:`CG` value.
 
     Args:
@@ -300,6 +398,12 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
         unchanged). Where the approximation underestimates the curvature, ``M^-1 A`` has
         eigenvalues up to ``C / shift``; a larger shift in ``M`` bounds them (at the price
         of a weaker preconditioner where it is accurate).
+      deflate: ``k > 0``: correct the preconditioner (or the identity) by the top of the
+        spectrum of ``M^-1 A`` found by ``k`` Lanczos steps in ``prepare`` (``k`` operator
+        products, once per operator; see the module docstring): ``M_k^-1 = c^-1 M^-1 + U
+        (Theta^-1 - 1/c) U^T``, ``c`` the shift without a preconditioner, else 1. Pays off
+        when one ``prepare`` serves many right-hand sides (influence of many queries).
+        Needs ``l2 + damping > 0`` without a preconditioner. ``0`` (default): none.
       recompute_every: replace the recurrence residual by the true residual every this
         many steps (one extra product each time).
       stagnation_window: stop with ``Status.STAGNATED`` when the best true residual has
@@ -340,6 +444,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
     precond_damping = float(precond_damping)
     if not precond_damping >= 0:
         raise InputError(f"cg: precond_damping must be >= 0, got {precond_damping}")
+    deflate = check_int(deflate, "cg: deflate", minimum=0)
     if loop not in LOOPS:
         raise InputError(f"cg: loop must be one of {LOOPS}, got {loop!r}")
     if progress is not None and not isinstance(progress, bool):
@@ -348,7 +453,7 @@ def cg(*, tol: float = 1e-6, atol: float = 0.0, max_steps: int = 1000,
               recompute_every=int(recompute_every), stagnation_window=stagnation_window,
               divergence_factor=divergence_factor, precond_samples=int(precond_samples),
               key=key_tuple(key), block=bool(block), loop=loop, precond_damping=precond_damping,
-              progress=progress)
+              deflate=int(deflate), progress=progress)
 
 
 # ------------------------------------------------------------------ solver values as preconditioners
@@ -721,6 +826,65 @@ def _cg_program(mv, psolve, b, *, tol, atol, max_steps, recompute_every, stagnat
         return jnp.max(c["steps"]), jnp.max(jnp.where(finite_b, rel, 0.0))
 
     return _Program(start, cond, body, finish, info)
+
+
+# ------------------------------------------------------------------ deflation (spectral preconditioner)
+def _lanczos_start(r, base, m):
+    """Lanczos state for ``m`` steps on ``M^-1 A`` in the ``M`` inner product from ``r``:
+    ``v_0 = M^-1 r / sqrt(r^T M^-1 r)`` (rows of ``v``) and ``M v_0`` (rows of ``mv``;
+    ``M = I`` and no ``mv`` rows when ``base`` is ``None``)."""
+    p, dtype = r.shape[0], r.dtype
+    z = r if base is None else base(r)
+    nrm = jnp.sqrt(jnp.vdot(r, z))
+    carry = {"v": jnp.zeros((m, p), dtype).at[0].set(z / nrm), "alpha": jnp.zeros((m,), dtype),
+             "beta": jnp.zeros((m,), dtype), "scale": jnp.zeros((), dtype)}
+    if base is not None:
+        carry["mv"] = jnp.zeros((m, p), dtype).at[0].set(r / nrm)
+    return carry
+
+
+def _lanczos_step(mv, base, carry, j):
+    """Step ``j``: ``w = M^-1 A v_j``, ``M``-orthogonalised twice against all basis rows
+    (rows after ``j`` are zero), ``beta_j = sqrt(w^T M w)``; the next row is ``w / beta_j``
+    (zero after a breakdown, ``beta_j ~ 0``: an invariant subspace was found)."""
+    v = carry["v"]
+    m, dtype = v.shape[0], v.dtype
+    vj = v[j]
+    u = mv(vj)  # A v_j = M w
+    alpha = jnp.vdot(vj, u)
+    w, mw = (u, u) if base is None else (base(u), u)
+    basis_m = v if base is None else carry["mv"]
+    for _ in range(2):  # w -= V (V^T M w) ("twice is enough")
+        h = v @ mw
+        w = w - h @ v
+        mw = w if base is None else mw - h @ basis_m
+    beta = jnp.sqrt(jnp.maximum(jnp.vdot(w, mw), 0.0))
+    scale = jnp.maximum(carry["scale"], jnp.abs(alpha) + beta)
+    alive = (beta > 100 * jnp.finfo(dtype).eps * scale) & jnp.all(jnp.isfinite(w)) & (
+        jnp.vdot(vj, vj) > 0)
+    inv = jnp.where(alive, 1.0 / jnp.where(alive, beta, 1.0), 0.0)
+    nxt = jnp.minimum(j + 1, m - 1)
+    put = lambda rows, x: jnp.where(j + 1 < m, rows.at[nxt].set(x * inv), rows)
+    out = {"v": put(v, w), "alpha": carry["alpha"].at[j].set(alpha),
+           "beta": carry["beta"].at[j].set(jnp.where(alive, beta, 0.0)), "scale": scale}
+    if base is not None:
+        out["mv"] = put(carry["mv"], mw)
+    return out
+
+
+def _deflation_finish(carry, scale):
+    """Ritz pairs ``(theta_i, u_i)`` of ``M^-1 A`` from the tridiagonal ``T = V A V^T`` and
+    the correction coefficients ``d_i = 1/theta_i - scale`` (``0`` for ``theta_i <= 0`` and
+    for basis rows lost to a breakdown)."""
+    a, b, v = carry["alpha"], carry["beta"][:-1], carry["v"]
+    t = jnp.diag(a) + jnp.diag(b, 1) + jnp.diag(b, -1)
+    theta, s = jnp.linalg.eigh(t)
+    u = s.T @ v  # rows: M-orthonormal Ritz vectors
+    live = jnp.sum(u * u, axis=1) > 0
+    tiny = 100 * jnp.finfo(v.dtype).eps * jnp.max(jnp.abs(theta))
+    keep = live & (theta > tiny) & jnp.isfinite(theta)
+    d = jnp.where(keep, 1.0 / jnp.where(keep, theta, 1.0) - scale, 0.0)
+    return {"u": u, "d": d, "scale": scale, "ritz": jnp.where(keep, theta, 0.0)}
 
 
 # ------------------------------------------------------------------ preconditioning
