@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influx import _memory
+from influx import _memory, _xla
 from influx import losses as _losses
 from influx._xla import jit
 from influx.objective import Objective, check_data, check_like, num_examples
@@ -97,16 +97,29 @@ def gnhvp(net: Callable, loss: Callable, params, v):
 
 
 # ------------------------------------------------------------------ chunking
-def chunked_sum(fn: Callable, data, *, chunk_size: int):
+MAX_STATIC_CHUNKS = 64  # chunked_sum(static=True): at most this many chunks written out
+
+
+def chunked_sum(fn: Callable, data, *, chunk_size: int, static: bool = False):
     """``sum_k fn(chunk_k)`` over consecutive chunks of ``data``'s leading axis.
 
     Full chunks run inside one ``lax.scan`` (memory bounded by ``chunk_size``); a final
     partial chunk of ``N mod chunk_size`` examples is evaluated separately, so any ``N``
     is handled exactly. ``fn`` must return a pytree of arrays with static shapes.
+    ``static=True`` (up to :data:`MAX_STATIC_CHUNKS` chunks): the chunks are written out as
+    static slices instead -- a model with convolutions on XLA:CPU runs several times slower
+    on chunks sliced inside a loop, unrolled or not (one CNN curvature product at N = 2000
+    in 8 chunks: 4.6 s scanned, 5.1 s unrolled, 0.43 s on static slices; jax issue 12868).
     """
     n = num_examples(data)
     c = min(int(chunk_size), n)
     n_full, rem = divmod(n, c)
+    if static and n_full + bool(rem) <= MAX_STATIC_CHUNKS:
+        acc = None
+        for a in range(0, n, c):
+            part = fn(jax.tree_util.tree_map(lambda x, a=a: x[a:a + c], data))
+            acc = part if acc is None else jax.tree_util.tree_map(jnp.add, acc, part)
+        return acc
     head = jax.tree_util.tree_map(lambda a: a[: n_full * c].reshape((n_full, c) + a.shape[1:]), data)
     if n_full == 1:
         acc = fn(jax.tree_util.tree_map(lambda a: a[0], head))
@@ -332,7 +345,10 @@ def _product_chunk(obj, kind, params_key, example_key, limit, n_vectors, budget)
 def _curvature_product(op: Operator, v):
     """``C v``, compiled once per operator structure (inlined under an outer ``jit``)."""
     chunk_fn = _chunk_product(op.obj, op.kind, op.params, v)
-    total = chunked_sum(chunk_fn, op.data, chunk_size=op.product_chunk(1))
+    x1 = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype), op.data[0])
+    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), op.params)
+    total = chunked_sum(chunk_fn, op.data, chunk_size=op.product_chunk(1),
+                        static=_xla.conv_on_cpu(op.obj.apply_fn, shapes, x1))
     n = op.num_examples
     return jax.tree_util.tree_map(lambda t: t / n, total)
 

@@ -242,3 +242,20 @@ def test_chunked_map_equals_one_call(chunk_size):
     want = fn(xs)
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+
+
+def test_static_chunks_equal_scanned_chunks():
+    """chunked_sum(static=True) (static slices, used for conv models on CPU) equals the
+    scanned chunks and one chunk, with and without a partial last chunk."""
+    rng = np.random.default_rng(0)
+    data = (jnp.asarray(rng.normal(size=(23, 3))), jnp.asarray(rng.normal(size=(23,))))
+
+    def fn(ch):
+        return {"s": jnp.sum(ch[0] * ch[1][:, None], axis=0), "q": jnp.sum(ch[1] ** 2)}
+
+    one = curvature.chunked_sum(fn, data, chunk_size=23)
+    for c in (5, 23, 4):
+        for static in (False, True):
+            got = curvature.chunked_sum(fn, data, chunk_size=c, static=static)
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(one)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
