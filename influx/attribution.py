@@ -306,6 +306,18 @@ def _query_batch_for(f, solver, state_key, op_key, params_key, example_key, limi
         return 1
 
 
+@functools.partial(jit, static_argnums=1)
+def _head(tree, m: int):
+    """The first ``m`` rows of every leaf (one small program, not one slice per leaf)."""
+    return jax.tree_util.tree_map(lambda a: a[:m], tree)
+
+
+@functools.partial(jit, static_argnums=1)
+def _rows_like(tree, n: int):
+    """Zeros with ``n`` rows and the row shape and dtype of every leaf (one program)."""
+    return jax.tree_util.tree_map(lambda a: jnp.zeros((n,) + a.shape[1:], a.dtype), tree)
+
+
 @functools.partial(jit, donate_argnums=0)
 def _write_rows(out, start, x):
     """``out[start:start + len(x)] = x`` leaf by leaf, in place (``out`` is donated: no copy of
@@ -330,31 +342,45 @@ def _solve_queries(f, params, test, solver, state, op, *, batch, grad_batch, pro
     next starts (asynchronous dispatch would keep several batches alive), with a bar when
     ``progress`` asks. Batches are ``[0, batch), [batch, 2 batch), ...``: the same right-hand
     sides are solved together as when all gradients were formed first (block CG shares a
-    Krylov space within a batch, so the partition is part of the result)."""
+    Krylov space within a batch, so the partition is part of the result); the short last batch
+    is solved second, so that the programs of both batch shapes are compiled (compilation
+    takes hundreds of MB for a while) before the answer is allocated; its gradients are those
+    of a padded full batch (one gradient program)."""
     n = num_examples(test[0], name="test inputs")
     solve = ((lambda b: solver.apply_batch(state, op, b)) if host else
              (lambda b: compiled(type(solver).apply_many)(solver, state, op, b)))
-    out, infos = None, []
+    starts = list(range(0, n, batch))
+    if n % batch and len(starts) > 2:  # the short batch second: both solve programs compile
+        starts = [starts[0], starts[-1]] + starts[1:-1]  # before the n_test x P answer exists
+    out, pending, infos = None, [], []
     with _progress.bar(progress, total=n, desc=f"influx: solves ({solver.name})", unit="solves") as bar:
-        for start in range(0, n, batch):
+        for start in starts:
             part = _take(test, start, start + batch)
             m = num_examples(part[0])
-            grads = _measurement_grads(f, params, part, batch_size=min(grad_batch, m))
+            if m < batch < n:  # the last, short batch: padded, so one gradient program serves all
+                grads = _head(_measurement_grads(f, params, _curvature.pad_rows(part, batch),
+                                                 batch_size=min(grad_batch, batch)), m)
+            else:
+                grads = _measurement_grads(f, params, part, batch_size=min(grad_batch, m))
             sol = solve(grads)
             del grads
             jax.block_until_ready(sol.x)
             if m == n:  # one batch: its answers are the result
                 bar.update(m)
                 return sol
-            if out is None:
-                out = jax.tree_util.tree_map(lambda a: jnp.zeros((n,) + a.shape[1:], a.dtype), sol.x)
-            out = _write_rows(out, start, sol.x)
-            infos.append(sol._replace(x=None))
+            pending.append((start, sol.x))
+            infos.append((start, sol._replace(x=None)))
             del sol
-            jax.block_until_ready(out)
+            if len(infos) >= min(2, len(starts)):
+                if out is None:
+                    out = _rows_like(pending[0][1], n)
+                for at, x in pending:
+                    out = _write_rows(out, at, x)
+                pending = []
+                jax.block_until_ready(out)
             bar.update(m)
     # every row of ``out`` was written (the batches cover [0, n)): no zero is left in it
-    return _join_rows(infos)._replace(x=out)
+    return _join_rows([info for _, info in sorted(infos, key=lambda t: t[0])])._replace(x=out)
 
 
 class InfluenceInfo(NamedTuple):
@@ -459,6 +485,7 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
                                        chunk_size=chunk_size, memory_budget=memory_budget)
     # first: a refused dense allocation comes before any program runs
     state = _with_progress(solver, progress).prepare(op) if prepared is None else prepared.state
+    _memory.release_free_memory()  # what the fit (and its compilation) freed, before n_test x P
     host = getattr(solver, "host_driven", lambda _: False)(op)  # cg on a conv net on CPU
     batch = min(rhs_batch_size, n_test)
     if not host:  # fewer test examples per step when one step would not fit the budget
@@ -467,6 +494,7 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
                              min(chunk_size, batch), _memory.resolve_budget(memory_budget))
     sol = _solve_queries(f, params, test, solver, state, op, batch=batch, grad_batch=grad_batch,
                          progress=progress, host=host)
+    _memory.release_free_memory()  # the batches' gradients and temporaries, before the scoring
     bad = _failed_rows(sol, on_failure, f"influence ({solver!r})")
     return _nan_rows(sol.x, bad), sol
 
@@ -671,6 +699,8 @@ def _influence(obj, params, train, test, f, *, n, n_test, kind, damping, solver,
                            memory_budget=memory_budget, progress=progress)
     bad = masked_rows(sol.status, on_failure)
     scores = _nan_rows(scores, bad if bad.any() else None)  # explicit: a failed row is NaN
+    del vecs
+    _memory.release_free_memory()  # the scoring's chunks: the next call starts from what is in use
     info = InfluenceInfo(method, n, n_test, repr(solver), np.asarray(sol.residual_norm),
                          np.asarray(sol.iterations), np.asarray(sol.converged), np.asarray(sol.status))
     return scores, info
