@@ -39,7 +39,7 @@ Baselines with the same call shape: :func:`grad_dot` (identity curvature) and
 :func:`tracin` (sum of gradient dot products over checkpoints).
 
 Memory: every pass works in chunks bounded by ``memory_budget`` (bytes; default
-:func:`influx._memory.default_budget`, a quarter of the available memory, at most 512 MiB on
+:func:`influx._memory.default_budget`, a quarter of the available memory, at most 256 MiB on
 a CPU host): the test gradients, the solver's preparation (EK-FAC's factor passes get their
 own *fit* chunk), the curvature products, and the scoring of the training set (at most
 ``chunk_size`` examples per step, fewer when the step's program -- its peak bytes
