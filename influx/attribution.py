@@ -14,9 +14,10 @@ the mean training loss, ``L(z_m, .)`` the per-example training loss (no weight d
 
 How it is computed (:func:`influence`):
 
-1. ``grad f_t`` for every test example (one ``vmap(grad)``);
-2. the test side is solved once: ``s_t = A^-1 grad f_t`` for all ``n_test`` right-hand
-   sides with one solver state (``solver.prepare`` once, ``solver.apply`` batched);
+1. and 2., the test side, with one solver state (``solver.prepare`` once): for each batch of
+   test examples, ``grad f_t`` (a ``vmap(grad)``) and ``s_t = A^-1 grad f_t`` (``solver.apply``
+   batched), written into one ``n_test``-row answer; only the ``s_t`` are kept (one
+   ``n_test x P`` copy plus one batch, never all gradients and all answers at once);
 3. every training example is scored against every ``s_t`` in chunks of ``chunk_size``:
 
    * ``method="jvp"``: ``grad L(z_m)^T s_t`` is the directional derivative of the
