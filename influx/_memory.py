@@ -49,9 +49,10 @@ __all__ = ["available_bytes", "check_fits", "format_bytes", "default_budget", "r
 _SAFETY = 0.9
 DEFAULT_FRACTION = 0.25  # share of the available memory a chunked pass may use by default
 # ... and at most this much on a CPU host: larger chunks buy no speed on CPU, only memory. On
-# benchmarks/models.py (idle-machine EK-FAC influence, N = 2000 CNN / N = 500 transformer)
-# 256 MiB instead of 512 MiB lowered the peak from 986 to 777 MB (CNN; the fit pass) and from
-# 1694 to 1487 MB (transformer), with no measurable change in time
+# the models of benchmarks/models.py (EK-FAC influence, N = 2000 CNN / N = 500 transformer, two
+# calls in one process, machine under load 3-5) 256 MiB instead of 512 MiB lowered the peak from
+# 986 to 777 MB (CNN; the fit pass) and from 1694 to 1487 MB (transformer), with no change in
+# time beyond the load's noise
 HOST_CAP = 256 << 20
 
 
