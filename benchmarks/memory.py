@@ -8,7 +8,7 @@ images on 20 test images (the EK-FAC factor passes, the eigen-correction, the ba
 residual check of the 20 solved vectors, the test gradients and the scoring pass).
 
 Every configuration runs in a fresh subprocess; its peak resident memory is the child's
-own ``ru_maxrss`` at its end (for a run killed at the timeout, the parent's
+own ``VmHWM`` at its end (for a run killed at the timeout, the parent's
 ``getrusage(RUSAGE_CHILDREN)``), so the number is the whole process: Python, JAX, XLA's
 buffers and temporaries. Writes
 ``benchmarks/results/memory.json`` (peak RSS, wall time, load average before and after,
@@ -35,6 +35,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = ROOT.parent / "shared" / "data"
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM`` from ``/proc`` (``ru_maxrss`` is carried
+    over from the parent across ``exec``, so a child of a large parent would report the
+    parent's peak), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child(cfg: dict) -> dict:
@@ -71,7 +84,7 @@ def _child(cfg: dict) -> dict:
                           steps=int(cfg.get("train_steps", 100)), batch_size=128).params
     jax.block_until_ready(params)
     t_train = time.perf_counter() - t0
-    rss_trained = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_trained = _peak_rss_bytes()
     kw = {} if cfg.get("budget") is None else {"memory_budget": int(cfg["budget"])}
     t0 = time.perf_counter()
     scores, info = influx.influence(obj, params, (xtr, ytr), (xte, yte), damping=1e-3,
@@ -85,7 +98,7 @@ def _child(cfg: dict) -> dict:
             "peak_rss_after_training": rss_trained, "finite": bool(np.isfinite(scores).all()),
             "scores_shape": list(scores.shape), "method": info.method,
             "relative_residual_max": float(np.nanmax(np.asarray(info.residual_norm))),
-            "peak_rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_self": _peak_rss_bytes()}
 
 
 def _measure(cfg: dict, timeout: float) -> dict:

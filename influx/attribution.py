@@ -14,9 +14,10 @@ the mean training loss, ``L(z_m, .)`` the per-example training loss (no weight d
 
 How it is computed (:func:`influence`):
 
-1. ``grad f_t`` for every test example (one ``vmap(grad)``);
-2. the test side is solved once: ``s_t = A^-1 grad f_t`` for all ``n_test`` right-hand
-   sides with one solver state (``solver.prepare`` once, ``solver.apply`` batched);
+1. and 2., the test side, with one solver state (``solver.prepare`` once): for each batch of
+   test examples, ``grad f_t`` (a ``vmap(grad)``) and ``s_t = A^-1 grad f_t`` (``solver.apply``
+   batched), written into one ``n_test``-row answer; only the ``s_t`` are kept (one
+   ``n_test x P`` copy plus one batch, never all gradients and all answers at once);
 3. every training example is scored against every ``s_t`` in chunks of ``chunk_size``:
 
    * ``method="jvp"``: ``grad L(z_m)^T s_t`` is the directional derivative of the
@@ -39,7 +40,7 @@ Baselines with the same call shape: :func:`grad_dot` (identity curvature) and
 :func:`tracin` (sum of gradient dot products over checkpoints).
 
 Memory: every pass works in chunks bounded by ``memory_budget`` (bytes; default
-:func:`influx._memory.default_budget`, a quarter of the available memory, at most 512 MiB on
+:func:`influx._memory.default_budget`, a quarter of the available memory, at most 256 MiB on
 a CPU host): the test gradients, the solver's preparation (EK-FAC's factor passes get their
 own *fit* chunk), the curvature products, and the scoring of the training set (at most
 ``chunk_size`` examples per step, fewer when the step's program -- its peak bytes
@@ -252,18 +253,19 @@ def _grad_batch(f, params_key, example_key, limit, budget) -> int:
 
 
 def _test_grads(f, params, test, *, chunk_size, budget):
-    """``grad f_t`` for every test example, ``min(chunk_size, what the budget allows)`` at a time."""
+    """``grad f_t`` for every test example, ``min(chunk_size, what the budget allows)`` at a time
+    (all ``n_test x P`` of them at once: :func:`_solve_queries` forms them batch by batch)."""
     n_test = num_examples(test[0], name="test inputs")
     batch = _grad_batch(f, _memory.shape_key(params), _memory.shape_key(_first(test)),
                         min(chunk_size, n_test), _memory.resolve_budget(budget))
     return _measurement_grads(f, params, test, batch_size=batch)
 
 
-def _solve_batch(solver, state, op, rhs, *, limit, budget) -> int:
+def _solve_batch(solver, state, op, row, *, limit, budget) -> int:
     """Right-hand sides per ``apply_many`` program: ``limit``, or fewer when the program's
-    peak beyond its inputs (shapes only) would exceed ``budget`` (at least one); cached per
+    peak beyond its inputs (shapes only) would exceed ``budget`` (at least one); ``row``: one
+    right-hand side (a pytree like the parameters, without the leading axis). Cached per
     solver value and shapes, as the other chunk sizes here."""
-    row = jax.tree_util.tree_map(lambda a: a[0], rhs)
     return _solve_batch_for(solver, _memory.shape_key(state), _memory.shape_key(op), _memory.shape_key(row),
                             limit, _memory.resolve_budget(budget))
 
@@ -280,33 +282,110 @@ def _solve_batch_for(solver, state_key, op_key, row_key, limit, budget) -> int:
         return 1
 
 
-def _solve_many(solver, state, op, rhs, *, batch_size, progress=False, host=False):
-    """``solver.apply_many`` on ``batch_size`` right-hand sides at a time (one compiled program
-    per solver value, operator structure and batch shape; ``host``: the solver's own
-    host-driven ``apply_batch``), with a bar when ``progress`` asks. The batches' answers
-    are joined leaf by leaf, each batch's leaf released once joined, so the peak is the
-    right-hand sides plus about one copy of the answers (an ``n_test x P`` matrix is the
-    largest thing here)."""
-    n = num_examples(rhs)
+def _query_batch(f, solver, state, op, params, test, *, limit, budget) -> int:
+    """Test examples per step of :func:`_solve_queries` (their gradients, then their solves):
+    ``limit``, or fewer when the step's peak -- the ``k x P`` gradients it forms, the solve's
+    answers and temporaries, beyond the parameters, state, operator and test examples it is
+    given (shapes only) -- would exceed ``budget`` (at least one)."""
+    return _query_batch_for(f, solver, _memory.shape_key(state), _memory.shape_key(op),
+                            _memory.shape_key(params), _memory.shape_key(_first(test)), limit,
+                            _memory.resolve_budget(budget))
+
+
+@functools.lru_cache(maxsize=64)
+def _query_batch_for(f, solver, state_key, op_key, params_key, example_key, limit, budget) -> int:
+    grad_batch = _grad_batch(f, params_key, example_key, limit, budget)
+
+    def step(p, st, o, t):
+        k = num_examples(t[0])
+        g = jax.lax.map(lambda ex: jax.grad(f)(p, ex), t, batch_size=min(grad_batch, k))
+        return type(solver).apply_many(solver, st, o, g)
+
+    def bytes_at(k):
+        return _memory.peak_bytes(step, _structs(params_key), _structs(state_key), _structs(op_key),
+                                  _structs(example_key, (k,)))
+
+    try:
+        return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what=f"solves ({solver.name})")
+    except ResourceError:  # one test example is the smallest unit
+        return 1
+
+
+@functools.partial(jit, static_argnums=1)
+def _head(tree, m: int):
+    """The first ``m`` rows of every leaf (one small program, not one slice per leaf)."""
+    return jax.tree_util.tree_map(lambda a: a[:m], tree)
+
+
+@functools.partial(jit, static_argnums=1)
+def _rows_like(tree, n: int):
+    """Zeros with ``n`` rows and the row shape and dtype of every leaf (one program)."""
+    return jax.tree_util.tree_map(lambda a: jnp.zeros((n,) + a.shape[1:], a.dtype), tree)
+
+
+@functools.partial(jit, donate_argnums=0)
+def _write_rows(out, start, x):
+    """``out[start:start + len(x)] = x`` leaf by leaf, in place (``out`` is donated: no copy of
+    the ``n_test x P`` answers per batch)."""
+    return jax.tree_util.tree_map(
+        lambda o, v: jax.lax.dynamic_update_slice_in_dim(o, v.astype(o.dtype), start, 0), out, x)
+
+
+def _join_rows(parts):
+    """Batched pytrees (``None`` leaves allowed) concatenated along the leading axis."""
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+
+
+def _solve_queries(f, params, test, solver, state, op, *, batch, grad_batch, progress=False, host=False):
+    """``s_t = A^-1 grad f_t`` for every test example (a batched :class:`Solution`), ``batch``
+    test examples at a time: per batch the measurement gradients (``grad_batch`` at a time in
+    a ``lax.map``), their ``solver.apply_many`` (one compiled program per solver value,
+    operator structure and batch shape; ``host``: the solver's own host-driven
+    ``apply_batch``), and the answers written in place into one preallocated ``n_test``-row
+    pytree. Only the answers are kept: the peak is one ``n_test x P`` copy plus one batch's
+    gradients and solve, never all ``n_test`` gradients. Each batch is finished before the
+    next starts (asynchronous dispatch would keep several batches alive), with a bar when
+    ``progress`` asks. Batches are ``[0, batch), [batch, 2 batch), ...``: the same right-hand
+    sides are solved together as when all gradients were formed first (block CG shares a
+    Krylov space within a batch, so the partition is part of the result); the short last batch
+    is solved second, so that the programs of both batch shapes are compiled (compilation
+    takes hundreds of MB for a while) before the answer is allocated; its gradients are those
+    of a padded full batch (one gradient program)."""
+    n = num_examples(test[0], name="test inputs")
     solve = ((lambda b: solver.apply_batch(state, op, b)) if host else
              (lambda b: compiled(type(solver).apply_many)(solver, state, op, b)))
-    parts = []
+    starts = list(range(0, n, batch))
+    if n % batch and len(starts) > 2:  # the short batch second: both solve programs compile
+        starts = [starts[0], starts[-1]] + starts[1:-1]  # before the n_test x P answer exists
+    out, pending, infos = None, [], []
     with _progress.bar(progress, total=n, desc=f"influx: solves ({solver.name})", unit="solves") as bar:
-        for start in range(0, n, batch_size):
-            parts.append(solve(_take(rhs, start, start + batch_size)))
-            jax.block_until_ready(parts[-1].x)
-            bar.update(num_examples(parts[-1].x))
-    if len(parts) == 1:
-        return parts[0]
-    treedef = jax.tree_util.tree_structure(parts[0])
-    leaves = [jax.tree_util.tree_leaves(p) for p in parts]
-    del parts
-    joined = []
-    for i in range(len(leaves[0])):
-        joined.append(jnp.concatenate([ls[i] for ls in leaves]))
-        for ls in leaves:
-            ls[i] = None
-    return jax.tree_util.tree_unflatten(treedef, joined)
+        for start in starts:
+            part = _take(test, start, start + batch)
+            m = num_examples(part[0])
+            if m < batch < n:  # the last, short batch: padded, so one gradient program serves all
+                grads = _head(_measurement_grads(f, params, _curvature.pad_rows(part, batch),
+                                                 batch_size=min(grad_batch, batch)), m)
+            else:
+                grads = _measurement_grads(f, params, part, batch_size=min(grad_batch, m))
+            sol = solve(grads)
+            del grads
+            jax.block_until_ready(sol.x)
+            if m == n:  # one batch: its answers are the result
+                bar.update(m)
+                return sol
+            pending.append((start, sol.x))
+            infos.append((start, sol._replace(x=None)))
+            del sol
+            if len(infos) >= min(2, len(starts)):
+                if out is None:
+                    out = _rows_like(pending[0][1], n)
+                for at, x in pending:
+                    out = _write_rows(out, at, x)
+                pending = []
+                jax.block_until_ready(out)
+            bar.update(m)
+    # every row of ``out`` was written (the batches cover [0, n)): no zero is left in it
+    return _join_rows([info for _, info in sorted(infos, key=lambda t: t[0])])._replace(x=out)
 
 
 class InfluenceInfo(NamedTuple):
@@ -411,13 +490,16 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
                                        chunk_size=chunk_size, memory_budget=memory_budget)
     # first: a refused dense allocation comes before any program runs
     state = _with_progress(solver, progress).prepare(op) if prepared is None else prepared.state
-    grads = _test_grads(f, params, test, chunk_size=chunk_size, budget=memory_budget)
+    _memory.release_free_memory()  # what the fit (and its compilation) freed, before n_test x P
     host = getattr(solver, "host_driven", lambda _: False)(op)  # cg on a conv net on CPU
     batch = min(rhs_batch_size, n_test)
-    if not host:  # fewer right-hand sides per program when one batch would not fit the budget
-        batch = _solve_batch(solver, state, op, grads, limit=batch, budget=memory_budget)
-    sol = _solve_many(solver, state, op, grads, batch_size=batch, progress=progress, host=host)
-    del grads  # the right-hand sides: one n_test x P copy less from here on
+    if not host:  # fewer test examples per step when one step would not fit the budget
+        batch = _query_batch(f, solver, state, op, params, test, limit=batch, budget=memory_budget)
+    grad_batch = _grad_batch(f, _memory.shape_key(params), _memory.shape_key(_first(test)),
+                             min(chunk_size, batch), _memory.resolve_budget(memory_budget))
+    sol = _solve_queries(f, params, test, solver, state, op, batch=batch, grad_batch=grad_batch,
+                         progress=progress, host=host)
+    _memory.release_free_memory()  # the batches' gradients and temporaries, before the scoring
     bad = _failed_rows(sol, on_failure, f"influence ({solver!r})")
     return _nan_rows(sol.x, bad), sol
 
@@ -635,11 +717,14 @@ def _influence(obj, params, train, test, f, *, n, n_test, kind, damping, solver,
     vecs, sol = _solve_test_vectors(obj, params, train, test, f, kind=kind, damping=damping,
                                     solver=solver, chunk_size=chunk_size, on_failure=on_failure,
                                     prepared=prepared, memory_budget=memory_budget, progress=progress)
+    sol = sol._replace(x=None)  # the raw answers (a second n_test x P copy when rows were set to NaN)
     method = _resolve_method(method, n_test, params, chunk_size, train[0], obj)
     scores = _score_arrays(obj, params, vecs, train, method=method, chunk_size=chunk_size, n_total=n,
                            memory_budget=memory_budget, progress=progress)
     bad = masked_rows(sol.status, on_failure)
     scores = _nan_rows(scores, bad if bad.any() else None)  # explicit: a failed row is NaN
+    del vecs
+    _memory.release_free_memory()  # the scoring's chunks: the next call starts from what is in use
     info = InfluenceInfo(method, n, n_test, repr(solver), np.asarray(sol.residual_norm),
                          np.asarray(sol.iterations), np.asarray(sol.converged), np.asarray(sol.status))
     return scores, info

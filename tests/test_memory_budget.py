@@ -4,6 +4,7 @@ are refused before anything runs, naming the sizes."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -142,3 +143,112 @@ def test_peak_bytes_follows_the_program():
     assert c == 40
     with pytest.raises(ResourceError, match="one example needs 1.1 KB"):
         _memory.chunk_size_for(lambda k: 1000 + 100 * k, budget=1000, limit=10, what="x")
+
+
+# ------------------------------------------------------------------ the query side (fused per batch)
+@pytest.fixture(scope="module")
+def mlp():
+    obj, params, (x, y) = make_problem("tanh_mlp", n=31)
+    return obj, params, (x[:24], y[:24]), (x[24:], y[24:])  # 7 test examples
+
+
+def _all_gradients_first(obj, params, train, test, solver, batch):
+    """The former query side: every test gradient, then ``apply_many`` on ``[0, batch),
+    [batch, 2 batch), ...`` (block CG shares a Krylov space within a batch)."""
+    grads = attribution._measurement_grads(influx.measurements.bind(obj, None), params, test,
+                                           batch_size=len(test[1]))
+    op = curvature.operator(obj, params, train, damping=1e-2)
+    state = solver.prepare(op)
+    parts = [solver.apply_batch(state, op, jax.tree_util.tree_map(lambda a: a[s:s + batch], grads))
+             for s in range(0, len(test[1]), batch)]
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *[p.x for p in parts])
+
+
+@pytest.mark.parametrize("solver", [solvers.cg(tol=1e-10, block=True), solvers.ekfac(tol=math.inf)],
+                         ids=["block_cg", "ekfac"])
+def test_fused_query_batches_equal_all_gradients_first(mlp, solver):
+    """Gradients and solves per batch of 3 (batches 3 + 3 + 1, each written in place into the
+    answer) give the vectors of forming all 7 gradients first, to 1e-9 (EK-FAC; block CG to
+    1e-7: gradients formed 3 at a time round differently, and CG to tol 1e-10 carries that
+    over); so do EK-FAC's scores with every pass split by a tiny budget."""
+    obj, params, train, test = mlp
+    rtol = 1e-7 if solver.name == "cg" else 1e-9
+    ref = _all_gradients_first(obj, params, train, test, solver, 3)
+    got, sol = attribution.solve_test_vectors(obj, params, train, test, damping=1e-2, solver=solver,
+                                              rhs_batch_size=3)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=1e-14)
+    assert np.asarray(sol.status).shape == (7,) and (np.asarray(sol.status) == 0).all()
+    if solver.name == "cg":
+        return
+    one = influx.influence(obj, params, train, test, damping=1e-2, solver=solver)  # one batch of 7
+    many = influx.influence(obj, params, train, test, damping=1e-2, solver=solver,
+                            memory_budget=_smallest_budget(obj, params, train, n_test=1))
+    np.testing.assert_allclose(np.asarray(many), np.asarray(one), rtol=1e-9, atol=1e-12)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _FailsNegative(type(solvers.ekfac())):
+    """EK-FAC that reports MAX_STEPS for every right-hand side whose first entry is negative."""
+
+    def apply_many(self, state, op, bs):
+        sol = super().apply_many(state, op, bs)
+        bad = jax.tree_util.tree_leaves(bs)[0].reshape(len(sol.status), -1)[:, 0] < 0
+        status = jnp.where(bad, solvers.Status.MAX_STEPS, sol.status)
+        return sol._replace(status=status, converged=status == solvers.Status.CONVERGED)
+
+
+def test_failed_solves_in_fused_batches_are_nan_rows(mlp):
+    """A failed solve in any batch gives a NaN row (never 0, never the unfinished answer), the
+    other rows are the converged answers, and the status of every row is reported."""
+    obj, params, train, test = mlp
+    solver = _FailsNegative(tol=math.inf)
+    grads = jax.vmap(lambda ex: jax.grad(lambda p, e: obj.per_example_loss(p, jax.tree_util.tree_map(
+        lambda a: a[None], e))[0])(params, ex))(test)
+    bad = np.asarray(jax.tree_util.tree_leaves(grads)[0].reshape(7, -1)[:, 0] < 0)
+    assert 0 < bad.sum() < 7  # some rows fail, some do not
+    ref = _all_gradients_first(obj, params, train, test, solvers.ekfac(tol=math.inf), 2)
+    with pytest.raises(influx.errors.SolveError, match=f"{bad.sum()} of 7"):
+        attribution.solve_test_vectors(obj, params, train, test, damping=1e-2, solver=solver,
+                                       rhs_batch_size=2)
+    vecs, sol = attribution.solve_test_vectors(obj, params, train, test, damping=1e-2, solver=solver,
+                                               rhs_batch_size=2, on_failure="nan")
+    assert (np.asarray(sol.status)[bad] == solvers.Status.MAX_STEPS).all()
+    for a, b in zip(jax.tree_util.tree_leaves(vecs), jax.tree_util.tree_leaves(ref)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.isnan(a[bad]).all()
+        np.testing.assert_allclose(a[~bad], b[~bad], rtol=1e-9, atol=1e-14)
+    scores = influx.influence(obj, params, train, test, damping=1e-2, solver=solver, on_failure="nan")
+    assert np.isnan(np.asarray(scores)[bad]).all() and np.isfinite(np.asarray(scores)[~bad]).all()
+
+
+def test_tiny_budget_splits_the_query_side(cnn, small):
+    """The budget of the equality tests also splits the query side (gradients and solves of
+    fewer test examples than n_test at a time)."""
+    obj, params, train, test = cnn
+    op = curvature.operator(obj, params, train, damping=1e-2, chunk_size=N)
+    solver = solvers.ekfac(tol=math.inf)
+    state = solver.prepare(op)
+    f = influx.measurements.bind(obj, None)
+    assert attribution._query_batch(f, solver, state, op, params, test, limit=3, budget=None) == 3
+    assert attribution._query_batch(f, solver, state, op, params, test, limit=3, budget=small) < 3
+
+
+def test_ekfac_apply_many_in_small_batches_equals_one_at_a_time(cnn):
+    """EK-FAC's apply_many (APPLY_BATCH right-hand sides per vmapped step, 11 = 8 + 3) equals
+    apply on each right-hand side alone."""
+    obj, params, train, _ = cnn
+    op = curvature.operator(obj, params, train, damping=1e-2)
+    solver = solvers.ekfac(residual=False)
+    state = solver.prepare(op)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    bs = jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, (11,) + l.shape)
+                                                for k, l in zip(keys, leaves)])
+    many = solver.apply_batch(state, op, bs)
+    one_at_a_time = jax.jit(lambda b: solver.apply(state, op, b))
+    for i in range(11):
+        one = one_at_a_time(jax.tree_util.tree_map(lambda a: a[i], bs))
+        for a, b in zip(jax.tree_util.tree_leaves(many.x), jax.tree_util.tree_leaves(one.x)):
+            np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-12, atol=1e-15)

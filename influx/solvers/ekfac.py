@@ -101,11 +101,12 @@ from influx.solvers._base import (
 from influx.solvers.kron import Block, blocks, coverage, layers
 
 __all__ = ["ekfac", "kfac", "EKFAC", "KFAC", "EKFACState", "layers", "coverage", "blocks",
-           "quadratic_form", "DEFAULT_TOL", "EXACT_MAX_OUTPUTS", "AUTO_SAMPLES"]
+           "quadratic_form", "DEFAULT_TOL", "EXACT_MAX_OUTPUTS", "AUTO_SAMPLES", "APPLY_BATCH"]
 
 DEFAULT_TOL = 1.0  # relative residual of x = 0: above it the approximation counts as failed
 EXACT_MAX_OUTPUTS = 256  # automatic choice: exact output factor up to this many outputs
 AUTO_SAMPLES = 4  # ... sampled Fisher with this many labels per example above it
+APPLY_BATCH = 8  # apply_many: right-hand sides per vmapped step of the factored inverse
 
 DenseLayer = Block  # deprecated alias (the former name of a recognised layer)
 
@@ -445,15 +446,42 @@ def _unrotate(qa, r, qs):
     return x if qa is None else qa.astype(r.dtype) @ x
 
 
+def _whole(blk: Block) -> bool:
+    """Whether the block's matrix is its whole kernel leaf (and bias leaf): no scan slice, no
+    feature group."""
+    return blk.index is None and blk.groups == 1
+
+
+def _leaf(blk: Block, m, like):
+    """The kernel leaf (shaped as ``like``) whose whole matrix is ``m`` (``d_in, d_out``)."""
+    shape_t = tuple(like.shape[i] for i in blk.perm)
+    return m.reshape(shape_t).transpose(tuple(int(i) for i in np.argsort(blk.perm))).astype(like.dtype)
+
+
 def _inverse(state: EKFACState, b):
-    """``x ~ (C + s I)^-1 b`` from the factors (no operator product)."""
+    """``x ~ (C + s I)^-1 b`` from the factors (no operator product).
+
+    Leaves that are a whole block's kernel or bias are formed from the block's solved matrix
+    directly; only the leaves in no block (the diagonal) and the leaves shared by several
+    blocks (scan slices, feature groups) start from ``b / (d + s)`` and are written slice by
+    slice. So no leaf is computed twice, and under ``vmap`` over ``k`` right-hand sides the
+    program holds about one ``k x P`` answer beyond ``b`` (plus one block's rotations)."""
     leaves, treedef = jax.tree_util.tree_flatten(b)
     s = state.shift
-    out = [bl / (dl.astype(bl.dtype) + s) for bl, dl in zip(leaves, jax.tree_util.tree_leaves(state.diag))]
+    own = {i for blk in state.blocks if _whole(blk) for i in (blk.kernel, blk.bias) if i is not None}
+    out = [None if i in own else bl / (dl.astype(bl.dtype) + s)
+           for i, (bl, dl) in enumerate(zip(leaves, jax.tree_util.tree_leaves(state.diag)))]
     for k, blk in enumerate(state.blocks):
         m = _to_matrix(blk, leaves)
         r = _rotate(state.qa[k], m, state.qs[k]) / (state.lam[k].astype(m.dtype) + s)
-        _from_matrix(blk, _unrotate(state.qa[k], r, state.qs[k]), out)
+        x = _unrotate(state.qa[k], r, state.qs[k])
+        if not _whole(blk):
+            _from_matrix(blk, x, out)
+            continue
+        if blk.bias is not None:
+            out[blk.bias] = x[-1].reshape(leaves[blk.bias].shape).astype(leaves[blk.bias].dtype)
+            x = x[:-1]
+        out[blk.kernel] = _leaf(blk, x, leaves[blk.kernel])
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -629,7 +657,10 @@ class EKFAC(Solver):
         """A batch (leading axis): the residual products of all right-hand sides are one
         batched pass over the data (``vmap`` of the operator: one forward pass, batched
         tangents)."""
-        xs = jax.vmap(lambda b: _inverse(state, b))(bs)
+        # APPLY_BATCH right-hand sides at a time: the rotations of k vectors at once would hold
+        # about 1.4 k x P of temporaries (XLA's buffer assignment, 64 vectors of the 1M-parameter
+        # transformer: 334 MB); a lax.map of small vmapped batches holds one batch's
+        xs = jax.lax.map(lambda b: _inverse(state, b), bs, batch_size=APPLY_BATCH)
         if self.residual and hasattr(op, "for_vectors"):  # data chunks sized for k vectors at once
             op = op.for_vectors(int(jax.tree_util.tree_leaves(bs)[0].shape[0]))
         axs = jax.vmap(op)(xs) if self.residual else None
