@@ -495,6 +495,7 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
     batch = min(rhs_batch_size, n_test)
     if not host:  # fewer test examples per step when one step would not fit the budget
         batch = _query_batch(f, solver, state, op, params, test, limit=batch, budget=memory_budget)
+    batch = _curvature.chunk_plan(n_test, batch)[0]  # equal batches: one solve program (100 -> 50 + 50)
     grad_batch = _grad_batch(f, _memory.shape_key(params), _memory.shape_key(_first(test)),
                              min(chunk_size, batch), _memory.resolve_budget(memory_budget))
     sol = _solve_queries(f, params, test, solver, state, op, batch=batch, grad_batch=grad_batch,
