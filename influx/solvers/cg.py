@@ -108,7 +108,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from influx import _memory, _progress
-from influx._xla import jit
+from influx._xla import CONV_PRIMITIVES, has_primitive, jit
 from influx.errors import InputError
 from influx.solvers._base import (
     Solution,
@@ -509,28 +509,13 @@ def _on_cpu(op) -> bool:
     return jax.default_backend() == "cpu"
 
 
-_CONV_PRIMITIVES = frozenset({"conv_general_dilated"})
-
-
-def _jaxpr_has(jaxpr, names) -> bool:
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in names:
-            return True
-        for v in eqn.params.values():
-            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _jaxpr_has(inner, names):
-                    return True
-    return False
-
-
 @functools.lru_cache(maxsize=64)
 def _product_has_convolution(treedef, avals) -> bool:
     def product(leaves):
         op = jax.tree_util.tree_unflatten(treedef, leaves)
         return op(op.params)
 
-    return _jaxpr_has(jax.make_jaxpr(product)(list(avals)).jaxpr, _CONV_PRIMITIVES)
+    return has_primitive(jax.make_jaxpr(product)(list(avals)), CONV_PRIMITIVES)
 
 
 def has_convolution(op) -> bool:
