@@ -23,6 +23,7 @@ from jax.flatten_util import ravel_pytree
 import influx
 from influx import curvature, losses, solvers
 from influx.solvers import kron
+from tests.test_kron import _basis, _block_index
 
 E = importlib.import_module("influx.solvers.ekfac")
 
@@ -40,29 +41,6 @@ def _gnh(obj, params, data):
         return jac.T @ hz @ jac
 
     return np.asarray(gnh(flat, *data))
-
-
-def _block_index(params, b):
-    """Flat (ravel order) indices of a block's ``(rows, d_out)`` matrix: the leaf viewed as
-    ``(d_in, slices * d_out)`` (batch axes between the input and the output axes), columns of
-    slice ``b.group``."""
-    leaves = jax.tree_util.tree_leaves(params)
-    offs = np.cumsum([0] + [np.size(l) for l in leaves])
-    ix = () if b.index is None else (b.index,) if isinstance(b.index, int) else tuple(b.index)
-    cols = slice(b.group * b.d_out, (b.group + 1) * b.d_out)
-
-    def leaf_index(i):
-        return np.arange(offs[i], offs[i + 1]).reshape(np.shape(leaves[i]))[ix]
-
-    idx = leaf_index(b.kernel).transpose(b.perm).reshape(b.d_in, -1)[:, cols]
-    if b.bias is not None:
-        idx = np.concatenate([idx, leaf_index(b.bias).reshape(1, -1)[:, cols]], 0)
-    return idx.reshape(-1)
-
-
-def _basis(st, k):
-    qa = np.eye(st.blocks[k].rows) if st.qa[k] is None else np.asarray(st.qa[k])
-    return np.kron(qa, np.asarray(st.qs[k]))
 
 
 def _f64(tree):
