@@ -201,7 +201,9 @@ def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:
 
     ``bytes_at(c)``: the peak bytes of the pass over a chunk of ``c`` examples (e.g. a
     :func:`peak_bytes`). One evaluation when ``limit`` examples fit; else the per-example
-    slope between ``c = 1`` and ``c = min(limit, 8)`` gives the chunk, checked once more.
+    slope between ``c = 1`` and ``c = min(limit, 8)`` gives the chunk, and while a guess does
+    not fit, the secant through the last two sizes gives the next (the returned chunk always
+    fits, down to one example).
     Raises :class:`~influx.errors.ResourceError` naming both sizes when one example alone
     needs more than ``budget``.
     """
@@ -213,15 +215,18 @@ def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:
         raise ResourceError(f"{what}: one example needs {format_bytes(b1)} but memory_budget is "
                             f"{format_bytes(budget)}; raise memory_budget to at least {format_bytes(b1)}")
     k = min(limit, 8)
-    slope = max((bytes_at(k) - b1) / (k - 1), 1.0) if k > 1 else float(b1)
-    fixed = b1 - slope
-    c = int(min(limit, max(1, (budget - fixed) // slope)))
-    for _ in range(4):  # the estimate is not exactly linear (padding, batched sub-steps)
-        got = bytes_at(c)
+    bk = bytes_at(k) if k > 1 else b1
+    slope = max((bk - b1) / (k - 1), 1.0) if k > 1 else float(b1)
+    c = int(min(limit, max(1, (budget - (b1 - slope)) // slope)))
+    prev, tries = (k, bk), 0
+    while True:  # not exactly linear (padding, sub-steps that switch on with size): the secant
+        got = bytes_at(c)  # through the last two sizes, each guess checked; halving after 6
         if got <= budget or c == 1:
-            break
-        c = max(1, int(c * budget / got * 0.95))
-    return c
+            return c
+        (c0, g0), prev, tries = prev, (c, got), tries + 1
+        slope = (got - g0) / (c - c0) if c != c0 else 0.0
+        nxt = c + (0.98 * budget - got) / slope if slope > 0 and tries <= 6 else c / 2
+        c = max(1, min(c - 1, int(nxt)))
 
 
 _trim = None  # glibc's malloc_trim, looked up on first use (False: none)

@@ -252,3 +252,16 @@ def test_ekfac_apply_many_in_small_batches_equals_one_at_a_time(cnn):
         one = one_at_a_time(jax.tree_util.tree_map(lambda a: a[i], bs))
         for a, b in zip(jax.tree_util.tree_leaves(many.x), jax.tree_util.tree_leaves(one.x)):
             np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-12, atol=1e-15)
+
+
+def test_chunk_size_for_nonlinear_passes_always_fits():
+    """A pass whose bytes grow faster than the small-chunk slope (a sub-step that switches on
+    with size): the chunk returned fits, and is at least 3/4 of the largest that does."""
+    def bytes_at(c):
+        return 1000 + 100 * c + (50_000 + 300 * c if c > 40 else 0)
+
+    for budget in (3000, 20_000, 70_000, 200_000):
+        c = _memory.chunk_size_for(bytes_at, budget=budget, limit=5000, what="x")
+        assert bytes_at(c) <= budget
+        best = max(k for k in range(1, 5001) if bytes_at(k) <= budget)
+        assert c >= 0.75 * best, (budget, c, best)
