@@ -106,8 +106,11 @@ QUICK = {
 
 # the sides of a model's row: influx with the spec's output factor (exact for these models),
 # influx with kronfluence's default (sampled Fisher, one label per example), kronfluence
-SIDES = ("influx", "influx_sampled", "kronfluence")
-SIDE_NAMES = {"influx": "influx", "influx_sampled": "influx (samples=1)", "kronfluence": "kronfluence"}
+# (and influx with a smaller memory budget than the CPU default, SMALL_BUDGET_MB)
+SMALL_BUDGET_MB = 64
+SIDES = ("influx", "influx_sampled", "influx_budget", "kronfluence")
+SIDE_NAMES = {"influx": "influx", "influx_sampled": "influx (samples=1)",
+              "influx_budget": f"influx (memory_budget={SMALL_BUDGET_MB} MiB)", "kronfluence": "kronfluence"}
 
 TF = {"vocab": 64, "seq": 16, "d": 128, "heads": 4, "mlp": 512, "blocks": 5, "classes": 4}
 
@@ -308,10 +311,12 @@ def unflatten(flat: dict):
 
 
 # ------------------------------------------------------------------------ the sides
-def influx_side(spec: Spec, workdir: Path, samples: int | None = None, tag: str = "influx") -> dict:
+def influx_side(spec: Spec, workdir: Path, samples: int | None = None, tag: str = "influx",
+                budget_mb: int | None = None) -> dict:
     """EK-FAC influence with influx (run in its own process); twice: cold and compiled.
     ``samples``: the output factor (``None``: the spec's; 1: kronfluence's default, one
-    sampled label per example); scores saved as ``scores_<tag>.npy``."""
+    sampled label per example); ``budget_mb``: ``memory_budget`` in MiB (``None``: the
+    default); scores saved as ``scores_<tag>.npy``."""
     import jax
     import jax.numpy as jnp
 
@@ -330,7 +335,8 @@ def influx_side(spec: Spec, workdir: Path, samples: int | None = None, tag: str 
     for _ in range(1 if spec.name == "mlp10m" else 2):
         t0 = time.perf_counter()
         S = influx.influence(obj, params, train_set, query, damping=spec.damping, solver=solver,
-                             chunk_size=spec.chunk_size)
+                             chunk_size=spec.chunk_size,
+                             memory_budget=None if budget_mb is None else budget_mb << 20)
         S = np.asarray(jax.block_until_ready(S))
         times.append(time.perf_counter() - t0)
     np.save(workdir / f"scores_{tag}.npy", S)
@@ -497,6 +503,9 @@ def run_model(spec: Spec, workdir: Path, timeout: float) -> dict:
     if spec.peer and spec.samples is None:  # also at kronfluence's own setting: one sampled label
         res["influx_sampled"] = run_sub(me + ["influx", "--model", spec.name, "--workdir", str(workdir),
                                               "--samples", "1", "--tag", "influx_sampled"], timeout)
+        res["influx_budget"] = run_sub(me + ["influx", "--model", spec.name, "--workdir", str(workdir),
+                                             "--budget-mb", str(SMALL_BUDGET_MB), "--tag", "influx_budget"],
+                                       timeout)
     if spec.peer:
         res["kronfluence"] = run_sub([str(peer_python()), str(ROOT / "benchmarks/peers/models_torch.py"),
                                       "--workdir", str(workdir)], timeout)
@@ -562,7 +571,8 @@ def table(results: dict) -> str:
                         f"{_f(d.get('coverage', d.get('tracked_share')), '{:.3f}')} |")
     lines = ["\n".join(rows), ""]
     for name, r in results["models"].items():
-        for side, c in (("influx", r), ("influx_sampled", r.get("vs_kronfluence_influx_sampled", {}))):
+        for side, c in (("influx", r), *((sd, r.get(f"vs_kronfluence_{sd}", {}))
+                                           for sd in ("influx_sampled", "influx_budget"))):
             if "targets" in c:
                 lines.append(f"- {name}, {SIDE_NAMES[side]}: kronfluence/influx time "
                              f"{c['speedup_cold']:.2f}x (cold), {c['speedup_warm']:.2f}x (compiled); "
@@ -593,12 +603,13 @@ def main(argv=None) -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--samples", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tag", default="influx", help=argparse.SUPPRESS)
+    ap.add_argument("--budget-mb", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.side:  # a subprocess: one JSON line on stdout
         spec = Spec(**{k: v for k, v in json.loads((args.workdir / "spec.json").read_text()).items()
                        if k != "tf"})
-        out = (influx_side(spec, args.workdir, args.samples, args.tag) if args.side == "influx"
-               else reference(spec, args.workdir))
+        out = (influx_side(spec, args.workdir, args.samples, args.tag, args.budget_mb)
+               if args.side == "influx" else reference(spec, args.workdir))
         print(json.dumps(out))
         return
     specs = QUICK if args.quick else FULL
