@@ -311,10 +311,10 @@ def _query_batch_for(f, solver, state_key, op_key, params_key, example_key, limi
         return 1
 
 
-@functools.partial(jit, static_argnums=1)
-def _head(tree, m: int):
-    """The first ``m`` rows of every leaf (one small program, not one slice per leaf)."""
-    return jax.tree_util.tree_map(lambda a: a[:m], tree)
+@functools.partial(jit, static_argnums=(1, 2))
+def _rows(tree, lo: int, m: int):
+    """Rows ``[lo, lo + m)`` of every leaf (one small program, not one slice per leaf)."""
+    return jax.tree_util.tree_map(lambda a: a[lo:lo + m], tree)
 
 
 @functools.partial(jit, static_argnums=1)
@@ -350,7 +350,7 @@ def _solve_queries(f, params, test, solver, state, op, *, batch, grad_batch, pro
     Krylov space within a batch, so the partition is part of the result); the short last batch
     is solved second, so that the programs of both batch shapes are compiled (compilation
     takes hundreds of MB for a while) before the answer is allocated; its gradients are those
-    of a padded full batch (one gradient program)."""
+    of a full-size window over the last rows (one gradient program)."""
     n = num_examples(test[0], name="test inputs")
     solve = ((lambda b: solver.apply_batch(state, op, b)) if host else
              (lambda b: compiled(type(solver).apply_many)(solver, state, op, b)))
@@ -360,13 +360,13 @@ def _solve_queries(f, params, test, solver, state, op, *, batch, grad_batch, pro
     out, pending, infos = None, [], []
     with _progress.bar(progress, total=n, desc=f"influx: solves ({solver.name})", unit="solves") as bar:
         for start in starts:
-            part = _take(test, start, start + batch)
-            m = num_examples(part[0])
-            if m < batch < n:  # the last, short batch: padded, so one gradient program serves all
-                grads = _head(_measurement_grads(f, params, _curvature.pad_rows(part, batch),
-                                                 batch_size=min(grad_batch, batch)), m)
-            else:
-                grads = _measurement_grads(f, params, part, batch_size=min(grad_batch, m))
+            m = min(batch, n - start)
+            # a batch-sized window (a short last batch moved back over rows already solved,
+            # so one gradient program serves all); its new rows start at ``start - w``
+            part, w, _ = _curvature.window(test, start, start + m, batch)
+            grads = _measurement_grads(f, params, part, batch_size=min(grad_batch, batch))
+            if m < batch:
+                grads = _rows(grads, start - w, m)
             sol = solve(grads)
             del grads
             jax.block_until_ready(sol.x)
