@@ -188,45 +188,74 @@ def _jaxpr_peak(jaxpr) -> int:
     return peak
 
 
-def peak_bytes(fn, *args) -> int:
+def peak_bytes(fn, *args, return_shape: bool = False):
     """Peak bytes of the buffers ``fn(*args)`` allocates beyond its inputs, from its jaxpr
-    (``args`` may be ``jax.ShapeDtypeStruct`` s: nothing is computed)."""
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    (``args`` may be ``jax.ShapeDtypeStruct`` s: nothing is computed). ``return_shape``:
+    ``(bytes, shapes of fn's outputs)``, from the same trace."""
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    jaxpr = closed.jaxpr
     inputs = sum(_nbytes(v) for v in set(jaxpr.invars) | set(jaxpr.constvars))
-    return _jaxpr_peak(jaxpr) - inputs
+    peak = _jaxpr_peak(jaxpr) - inputs
+    return (peak, shape) if return_shape else peak
 
 
 def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:
-    """The largest chunk ``c`` in ``[1, limit]`` whose pass fits ``budget`` bytes.
+    """The largest chunk ``c`` in ``[1, limit]`` whose pass fits ``budget`` bytes (or one close
+    to it: at least 85% of the budget used, or no size between it and one that does not fit).
 
     ``bytes_at(c)``: the peak bytes of the pass over a chunk of ``c`` examples (e.g. a
-    :func:`peak_bytes`). One evaluation when ``limit`` examples fit; else the per-example
-    slope between ``c = 1`` and ``c = min(limit, 8)`` gives the chunk, and while a guess does
-    not fit, the secant through the last two sizes gives the next (the returned chunk always
-    fits, down to one example).
+    :func:`peak_bytes`; each call traces the pass, so few are made, none twice). One call
+    when ``limit`` examples fit; else ``c = 1``, then the chord through ``(1, bytes_at(1))``
+    and ``(limit, bytes_at(limit))`` gives the first guess: exact when the bytes are affine in
+    ``c``, and a size that fits when they are convex (a program's peak is the largest of
+    affine terms, one per program point, as long as its structure does not change with
+    ``c``). Every guess is checked; a guess that fits well below the budget is extended along
+    the slope of the two largest sizes that fit, one that does not fit is replaced by the
+    interpolation between the largest size that fits and it (the midpoint after three misses
+    in a row); once a guess has missed, an extension stays in the middle half of the
+    bracket. At most ``8`` calls in all; the returned chunk always fits.
     Raises :class:`~influx.errors.ResourceError` naming both sizes when one example alone
     needs more than ``budget``.
     """
     limit = max(int(limit), 1)
-    if bytes_at(limit) <= budget:
+    seen: dict[int, float] = {}
+
+    def at(c):
+        if c not in seen:
+            seen[c] = bytes_at(c)
+        return seen[c]
+
+    if at(limit) <= budget:
         return limit
-    b1 = bytes_at(1)
+    b1 = at(1)
     if b1 > budget:
         raise ResourceError(f"{what}: one example needs {format_bytes(b1)} but memory_budget is "
                             f"{format_bytes(budget)}; raise memory_budget to at least {format_bytes(b1)}")
-    k = min(limit, 8)
-    bk = bytes_at(k) if k > 1 else b1
-    slope = max((bk - b1) / (k - 1), 1.0) if k > 1 else float(b1)
-    c = int(min(limit, max(1, (budget - (b1 - slope)) // slope)))
-    prev, tries = (k, bk), 0
-    while True:  # not exactly linear (padding, sub-steps that switch on with size): the secant
-        got = bytes_at(c)  # through the last two sizes, each guess checked; halving after 6
-        if got <= budget or c == 1:
-            return c
-        (c0, g0), prev, tries = prev, (c, got), tries + 1
-        slope = (got - g0) / (c - c0) if c != c0 else 0.0
-        nxt = c + (0.98 * budget - got) / slope if slope > 0 and tries <= 6 else c / 2
-        c = max(1, min(c - 1, int(nxt)))
+    fits, hi, misses = [1], limit, 0  # sizes known to fit (ascending); the smallest known not to
+
+    def towards(c0, c1, target):  # where the line through (c0, at(c0)) and (c1, at(c1)) meets target
+        slope = (at(c1) - at(c0)) / (c1 - c0)
+        return c1 + (target - at(c1)) / slope if slope > 0 else float(hi)
+
+    c, bracketed = towards(1, limit, budget), False
+    while len(seen) < 8:
+        lo = fits[-1]
+        # once a guess has missed, each guess after a fit shrinks the bracket (lo, hi) by at
+        # least a quarter (steps along a line can crawl where the bytes jump)
+        margin = max(1, (hi - lo) // 4) if bracketed and misses == 0 else 1
+        c = int(min(max(c, lo + margin), hi - margin))
+        if c <= lo or c >= hi:
+            break
+        if at(c) <= budget:
+            fits.append(c)
+            misses = 0
+            if at(c) >= 0.85 * budget or hi - c <= 1:
+                break
+            c = towards(fits[-2], c, 0.98 * budget)  # extend along the slope where it fits
+        else:
+            hi, misses, bracketed = c, misses + 1, True
+            c = towards(lo, c, budget) if misses < 3 else (lo + c) // 2
+    return fits[-1]
 
 
 _trim = None  # glibc's malloc_trim, looked up on first use (False: none)

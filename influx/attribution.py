@@ -226,7 +226,7 @@ def _itemsize(params) -> int:
 # ------------------------------------------------------------------ test side
 @functools.partial(jit, static_argnames=("f", "batch_size"))
 def _measurement_grads(f, params, test, *, batch_size):
-    return jax.lax.map(lambda ex: jax.grad(f)(params, ex), test, batch_size=batch_size)
+    return _curvature.even_map(lambda ex: jax.grad(f)(params, ex), test, batch_size=batch_size)
 
 
 def _first(tree, lead=None):
@@ -298,7 +298,7 @@ def _query_batch_for(f, solver, state_key, op_key, params_key, example_key, limi
 
     def step(p, st, o, t):
         k = num_examples(t[0])
-        g = jax.lax.map(lambda ex: jax.grad(f)(p, ex), t, batch_size=min(grad_batch, k))
+        g = _curvature.even_map(lambda ex: jax.grad(f)(p, ex), t, batch_size=min(grad_batch, k))
         return type(solver).apply_many(solver, st, o, g)
 
     def bytes_at(k):
@@ -309,12 +309,6 @@ def _query_batch_for(f, solver, state_key, op_key, params_key, example_key, limi
         return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what=f"solves ({solver.name})")
     except ResourceError:  # one test example is the smallest unit
         return 1
-
-
-@functools.partial(jit, static_argnums=(1, 2))
-def _rows(tree, lo: int, m: int):
-    """Rows ``[lo, lo + m)`` of every leaf (one small program, not one slice per leaf)."""
-    return jax.tree_util.tree_map(lambda a: a[lo:lo + m], tree)
 
 
 @functools.partial(jit, static_argnums=1)
@@ -332,8 +326,8 @@ def _write_rows(out, start, x):
 
 
 def _join_rows(parts):
-    """Batched pytrees (``None`` leaves allowed) concatenated along the leading axis."""
-    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+    """Batched pytrees of host arrays (``None`` leaves allowed) concatenated along the leading axis."""
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
 
 
 def _solve_queries(f, params, test, solver, state, op, *, batch, grad_batch, progress=False, host=False):
@@ -345,46 +339,47 @@ def _solve_queries(f, params, test, solver, state, op, *, batch, grad_batch, pro
     pytree. Only the answers are kept: the peak is one ``n_test x P`` copy plus one batch's
     gradients and solve, never all ``n_test`` gradients. Each batch is finished before the
     next starts (asynchronous dispatch would keep several batches alive), with a bar when
-    ``progress`` asks. Batches are ``[0, batch), [batch, 2 batch), ...``: the same right-hand
-    sides are solved together as when all gradients were formed first (block CG shares a
-    Krylov space within a batch, so the partition is part of the result); the short last batch
-    is solved second, so that the programs of both batch shapes are compiled (compilation
-    takes hundreds of MB for a while) before the answer is allocated; its gradients are those
-    of a full-size window over the last rows (one gradient program)."""
+    ``progress`` asks.
+
+    Batches are ``[0, batch), [batch, 2 batch), ...``: the same right-hand sides are solved
+    together as when all gradients were formed first (block CG shares a Krylov space within
+    a batch, so the partition is part of the result). A short last batch is solved as a
+    full-size window over the last ``batch`` rows (one gradient, one solve and one write
+    program for every batch; the few rows solved twice cost less than compiling the solve a
+    second time, 2-5 s on the models of ``benchmarks/models.py``). It runs first, so that the
+    full batches after it overwrite the rows it shares with them: every row holds the answer
+    of its own batch, and the one program is compiled before the answer is allocated."""
     n = num_examples(test[0], name="test inputs")
     solve = ((lambda b: solver.apply_batch(state, op, b)) if host else
              (lambda b: compiled(type(solver).apply_many)(solver, state, op, b)))
     starts = list(range(0, n, batch))
-    if n % batch and len(starts) > 2:  # the short batch second: both solve programs compile
-        starts = [starts[0], starts[-1]] + starts[1:-1]  # before the n_test x P answer exists
-    out, pending, infos = None, [], []
+    if n % batch and len(starts) > 1:  # the short (window) batch first
+        starts = starts[-1:] + starts[:-1]
+    out, infos = None, []
     with _progress.bar(progress, total=n, desc=f"influx: solves ({solver.name})", unit="solves") as bar:
         for start in starts:
             m = min(batch, n - start)
-            # a batch-sized window (a short last batch moved back over rows already solved,
-            # so one gradient program serves all); its new rows start at ``start - w``
+            # a batch-sized window: a short last batch moved back over rows of the batch before
             part, w, _ = _curvature.window(test, start, start + m, batch)
             grads = _measurement_grads(f, params, part, batch_size=min(grad_batch, batch))
-            if m < batch:
-                grads = _rows(grads, start - w, m)
             sol = solve(grads)
             del grads
             jax.block_until_ready(sol.x)
             if m == n:  # one batch: its answers are the result
                 bar.update(m)
                 return sol
-            pending.append((start, sol.x))
-            infos.append((start, sol._replace(x=None)))
+            # diagnostics of the batch's own rows, on the host (no slice or concatenate programs)
+            own = slice(start - w, start - w + m)
+            infos.append((start, jax.tree_util.tree_map(lambda a, own=own: np.asarray(a)[own],
+                                                        sol._replace(x=None))))
+            if out is None:
+                out = _rows_like(sol.x, n)
+            out = _write_rows(out, w, sol.x)
             del sol
-            if len(infos) >= min(2, len(starts)):
-                if out is None:
-                    out = _rows_like(pending[0][1], n)
-                for at, x in pending:
-                    out = _write_rows(out, at, x)
-                pending = []
-                jax.block_until_ready(out)
+            jax.block_until_ready(out)
+            _memory.release_free_memory()
             bar.update(m)
-    # every row of ``out`` was written (the batches cover [0, n)): no zero is left in it
+    # every row of ``out`` was written by its own batch (the batches cover [0, n)): no zero is left
     return _join_rows([info for _, info in sorted(infos, key=lambda t: t[0])])._replace(x=out)
 
 
@@ -525,7 +520,7 @@ def _kernel(obj, method, params, vecs, chunk, scale, sub=None, block=PER_EXAMPLE
         def one(ex):
             one_ex = jax.tree_util.tree_map(lambda a: a[None], ex)
             return _kernel(obj, method, params, vecs, one_ex, 1.0, block=block)[:, 0]
-        return jax.lax.map(one, chunk, batch_size=sub).T * scale
+        return _curvature.even_map(one, chunk, batch_size=sub).T * scale
     vecs = jax.tree_util.tree_map(lambda v, p: v.astype(jnp.result_type(p)), vecs, params)
     if method == "jvp":
         f = lambda p: obj.per_example_loss(p, chunk)
@@ -541,7 +536,7 @@ def _kernel(obj, method, params, vecs, chunk, scale, sub=None, block=PER_EXAMPLE
         if block is None or block >= c:
             out = jax.vmap(one)(chunk).T
         else:
-            out = jax.lax.map(one, chunk, batch_size=block).T
+            out = _curvature.even_map(one, chunk, batch_size=block).T
     return out * scale
 
 

@@ -259,3 +259,24 @@ def test_static_chunks_equal_scanned_chunks():
             got = curvature.chunked_sum(fn, data, chunk_size=c, static=static)
             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(one)):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n,batch", [(10, 4), (37, 8), (12, 4), (3, 8), (1, 1)])
+def test_even_map_equals_lax_map_with_one_traced_body(n, batch):
+    """even_map gives lax.map's rows (padding cut off), and traces ``fn`` once where lax.map
+    traces it twice (a vmapped copy for the remainder when ``batch`` does not divide ``n``)."""
+    xs = {"a": jnp.arange(float(n)), "b": jnp.arange(2.0 * n).reshape(n, 2)}
+    traced = []
+
+    def fn(t):
+        traced.append(1)
+        return {"s": t["a"] * 2.0 + t["b"][0], "q": t["b"] ** 2}
+
+    got = jax.jit(lambda x: curvature.even_map(fn, x, batch_size=batch))(xs)
+    assert len(traced) == 1
+    traced.clear()
+    want = jax.jit(lambda x: jax.lax.map(fn, x, batch_size=batch))(xs)
+    assert len(traced) == (2 if n % min(batch, n) else 1)  # what even_map avoids
+    for k in want:
+        assert got[k].shape == want[k].shape
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))

@@ -354,3 +354,25 @@ def test_uneven_fit_chunks_count_every_example_once():
             split = solvers.ekfac(samples=samples, chunk_size=c).prepare(op)
             for a, b in zip(jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(one)):
                 np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+
+
+def test_fit_passes_are_traced_once_beyond_sizing(monkeypatch):
+    """Each factor pass's program is traced by the chunk sizing and once by its compiled
+    call: the accumulator's shapes come from the sizing's trace, not from another trace
+    (on the 1M-parameter transformer of benchmarks/models.py each costs about 1 s)."""
+    obj, params, (x, y) = make_problem("tanh_mlp", n=20)
+    calls = {"factors": 0, "correction": 0}
+    stats, corr = E._factor_stats, E._correction_stats
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(E, "_factor_stats", count("factors", stats))
+    monkeypatch.setattr(E, "_correction_stats", count("correction", corr))
+    obj = influx.Objective(obj.apply_fn, obj.loss_fn, l2=1.2345e-3)  # programs no other test compiled
+    op = curvature.operator(obj, params, (x, y), damping=1e-2)
+    solvers.ekfac(chunk_size=7).prepare(op)
+    assert calls == {"factors": 2, "correction": 2}, calls

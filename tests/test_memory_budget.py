@@ -254,6 +254,22 @@ def test_ekfac_apply_many_in_small_batches_equals_one_at_a_time(cnn):
             np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-12, atol=1e-15)
 
 
+def test_chunk_size_for_traces_an_affine_pass_three_times():
+    """Each call of ``bytes_at`` traces a whole pass (about 0.5 s on the 1M-parameter
+    transformer): an affine pass is sized from the limit, one example and the chord between
+    them, exactly, and no size is asked for twice; a convex one (the peak over program
+    points) fits on the first guess."""
+    for bytes_at, budget, best in [(lambda k: 1000 + 100 * k, 5000, 40),
+                                   (lambda k: max(5000 + 10 * k, 1000 + 100 * k), 30_000, 290)]:
+        asked = []
+        c = _memory.chunk_size_for(lambda k: asked.append(k) or bytes_at(k), budget=budget, limit=1000,
+                                   what="x")
+        assert bytes_at(c) <= budget < bytes_at(best + 1)
+        assert c == best or bytes_at(c) >= 0.85 * budget, (c, best)
+        assert len(asked) == len(set(asked)) <= 3, asked
+    assert c < best  # the convex one: the chord lies above it, so its guess is on the safe side
+
+
 def test_chunk_size_for_nonlinear_passes_always_fits():
     """A pass whose bytes grow faster than the small-chunk slope (a sub-step that switches on
     with size): the chunk returned fits, and is at least 3/4 of the largest that does."""
@@ -265,3 +281,26 @@ def test_chunk_size_for_nonlinear_passes_always_fits():
         assert bytes_at(c) <= budget
         best = max(k for k in range(1, 5001) if bytes_at(k) <= budget)
         assert c >= 0.75 * best, (budget, c, best)
+
+
+def test_short_last_query_batch_reuses_the_solve_program(mlp):
+    """7 queries in batches of 3: the short last batch is a full-size window over the last 3
+    rows, so ``apply_many`` is traced for one batch shape only (a 1-row batch would trace and
+    compile it a second time), and every row still holds the answer of its own batch."""
+    obj, params, train, test = mlp
+    shapes = []
+
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class Counting(type(solvers.ekfac())):
+        def apply_many(self, state, op, bs):
+            shapes.append(jax.tree_util.tree_leaves(bs)[0].shape[0])
+            return super().apply_many(state, op, bs)
+
+    solver = Counting(tol=math.inf)
+    ref = _all_gradients_first(obj, params, train, test, solvers.ekfac(tol=math.inf), 3)
+    got, sol = attribution.solve_test_vectors(obj, params, train, test, damping=1e-2, solver=solver,
+                                              rhs_batch_size=3)
+    assert set(shapes) == {3}, shapes
+    assert np.asarray(sol.status).shape == (7,)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-14)

@@ -267,11 +267,11 @@ def _squared_projections(ar, gr, tokens: int | None = None, max_bytes: int = _CO
         return jnp.sum(gm * gm, axis=0)
 
     if tokens is not None:
-        return jnp.sum(jax.lax.map(one, (ar, gr), batch_size=batch), axis=0)
+        return jnp.sum(_curvature.even_map(one, (ar, gr), batch_size=batch), axis=0)
     if batch >= b:
         gm = jnp.einsum("bti,bktj->bkij", ar, gr)
         return jnp.sum(gm * gm, axis=(0, 1))
-    return jnp.sum(jax.lax.map(one, (ar, gr), batch_size=batch), axis=0)
+    return jnp.sum(_curvature.even_map(one, (ar, gr), batch_size=batch), axis=0)
 
 
 def _per_chunk(obj, blks, samples, params, chunk, index, mask, key):
@@ -314,8 +314,11 @@ _chunk_correction = functools.partial(jit, static_argnames=("obj", "blks", "samp
 
 
 @functools.lru_cache(maxsize=128)
-def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct) -> int:
-    """Examples per chunk of the factor passes within ``budget`` bytes (shapes only)."""
+def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct):
+    """``(c, sums)``: examples per chunk of the factor passes within ``budget`` bytes, and the
+    shapes of the passes' sums (the accumulators of :func:`_chunked`, the same for every
+    chunk size), both from the same traces (shapes only: nothing runs, and no pass is traced
+    again for its shapes)."""
     params, data = _struct_of(params_key)(), _struct_of(data_key)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     opts = {"obj": obj, "blks": blks, "samples": samples}
@@ -329,17 +332,22 @@ def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct)
         return None if b.diagonal_inputs else jax.ShapeDtypeStruct((rows, rows), leaves[b.kernel].dtype)
 
     qa, qs = [qa_like(b) for b in blks], [qs_like(b) for b in blks]
+    sums = {}
 
     def bytes_at(c):
         chunk, index = data(c), jax.ShapeDtypeStruct((c,), jnp.int32)
         mask = jax.ShapeDtypeStruct((c,), jnp.bool_)
-        need = _memory.peak_bytes(functools.partial(_factors, **opts), params, chunk, index, mask, key)
+        need, sums["factors"] = _memory.peak_bytes(functools.partial(_factors, **opts), params, chunk,
+                                                   index, mask, key, return_shape=True)
         if correct and blks:
             corr = functools.partial(_correction, **opts, max_bytes=max(budget // 4, 1))
-            need = max(need, _memory.peak_bytes(corr, params, chunk, index, mask, key, qa, qs))
+            got, sums["correction"] = _memory.peak_bytes(corr, params, chunk, index, mask, key, qa, qs,
+                                                         return_shape=True)
+            need = max(need, got)
         return need
 
-    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what="ekfac.prepare (factor passes)")
+    c = _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what="ekfac.prepare (factor passes)")
+    return c, sums
 
 
 def _struct_of(key):
@@ -363,25 +371,24 @@ def _eigen(a_sum, s_sum, n, *, blks):
     return qa, qs, lam
 
 
-def _chunked(fn, data, chunk_size, bar=None):
+def _chunked(fn, data, chunk_size, sums, bar=None):
     """``sum_k fn(acc, chunk_k, index_k, mask_k)`` over equal chunks, driven from the host.
 
     ``fn(acc, chunk, index, mask) -> acc + sums over the chunk's rows where mask`` is one
     compiled program called once per chunk: :func:`influx.curvature.chunk_plan` makes the
     chunks equal and :func:`influx.curvature.window` gives a short last chunk the same shape
     (its repeated rows masked), so it compiles once; the accumulator starts as zeros made on
-    the host. Driven from the host because XLA:CPU runs convolutions several times slower
-    inside a compiled loop (jax issue 12868); memory stays bounded by ``chunk_size`` all the
-    same. ``bar``: a progress bar (``update(examples)``), advanced once a chunk is computed."""
+    the host with the shapes ``sums`` (from :func:`_fit_chunk`'s traces: tracing the program
+    for them would trace it once more than the call does). Driven from the host because
+    XLA:CPU runs convolutions several times slower inside a compiled loop (jax issue 12868);
+    memory stays bounded by ``chunk_size`` all the same. ``bar``: a progress bar
+    (``update(examples)``), advanced once a chunk is computed."""
     n = jax.tree_util.tree_leaves(data)[0].shape[0]
     c, spans = _curvature.chunk_plan(n, chunk_size)
-    acc = None
+    acc = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), sums)
     for start, stop in spans:
         chunk, w, mask = _curvature.window(data, start, stop, c)
         index = np.arange(w, w + c, dtype=np.int32)
-        if acc is None:
-            shapes = jax.eval_shape(lambda *a: fn(None, *a), chunk, index, mask)
-            acc = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
         acc = fn(acc, chunk, index, mask)
         if bar is not None:
             jax.block_until_ready(acc)
@@ -389,11 +396,11 @@ def _chunked(fn, data, chunk_size, bar=None):
     return acc
 
 
-def _prepare_run(params, data, shift, key, *, obj, blks, correct, chunk_size, samples,
+def _prepare_run(params, data, shift, key, *, obj, blks, correct, chunk_size, sums, samples,
                  budget=None, progress=False, name="ekfac"):
     """The factor passes: ``A``, ``S`` and the diagonal, the eigenbases, then (EK-FAC) the
-    corrected eigenvalues (chunks of ``chunk_size`` examples; ``budget``: bytes for the
-    correction's projections)."""
+    corrected eigenvalues (chunks of ``chunk_size`` examples; ``sums``: the shapes of both
+    passes' sums, from :func:`_fit_chunk`; ``budget``: bytes for the correction's projections)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     n = jax.tree_util.tree_leaves(data)[0].shape[0]
     other = _other_leaves(params, blks)
@@ -401,13 +408,14 @@ def _prepare_run(params, data, shift, key, *, obj, blks, correct, chunk_size, sa
     passes = 2 if correct and blks else 1
     with _progress.bar(progress, total=n, desc=f"influx.{name}: factors (1/{passes})") as bar:
         d, a_sum, s_sum = _chunked(lambda acc, c, i, m: _chunk_factors(acc, params, c, i, m, key, **opts),
-                                   data, chunk_size, bar)
+                                   data, chunk_size, sums["factors"], bar)
     qa, qs, lam = _eigen(a_sum, s_sum, n, blks=blks)
     if correct and blks:
         max_bytes = _CORRECTION_BYTES if budget is None else max(int(budget) // 4, 1)
         with _progress.bar(progress, total=n, desc=f"influx.{name}: eigenvalues (2/2)") as bar:
             lam = _chunked(lambda acc, c, i, m: _chunk_correction(acc, params, c, i, m, key, qa, qs, **opts,
-                                                                  max_bytes=max_bytes), data, chunk_size, bar)
+                                                                  max_bytes=max_bytes), data, chunk_size,
+                           sums["correction"], bar)
     lam, diag = _finish(lam, d, leaves, n, correct=bool(correct and blks), other=tuple(other))
     return EKFACState(tuple(qa), tuple(qs), tuple(lam), jax.tree_util.tree_unflatten(treedef, diag),
                       jnp.asarray(shift), tuple(blks))
@@ -610,11 +618,11 @@ class EKFAC(Solver):
         budget = self.memory_budget if self.memory_budget is not None else getattr(op, "memory_budget", None)
         budget = _memory.resolve_budget(budget)
         limit = n if self.chunk_size is None else min(int(self.chunk_size), n)
-        chunk = _fit_chunk(op.obj, tuple(blks), samples, _memory.shape_key(op.params),
-                           _memory.shape_key(op.data), limit, budget, self.correct)
+        chunk, sums = _fit_chunk(op.obj, tuple(blks), samples, _memory.shape_key(op.params),
+                                 _memory.shape_key(op.data), limit, budget, self.correct)
         return _prepare_run(op.params, op.data, op.shift, key_array(self.key), obj=op.obj,
-                            blks=tuple(blks), correct=self.correct, chunk_size=chunk, samples=samples,
-                            budget=budget, progress=self.progress, name=self.name)
+                            blks=tuple(blks), correct=self.correct, chunk_size=chunk, sums=sums,
+                            samples=samples, budget=budget, progress=self.progress, name=self.name)
 
     def fit_chunk(self, op) -> int:
         """Examples per chunk of :meth:`prepare`'s factor passes for ``op`` (from ``chunk_size``
@@ -626,7 +634,7 @@ class EKFAC(Solver):
         limit = n if self.chunk_size is None else min(int(self.chunk_size), n)
         return _fit_chunk(op.obj, blks, self._resolve_samples(op.obj, op.params, x0),
                           _memory.shape_key(op.params), _memory.shape_key(op.data), limit,
-                          _memory.resolve_budget(budget), self.correct)
+                          _memory.resolve_budget(budget), self.correct)[0]
 
     # -- apply ----------------------------------------------------------------------------
     def _solution(self, state, x, b, ax):
@@ -660,7 +668,7 @@ class EKFAC(Solver):
         # APPLY_BATCH right-hand sides at a time: the rotations of k vectors at once would hold
         # about 1.4 k x P of temporaries (XLA's buffer assignment, 64 vectors of the 1M-parameter
         # transformer: 334 MB); a lax.map of small vmapped batches holds one batch's
-        xs = jax.lax.map(lambda b: _inverse(state, b), bs, batch_size=APPLY_BATCH)
+        xs = _curvature.even_map(lambda b: _inverse(state, b), bs, batch_size=APPLY_BATCH)
         if self.residual and hasattr(op, "for_vectors"):  # data chunks sized for k vectors at once
             op = op.for_vectors(int(jax.tree_util.tree_leaves(bs)[0].shape[0]))
         axs = jax.vmap(op)(xs) if self.residual else None
