@@ -55,6 +55,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -108,9 +109,15 @@ QUICK = {
 # influx with kronfluence's default (sampled Fisher, one label per example), kronfluence
 # (and influx with a smaller memory budget than the CPU default, SMALL_BUDGET_MB)
 SMALL_BUDGET_MB = 64
-SIDES = ("influx", "influx_sampled", "influx_budget", "kronfluence")
+SIDES = ("influx", "influx_sampled", "influx_budget", "influx_cached", "kronfluence")
 SIDE_NAMES = {"influx": "influx", "influx_sampled": "influx (samples=1)",
-              "influx_budget": f"influx (memory_budget={SMALL_BUDGET_MB} MiB)", "kronfluence": "kronfluence"}
+              "influx_budget": f"influx (memory_budget={SMALL_BUDGET_MB} MiB)",
+              "influx_cached": "influx (new process, persistent compilation cache)",
+              "kronfluence": "kronfluence"}
+# JAX's persistent compilation cache (a directory of compiled programs, keyed by program and
+# options): a first process fills it, a second one (the row) compiles nothing it holds
+CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": "{workdir}/jax_cache",
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 TF = {"vocab": 64, "seq": 16, "d": 128, "heads": 4, "mlp": 512, "blocks": 5, "classes": 4}
 
@@ -442,12 +449,13 @@ MAX_RSS_MB = float(os.environ.get("INFLUX_BENCH_MAX_RSS_MB", 0.5 * os.sysconf("S
                                   * os.sysconf("SC_PAGE_SIZE") / 2**20))
 
 
-def run_sub(cmd: list[str], timeout: float) -> dict:
-    """Runs ``cmd``, returns its last JSON line; the child's peak RSS is also observed from
-    outside (``VmHWM``, polled), so a run that times out still reports its peak so far."""
+def run_sub(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Runs ``cmd`` (with ``env`` added to the environment), returns its last JSON line; the
+    child's peak RSS is also observed from outside (``VmHWM``, polled), so a run that times
+    out still reports its peak so far."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     import threading
 
     buf = {}
@@ -506,6 +514,13 @@ def run_model(spec: Spec, workdir: Path, timeout: float) -> dict:
         res["influx_budget"] = run_sub(me + ["influx", "--model", spec.name, "--workdir", str(workdir),
                                              "--budget-mb", str(SMALL_BUDGET_MB), "--tag", "influx_budget"],
                                        timeout)
+        env = {k: v.format(workdir=workdir) for k, v in CACHE_ENV.items()}
+        shutil.rmtree(workdir / "jax_cache", ignore_errors=True)
+        fill = run_sub(me + ["influx", "--model", spec.name, "--workdir", str(workdir),
+                             "--tag", "influx_fill"], timeout, env)
+        res["influx_cached"] = (run_sub(me + ["influx", "--model", spec.name, "--workdir", str(workdir),
+                                              "--tag", "influx_cached"], timeout, env)
+                                if fill.get("ok") else fill)
     if spec.peer:
         res["kronfluence"] = run_sub([str(peer_python()), str(ROOT / "benchmarks/peers/models_torch.py"),
                                       "--workdir", str(workdir)], timeout)
@@ -572,7 +587,7 @@ def table(results: dict) -> str:
     lines = ["\n".join(rows), ""]
     for name, r in results["models"].items():
         for side, c in (("influx", r), *((sd, r.get(f"vs_kronfluence_{sd}", {}))
-                                           for sd in ("influx_sampled", "influx_budget"))):
+                                           for sd in ("influx_sampled", "influx_budget", "influx_cached"))):
             if "targets" in c:
                 lines.append(f"- {name}, {SIDE_NAMES[side]}: kronfluence/influx time "
                              f"{c['speedup_cold']:.2f}x (cold), {c['speedup_warm']:.2f}x (compiled); "

@@ -11,6 +11,9 @@ chunks from a **memory budget** (``memory_budget=`` in bytes on the public funct
 
 * :func:`default_budget`: ``DEFAULT_FRACTION`` (1/4) of :func:`available_bytes`, and on a CPU
   host at most ``HOST_CAP`` (256 MiB: larger chunks buy little speed on CPU, only memory);
+  given the parameters, on a CPU host at most the larger of ``HOST_FLOOR`` (64 MiB) and
+  ``GRADIENT_ROWS`` (16) per-example gradients (``16 P`` floats): a model whose gradient
+  is small gets small chunks, which cost it no time on CPU, and a lower peak;
 * :func:`peak_bytes` ``(fn, *args)``: the peak of the buffers ``fn``'s program allocates
   beyond its inputs (the parameters, test vectors and data it is given are already in
   memory; counting them would make a model with large ``n_test x P`` vectors refuse every
@@ -44,7 +47,7 @@ from influx.errors import InputError, ResourceError
 
 __all__ = ["available_bytes", "check_fits", "format_bytes", "default_budget", "resolve_budget",
            "peak_bytes", "chunk_size_for", "shape_key", "release_free_memory", "DEFAULT_FRACTION",
-           "HOST_CAP"]
+           "HOST_CAP", "HOST_FLOOR", "GRADIENT_ROWS", "param_bytes"]
 
 _SAFETY = 0.9
 DEFAULT_FRACTION = 0.25  # share of the available memory a chunked pass may use by default
@@ -54,6 +57,14 @@ DEFAULT_FRACTION = 0.25  # share of the available memory a chunked pass may use 
 # 986 to 777 MB (CNN; the fit pass) and from 1694 to 1487 MB (transformer), with no change in
 # time beyond the load's noise
 HOST_CAP = 256 << 20
+# ... and, given the parameters, at most the larger of HOST_FLOOR and GRADIENT_ROWS per-example
+# gradients. Warm EK-FAC influence, side by side in one process (benchmarks/models.py models,
+# exact factor, 3 runs each): CNN (P = 106k) 7.6 / 8.3 / 8.5 s at 64 / 128 / 256 MiB,
+# transformer (P = 1.0M) 16.1 / 16.2 / 16.4 s; peaks 665 vs 794 MB and 1269 vs 1439 MB at 64
+# vs 256 MiB. A 9.5M-parameter model keeps 256 MiB: its scoring chunks each read all the
+# solved queries (n_test x P), so fewer, larger chunks are faster there
+HOST_FLOOR = 64 << 20
+GRADIENT_ROWS = 16
 
 
 def format_bytes(n: float) -> str:
@@ -103,21 +114,31 @@ def check_fits(nbytes: float, *, what: str, alternative: str = "", budget: int |
 
 
 # ------------------------------------------------------------------ budgets and chunk sizes
-def default_budget(device=None) -> int:
+def param_bytes(params) -> int:
+    """Bytes of one parameter-shaped pytree (arrays or ``jax.ShapeDtypeStruct`` leaves)."""
+    return sum(int(np.prod(np.shape(l), dtype=np.int64)) * np.dtype(l.dtype).itemsize
+               for l in jax.tree_util.tree_leaves(params))
+
+
+def default_budget(device=None, *, params=None) -> int:
     """The default ``memory_budget``: ``DEFAULT_FRACTION`` of :func:`available_bytes`, capped at
-    ``HOST_CAP`` on CPU devices."""
+    ``HOST_CAP`` on CPU devices, and there, given ``params``, at
+    ``max(HOST_FLOOR, GRADIENT_ROWS * param_bytes(params))``."""
     device = device if device is not None else jax.devices()[0]
     budget = int(DEFAULT_FRACTION * available_bytes(device))
     if device.platform == "cpu":
         budget = min(budget, HOST_CAP)
+        if params is not None:
+            budget = min(budget, max(HOST_FLOOR, GRADIENT_ROWS * param_bytes(params)))
     step = 64 << 20  # whole 64 MiB steps: the same budget (and chunk sizes) from call to call
     return budget // step * step if budget > step else max(budget, 1)
 
 
-def resolve_budget(memory_budget, *, name: str = "memory_budget") -> int:
-    """``memory_budget`` checked (a positive number of bytes) or, for ``None``, :func:`default_budget`."""
+def resolve_budget(memory_budget, *, name: str = "memory_budget", params=None) -> int:
+    """``memory_budget`` checked (a positive number of bytes) or, for ``None``,
+    :func:`default_budget` (for ``params``, when given)."""
     if memory_budget is None:
-        return default_budget()
+        return default_budget(params=params)
     ok = (isinstance(memory_budget, (int, float, np.integer, np.floating))
           and not isinstance(memory_budget, bool))
     if not ok or not np.isfinite(memory_budget) or memory_budget < 1:

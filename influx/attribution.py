@@ -40,8 +40,8 @@ Baselines with the same call shape: :func:`grad_dot` (identity curvature) and
 :func:`tracin` (sum of gradient dot products over checkpoints).
 
 Memory: every pass works in chunks bounded by ``memory_budget`` (bytes; default
-:func:`influx._memory.default_budget`, a quarter of the available memory, at most 256 MiB on
-a CPU host): the test gradients, the solver's preparation (EK-FAC's factor passes get their
+:func:`influx._memory.default_budget`, a quarter of the available memory; on a CPU host at
+most 256 MiB, and at most the larger of 64 MiB and 16 per-example gradients): the test gradients, the solver's preparation (EK-FAC's factor passes get their
 own *fit* chunk), the curvature products, and the scoring of the training set (at most
 ``chunk_size`` examples per step, fewer when the step's program -- its peak bytes
 estimated from shapes, :func:`influx._memory.peak_bytes` -- would not fit). Nothing
@@ -257,7 +257,7 @@ def _test_grads(f, params, test, *, chunk_size, budget):
     (all ``n_test x P`` of them at once: :func:`_solve_queries` forms them batch by batch)."""
     n_test = num_examples(test[0], name="test inputs")
     batch = _grad_batch(f, _memory.shape_key(params), _memory.shape_key(_first(test)),
-                        min(chunk_size, n_test), _memory.resolve_budget(budget))
+                        min(chunk_size, n_test), _memory.resolve_budget(budget, params=params))
     return _measurement_grads(f, params, test, batch_size=batch)
 
 
@@ -267,7 +267,7 @@ def _solve_batch(solver, state, op, row, *, limit, budget) -> int:
     right-hand side (a pytree like the parameters, without the leading axis). Cached per
     solver value and shapes, as the other chunk sizes here."""
     return _solve_batch_for(solver, _memory.shape_key(state), _memory.shape_key(op), _memory.shape_key(row),
-                            limit, _memory.resolve_budget(budget))
+                            limit, _memory.resolve_budget(budget, params=row))
 
 
 @functools.lru_cache(maxsize=64)
@@ -289,7 +289,7 @@ def _query_batch(f, solver, state, op, params, test, *, limit, budget) -> int:
     given (shapes only) -- would exceed ``budget`` (at least one)."""
     return _query_batch_for(f, solver, _memory.shape_key(state), _memory.shape_key(op),
                             _memory.shape_key(params), _memory.shape_key(_first(test)), limit,
-                            _memory.resolve_budget(budget))
+                            _memory.resolve_budget(budget, params=params))
 
 
 @functools.lru_cache(maxsize=64)
@@ -492,7 +492,7 @@ def _solve_test_vectors(obj, params, train, test, f, *, kind, damping, solver, c
         batch = _query_batch(f, solver, state, op, params, test, limit=batch, budget=memory_budget)
     batch = _curvature.chunk_plan(n_test, batch)[0]  # equal batches: one solve program (100 -> 50 + 50)
     grad_batch = _grad_batch(f, _memory.shape_key(params), _memory.shape_key(_first(test)),
-                             min(chunk_size, batch), _memory.resolve_budget(memory_budget))
+                             min(chunk_size, batch), _memory.resolve_budget(memory_budget, params=params))
     sol = _solve_queries(f, params, test, solver, state, op, batch=batch, grad_batch=grad_batch,
                          progress=progress, host=host)
     _memory.release_free_memory()  # the batches' gradients and temporaries, before the scoring
@@ -590,7 +590,7 @@ def score_chunk_size(obj, method, params, vecs, train, *, chunk_size, memory_bud
     n = num_examples(train)
     return _score_chunk(obj, method, _memory.shape_key(params), _memory.shape_key(vecs),
                         _memory.shape_key(_first(train)), min(int(chunk_size), n),
-                        _memory.resolve_budget(memory_budget), block)
+                        _memory.resolve_budget(memory_budget, params=params), block)
 
 
 def _score_arrays(obj, params, vecs, train, *, method, chunk_size, n_total, memory_budget=None,
@@ -858,7 +858,8 @@ def _self_chunk(solver, state, op, train, limit, budget) -> int:
 def _self_values(solver, state, op, train, n, chunk_size, memory_budget=None, progress=False):
     """``(g_m^T A^-1 g_m / N for all m, batched Solution | None)`` chunk by chunk."""
     quad = compiled(type(solver).inverse_quadratic)
-    c = _self_chunk(solver, state, op, train, min(chunk_size, n), _memory.resolve_budget(memory_budget))
+    c = _self_chunk(solver, state, op, train, min(chunk_size, n),
+                    _memory.resolve_budget(memory_budget, params=op.params))
     out, sols = [], []
     with _progress.bar(progress, total=n, desc="influx: self-influence") as bar:
         for start in range(0, n, c):

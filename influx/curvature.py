@@ -313,7 +313,7 @@ class Operator:
         return _product_chunk(self.obj, self.kind, _memory.shape_key(self.params),
                               _memory.shape_key(jax.tree_util.tree_map(lambda a: a[0], self.data)),
                               min(int(self.chunk_size), self.num_examples), int(n_vectors),
-                              _memory.resolve_budget(self.memory_budget))
+                              _memory.resolve_budget(self.memory_budget, params=self.params))
 
     def for_vectors(self, n_vectors: int) -> Operator:
         """This operator with its chunk sized for products with ``n_vectors`` vectors at once

@@ -304,3 +304,21 @@ def test_short_last_query_batch_reuses_the_solve_program(mlp):
     assert np.asarray(sol.status).shape == (7,)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-14)
+
+
+def test_default_budget_on_cpu_scales_with_the_gradient(monkeypatch):
+    """On a CPU host the default is at most 256 MiB, and given the parameters at most the
+    larger of 64 MiB and 16 per-example gradients (whole 64 MiB steps): small models get
+    small chunks (no slower on CPU, a lower peak), a 10M-parameter one keeps 256 MiB."""
+    monkeypatch.setattr(_memory, "available_bytes", lambda device=None: 8 << 30)
+    cpu = jax.devices("cpu")[0]
+
+    def params(p):
+        return {"w": jax.ShapeDtypeStruct((p,), jnp.float32)}
+
+    assert _memory.default_budget(cpu) == _memory.HOST_CAP == 256 << 20
+    assert _memory.default_budget(cpu, params=params(100_000)) == _memory.HOST_FLOOR == 64 << 20
+    assert _memory.default_budget(cpu, params=params(3_000_000)) == 128 << 20  # 183 MiB, floored
+    assert _memory.default_budget(cpu, params=params(10_000_000)) == 256 << 20
+    assert _memory.resolve_budget(None, params=params(100_000)) == 64 << 20
+    assert _memory.resolve_budget(12345, params=params(100_000)) == 12345  # a given budget is kept

@@ -616,7 +616,7 @@ class EKFAC(Solver):
                              "none: pass samples=0 (exact factor)")
         n = jax.tree_util.tree_leaves(op.data)[0].shape[0]
         budget = self.memory_budget if self.memory_budget is not None else getattr(op, "memory_budget", None)
-        budget = _memory.resolve_budget(budget)
+        budget = _memory.resolve_budget(budget, params=op.params)
         limit = n if self.chunk_size is None else min(int(self.chunk_size), n)
         chunk, sums = _fit_chunk(op.obj, tuple(blks), samples, _memory.shape_key(op.params),
                                  _memory.shape_key(op.data), limit, budget, self.correct)
@@ -634,7 +634,7 @@ class EKFAC(Solver):
         limit = n if self.chunk_size is None else min(int(self.chunk_size), n)
         return _fit_chunk(op.obj, blks, self._resolve_samples(op.obj, op.params, x0),
                           _memory.shape_key(op.params), _memory.shape_key(op.data), limit,
-                          _memory.resolve_budget(budget), self.correct)[0]
+                          _memory.resolve_budget(budget, params=op.params), self.correct)[0]
 
     # -- apply ----------------------------------------------------------------------------
     def _solution(self, state, x, b, ax):
