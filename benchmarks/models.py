@@ -31,8 +31,12 @@ scores divided by ``N``), ``lambda = l2 + damping`` on both sides (kronfluence's
 ``fit_all_factors(strategy="ekfac")`` then ``compute_pairwise_scores`` (its defaults: sampled
 Fisher, float32). Each side runs in its own subprocess; wall time of the whole call (influx:
 the first call, compilation included, and a second, compiled call) and the peak RSS of the
-subprocess: its ``VmHWM`` read from ``/proc`` by the parent while it runs (imports, data and
-model included, the number ``top`` shows). Not ``ru_maxrss``: Linux carries a process's
+subprocess. influx also runs at kronfluence's setting (``samples=1``), with
+``memory_budget=64 MiB``, and in a new process whose JAX persistent compilation cache
+(``CACHE_ENV``) a first process filled (what a user's second script run sees: no XLA
+compilation of programs the cache holds, tracing and chunk sizing still run). Peak RSS:
+its ``VmHWM`` read from ``/proc`` by the parent while it runs (imports, data and model
+included, the number ``top`` shows). Not ``ru_maxrss``: Linux carries a process's
 ``maxrss`` across ``fork``/``exec``, so a child of the large parent that trained the models
 reports the parent's peak (both sides read 1332 MB on the CNN in the run that found this).
 
