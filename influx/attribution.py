@@ -41,9 +41,10 @@ Baselines with the same call shape: :func:`grad_dot` (identity curvature) and
 
 Memory: every pass works in chunks bounded by ``memory_budget`` (bytes; default
 :func:`influx._memory.default_budget`, a quarter of the available memory; on a CPU host at
-most 256 MiB, and at most the larger of 64 MiB and 16 per-example gradients): the test gradients, the solver's preparation (EK-FAC's factor passes get their
-own *fit* chunk), the curvature products, and the scoring of the training set (at most
-``chunk_size`` examples per step, fewer when the step's program -- its peak bytes
+most 256 MiB, and at most the larger of 64 MiB and 16 per-example gradients): the test
+gradients, the solver's preparation (EK-FAC's factor passes get their own *fit* chunk),
+the curvature products, and the scoring of the training set (at most ``chunk_size``
+examples per step, fewer when the step's program -- its peak bytes
 estimated from shapes, :func:`influx._memory.peak_bytes` -- would not fit). Nothing
 ``N x P`` or ``P x P`` is formed unless the solver is a dense one (``direct``), which
 refuses a matrix that does not fit before allocating it. A budget too small for one
@@ -341,14 +342,14 @@ def _solve_queries(f, params, test, solver, state, op, *, batch, grad_batch, pro
     next starts (asynchronous dispatch would keep several batches alive), with a bar when
     ``progress`` asks.
 
-    Batches are ``[0, batch), [batch, 2 batch), ...``: the same right-hand sides are solved
-    together as when all gradients were formed first (block CG shares a Krylov space within
+    Batches are ``[0, batch), [batch, 2 batch), ...`` (block CG shares a Krylov space within
     a batch, so the partition is part of the result). A short last batch is solved as a
     full-size window over the last ``batch`` rows (one gradient, one solve and one write
     program for every batch; the few rows solved twice cost less than compiling the solve a
-    second time, 2-5 s on the models of ``benchmarks/models.py``). It runs first, so that the
-    full batches after it overwrite the rows it shares with them: every row holds the answer
-    of its own batch, and the one program is compiled before the answer is allocated."""
+    second time, 2-5 s on the models of ``benchmarks/models.py``), so its rows share a Krylov
+    space with the rows before them. It runs first, so that the full batches after it
+    overwrite the rows it shares with them: every other row holds the answer of its own
+    batch, and the one program is compiled before the answer is allocated."""
     n = num_examples(test[0], name="test inputs")
     solve = ((lambda b: solver.apply_batch(state, op, b)) if host else
              (lambda b: compiled(type(solver).apply_many)(solver, state, op, b)))
