@@ -610,3 +610,41 @@ def test_bad_declarations_are_refused_before_any_work():
     op = curvature.operator(obj, params, data, kind="gnh", damping=1e-2)
     with pytest.raises(influx.errors.InputError, match="'nope': no parameter leaf"):
         solvers.ekfac(declare={"nope": "dense"}).prepare(op)
+
+
+@pytest.mark.parametrize("case", [
+    ((5, 7), (3, 3), (1, 1), "SAME", (1, 1), (1, 1), ("NHWC", "HWIO", "NHWC")),
+    ((8, 9), (3, 2), (2, 3), "VALID", (1, 1), (1, 1), ("NCHW", "OIHW", "NCHW")),
+    ((6, 6), (3, 3), (1, 2), [(2, -1), (0, 1)], (1, 1), (2, 1), ("NHWC", "HWIO", "NCHW")),
+    ((5, 4), (2, 3), (2, 1), [(1, 1), (2, 0)], (2, 1), (1, 1), ("NCHW", "OIHW", "NHWC")),
+    ((10,), (3,), (2,), [(1, 1)], (1,), (2,), ("NWC", "WIO", "NWC")),
+    ((4, 5, 6), (2, 2, 3), (1, 2, 1), [(1, 0), (0, 1), (1, 2)], (1, 1, 1), (1, 1, 2),
+     ("NDHWC", "DHWIO", "NDHWC")),
+])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_conv_patches_equal_jax_patches(case, groups):
+    """The slice-formed patches equal ``conv_general_dilated_patches`` (float64, exactly) for
+    1-3 spatial axes, strides, negative and uneven padding, input and filter dilation,
+    channel-first / channel-last layouts and feature groups (up to the order of the
+    features)."""
+    sp, filt, st, pad, ld, rd, layout = case
+    c = 6
+    shape = (2, c) + sp if layout[0][1] == "C" else (2,) + sp + (c,)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape))
+    rhs = (4, c) + filt if layout[1][0] == "O" else filt + (c, 4)
+    dn = jax.lax.conv_dimension_numbers(shape, rhs, layout)
+    if isinstance(pad, str):
+        pad = jax.lax.padtype_to_pads(sp, filt, st, pad)
+    ref = jax.lax.conv_general_dilated_patches(x, filt, st, pad, lhs_dilation=ld, rhs_dilation=rd,
+                                               dimension_numbers=dn,
+                                               precision=jax.lax.Precision.HIGHEST)
+    out_sp = tuple(ref.shape[i] for i in dn.out_spec[2:])
+    got = kron.patches(x, filt, out_sp, strides=st, padding=pad, lhs_dilation=ld, rhs_dilation=rd,
+                       lhs_spec=dn.lhs_spec, groups=groups)
+    want = jnp.transpose(ref, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+    # jax's features are channel-major (c, k); ours are (group, k, channel of the group)
+    k = int(np.prod(filt))
+    want = want.reshape(want.shape[:-1] + (groups, c // groups, k))
+    want = jnp.swapaxes(want, -1, -2).reshape(got.shape)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

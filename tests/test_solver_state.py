@@ -136,6 +136,19 @@ def test_a_state_for_other_inputs_is_refused(problem, saved):
         influx.scoring.score(obj, _perturbed(params), train, test, state=prepared, damping=DAMPING)
 
 
+def test_a_state_of_another_layout_is_refused(problem, saved, monkeypatch):
+    # a state saved by an influx whose states are laid out otherwise (e.g. conv rows in
+    # another order) is refused, in memory and on disk, naming the format
+    obj, params, train, test = problem
+    prepared, root = saved
+    assert json.loads((root / "manifest.json").read_text())["inputs"]["format"] == solvers.saved.STATE_FORMAT
+    monkeypatch.setattr(solvers.saved, "STATE_FORMAT", solvers.saved.STATE_FORMAT + 1)
+    with pytest.raises(InputError, match="format"):
+        influx.influence(obj, params, train, test, state=prepared, damping=DAMPING)
+    with pytest.raises(InputError, match="format"):
+        influx.solvers.load_state(root, obj, params, train, damping=DAMPING)
+
+
 def test_damaged_or_incomplete_state_directories_are_refused(problem, saved, tmp_path):
     import shutil
 

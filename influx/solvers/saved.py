@@ -29,7 +29,8 @@ The directory (an :mod:`influx._store` of kind ``"solver_state"``: the same mani
 checksums and atomic commit as a scoring directory) is meant to be read by people too::
 
     manifest.json   "inputs": the fingerprint (digests of params and data; kind, damping,
-                    l2, apply_fn, loss_fn, dtype, the solver's repr); "files": every array
+                    l2, apply_fn, loss_fn, dtype, the solver's repr, the state format);
+                    "files": every array
                     file with its BLAKE2b checksum; "meta": the solver's class and options,
                     the influx version, the number of parameters, every array's dtype and
                     shape, and "structure", how the arrays make up the state (EK-FAC's
@@ -117,13 +118,20 @@ def _hashable_params(params):
     return jax.tree_util.tree_map(cast, params)
 
 
+# The layout of what states hold, raised whenever a state saved before would be read wrongly
+# now. 2: a convolution block's rows are its patches offset-major, ``(*filter, C_in)``
+# (format 1, no key: channel-major).
+STATE_FORMAT = 2
+
+
 def fingerprint_inputs(obj: Objective, params, data, *, kind: str, damping, solver: Solver) -> dict:
     """The inputs a prepared state depends on, as a flat dict of JSON values.
 
     ``params`` and ``data``: SHA-256 digests of every leaf's dtype, shape and bytes (and the
     tree structure); ``n_data``; ``kind``, ``damping``, ``l2``; the model and loss
     functions by name; the parameters' dtype; the solver's ``repr`` (its class and every
-    option). Cost: one pass over the bytes of ``params`` and ``data`` (hashing).
+    option); the state ``format`` (:data:`STATE_FORMAT`). Cost: one pass over the bytes of
+    ``params`` and ``data`` (hashing).
     """
     p = _hashable_params(params)
     leaves = jax.tree_util.tree_leaves(p)
@@ -138,6 +146,7 @@ def fingerprint_inputs(obj: Objective, params, data, *, kind: str, damping, solv
         "loss_fn": _store.fn_name(obj.loss_fn),
         "dtype": str(jnp.result_type(*leaves)) if leaves else "none",
         "solver": _store.stable_repr(solver),
+        "format": STATE_FORMAT,
     }
 
 
@@ -148,6 +157,7 @@ _WHAT = {
     "apply_fn": "apply_fn (another model function)",
     "loss_fn": "loss_fn (another loss)",
     "solver": "solver (another solver or other solver options)",
+    "format": "format (the state layout: saved by another influx version)",
 }
 
 
