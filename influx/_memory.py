@@ -220,9 +220,17 @@ def peak_bytes(fn, *args, return_shape: bool = False):
     return (peak, shape) if return_shape else peak
 
 
+# chunk_size_for stops at a size that uses this share of the budget: each further guess
+# traces the pass once more (0.5-1 s on the transformer of benchmarks/models.py), and
+# chunks a quarter smaller cost the CPU passes nothing measurable (64 vs 256 MiB budgets
+# time alike there)
+GOOD_ENOUGH = 0.75
+
+
 def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:
     """The largest chunk ``c`` in ``[1, limit]`` whose pass fits ``budget`` bytes (or one close
-    to it: at least 85% of the budget used, or no size between it and one that does not fit).
+    to it: at least ``GOOD_ENOUGH`` (75%) of the budget used, or no size between it and one
+    that does not fit).
 
     ``bytes_at(c)``: the peak bytes of the pass over a chunk of ``c`` examples (e.g. a
     :func:`peak_bytes`; each call traces the pass, so few are made, none twice). One call
@@ -270,7 +278,7 @@ def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:
         if at(c) <= budget:
             fits.append(c)
             misses = 0
-            if at(c) >= 0.85 * budget or hi - c <= 1:
+            if at(c) >= GOOD_ENOUGH * budget or hi - c <= 1:
                 break
             c = towards(fits[-2], c, 0.98 * budget)  # extend along the slope where it fits
         else:

@@ -357,12 +357,14 @@ def test_uneven_fit_chunks_count_every_example_once():
 
 
 def test_fit_passes_are_traced_once_beyond_sizing(monkeypatch):
-    """Each factor pass's program is traced by the chunk sizing and once by its compiled
-    call: the accumulator's shapes come from the sizing's trace, not from another trace
-    (on the 1M-parameter transformer of benchmarks/models.py each costs about 1 s)."""
+    """The model program of the fit (forward and backward to the block outputs) is traced
+    once by the chunk sizing and once by its compiled call, shared by both passes, and each
+    pass's sums are traced by the sizing and once by their compiled call: the accumulator's
+    shapes come from the sizing's trace, not from another trace (on the 1M-parameter
+    transformer of benchmarks/models.py a trace of the model program costs about 0.5 s)."""
     obj, params, (x, y) = make_problem("tanh_mlp", n=20)
-    calls = {"factors": 0, "correction": 0}
-    stats, corr = E._factor_stats, E._correction_stats
+    calls = {"model": 0, "factors": 0, "correction": 0}
+    stats, corr, model = E._factor_stats, E._correction_stats, E._pseudo_fn
 
     def count(name, fn):
         def wrapped(*a, **k):
@@ -372,7 +374,8 @@ def test_fit_passes_are_traced_once_beyond_sizing(monkeypatch):
 
     monkeypatch.setattr(E, "_factor_stats", count("factors", stats))
     monkeypatch.setattr(E, "_correction_stats", count("correction", corr))
+    monkeypatch.setattr(E, "_pseudo_fn", count("model", model))
     obj = influx.Objective(obj.apply_fn, obj.loss_fn, l2=1.2345e-3)  # programs no other test compiled
     op = curvature.operator(obj, params, (x, y), damping=1e-2)
     solvers.ekfac(chunk_size=7).prepare(op)
-    assert calls == {"factors": 2, "correction": 2}, calls
+    assert calls == {"model": 2, "factors": 2, "correction": 2}, calls

@@ -265,7 +265,7 @@ def test_chunk_size_for_traces_an_affine_pass_three_times():
         c = _memory.chunk_size_for(lambda k: asked.append(k) or bytes_at(k), budget=budget, limit=1000,
                                    what="x")
         assert bytes_at(c) <= budget < bytes_at(best + 1)
-        assert c == best or bytes_at(c) >= 0.85 * budget, (c, best)
+        assert c == best or bytes_at(c) >= _memory.GOOD_ENOUGH * budget, (c, best)
         assert len(asked) == len(set(asked)) <= 3, asked
     assert c < best  # the convex one: the chord lies above it, so its guess is on the safe side
 

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any, ClassVar
 
@@ -288,40 +289,38 @@ def _per_chunk(obj, blks, samples, params, chunk, index, mask, key):
     return jax.vmap(one)(chunk, index, mask)
 
 
-def _correction(params, chunk, index, mask, key, qa, qs, *, obj, blks, samples,
-                max_bytes=_CORRECTION_BYTES):
-    rows, _, g_out = _per_chunk(obj, blks, samples, params, chunk, index, mask, key)
-    return _correction_stats(blks, qa, qs, rows, g_out, max_bytes)
+def _add(acc, part):
+    """``acc + part`` leafwise (``part`` when ``acc`` is ``None``): a chunk's sums are added
+    inside the chunk's own program (no separate program per accumulator leaf)."""
+    return part if acc is None else jax.tree_util.tree_map(jnp.add, acc, part)
 
 
-def _factors(params, chunk, index, mask, key, *, obj, blks, samples):
-    return _factor_stats(blks, mask, *_per_chunk(obj, blks, samples, params, chunk, index, mask, key))
+# The two fit passes run the same model program (forward, backward to the block outputs) on
+# every chunk and differ only in the sums they form from it, so the model program is
+# compiled once for both (on the transformer of benchmarks/models.py it is 2.5 of the 2.6 s
+# and 3.1 s the two fused passes took to compile), and the sums are small programs of their own.
+_chunk_pseudo = functools.partial(jit, static_argnums=(0, 1, 2))(_per_chunk)
 
 
-def _accumulate(fn):
-    """``(acc, *args) -> acc + fn(*args)`` (leafwise): a chunk's sums are added inside the
-    chunk's own program (no separate program per accumulator leaf)."""
-    @functools.wraps(fn)
-    def step(acc, *args, **kwargs):
-        part = fn(*args, **kwargs)
-        return part if acc is None else jax.tree_util.tree_map(jnp.add, acc, part)
-    return step
+@functools.partial(jit, static_argnums=(1,))
+def _chunk_factor_stats(acc, blks, mask, rows, g_other, g_out):
+    return _add(acc, _factor_stats(blks, mask, rows, g_other, g_out))
 
 
-_chunk_factors = functools.partial(jit, static_argnames=("obj", "blks", "samples"))(_accumulate(_factors))
-_chunk_correction = functools.partial(jit, static_argnames=("obj", "blks", "samples", "max_bytes"))(
-    _accumulate(_correction))
+@functools.partial(jit, static_argnums=(1,), static_argnames=("max_bytes",))
+def _chunk_correction_stats(acc, blks, qa, qs, rows, g_out, *, max_bytes):
+    return _add(acc, _correction_stats(blks, qa, qs, rows, g_out, max_bytes))
 
 
 @functools.lru_cache(maxsize=128)
 def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct):
     """``(c, sums)``: examples per chunk of the factor passes within ``budget`` bytes, and the
     shapes of the passes' sums (the accumulators of :func:`_chunked`, the same for every
-    chunk size), both from the same traces (shapes only: nothing runs, and no pass is traced
-    again for its shapes)."""
+    chunk size), from one trace of the model program per size tried and traces of the sums
+    on its output shapes (shapes only: nothing runs, and no program is traced again for its
+    shapes). A chunk's peak: the model program's, or its outputs plus a pass's sums'."""
     params, data = _struct_of(params_key)(), _struct_of(data_key)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    opts = {"obj": obj, "blks": blks, "samples": samples}
     leaves = jax.tree_util.tree_leaves(params)
 
     def qs_like(b):
@@ -337,13 +336,17 @@ def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct)
     def bytes_at(c):
         chunk, index = data(c), jax.ShapeDtypeStruct((c,), jnp.int32)
         mask = jax.ShapeDtypeStruct((c,), jnp.bool_)
-        need, sums["factors"] = _memory.peak_bytes(functools.partial(_factors, **opts), params, chunk,
-                                                   index, mask, key, return_shape=True)
+        need, out = _memory.peak_bytes(functools.partial(_per_chunk, obj, blks, samples), params, chunk,
+                                       index, mask, key, return_shape=True)
+        held = sum(math.prod(o.shape) * jnp.dtype(o.dtype).itemsize for o in jax.tree_util.tree_leaves(out))
+        rows, g_other, g_out = out
+        got, sums["factors"] = _memory.peak_bytes(functools.partial(_factor_stats, blks), mask, rows,
+                                                  g_other, g_out, return_shape=True)
+        need = max(need, held + got)
         if correct and blks:
-            corr = functools.partial(_correction, **opts, max_bytes=max(budget // 4, 1))
-            got, sums["correction"] = _memory.peak_bytes(corr, params, chunk, index, mask, key, qa, qs,
-                                                         return_shape=True)
-            need = max(need, got)
+            corr = functools.partial(_correction_stats, blks, max_bytes=max(budget // 4, 1))
+            got, sums["correction"] = _memory.peak_bytes(corr, qa, qs, rows, g_out, return_shape=True)
+            need = max(need, held + got)
         return need
 
     c = _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what="ekfac.prepare (factor passes)")
@@ -404,18 +407,26 @@ def _prepare_run(params, data, shift, key, *, obj, blks, correct, chunk_size, su
     leaves, treedef = jax.tree_util.tree_flatten(params)
     n = jax.tree_util.tree_leaves(data)[0].shape[0]
     other = _other_leaves(params, blks)
-    opts = {"obj": obj, "blks": blks, "samples": samples}
     passes = 2 if correct and blks else 1
+
+    def pseudo(c, i, m):
+        return _chunk_pseudo(obj, blks, samples, params, c, i, m, key)
+
+    def factor_step(acc, c, i, m):
+        return _chunk_factor_stats(acc, blks, m, *pseudo(c, i, m))
+
     with _progress.bar(progress, total=n, desc=f"influx.{name}: factors (1/{passes})") as bar:
-        d, a_sum, s_sum = _chunked(lambda acc, c, i, m: _chunk_factors(acc, params, c, i, m, key, **opts),
-                                   data, chunk_size, sums["factors"], bar)
+        d, a_sum, s_sum = _chunked(factor_step, data, chunk_size, sums["factors"], bar)
     qa, qs, lam = _eigen(a_sum, s_sum, n, blks=blks)
     if correct and blks:
         max_bytes = _CORRECTION_BYTES if budget is None else max(int(budget) // 4, 1)
+
+        def correction_step(acc, c, i, m):
+            rows, _, g_out = pseudo(c, i, m)
+            return _chunk_correction_stats(acc, blks, qa, qs, rows, g_out, max_bytes=max_bytes)
+
         with _progress.bar(progress, total=n, desc=f"influx.{name}: eigenvalues (2/2)") as bar:
-            lam = _chunked(lambda acc, c, i, m: _chunk_correction(acc, params, c, i, m, key, qa, qs, **opts,
-                                                                  max_bytes=max_bytes), data, chunk_size,
-                           sums["correction"], bar)
+            lam = _chunked(correction_step, data, chunk_size, sums["correction"], bar)
     lam, diag = _finish(lam, d, leaves, n, correct=bool(correct and blks), other=tuple(other))
     return EKFACState(tuple(qa), tuple(qs), tuple(lam), jax.tree_util.tree_unflatten(treedef, diag),
                       jnp.asarray(shift), tuple(blks))
@@ -524,8 +535,11 @@ def quadratic_form(state: EKFACState, obj, params, chunk):
 
 # ------------------------------------------------------------------ the solver values
 def _tree_norm(t):
-    """The 2-norm of a pytree, summed leaf by leaf."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(l)) for l in jax.tree_util.tree_leaves(t)))
+    """The 2-norm of a pytree, summed leaf by leaf, each leaf's squares as one dot product
+    (``jnp.sum(jnp.square(l))`` of a large leaf becomes a tree of ``reduce-window``s on
+    XLA:CPU, with the squares materialised: 8 of the 62 ms of a 4-vector ``apply_many`` on
+    the 1M-parameter transformer of ``benchmarks/models.py``)."""
+    return jnp.sqrt(sum(jnp.vdot(l, l) for l in jax.tree_util.tree_leaves(t)))
 
 
 def _num_outputs(obj, params, x0) -> int:
