@@ -41,7 +41,10 @@ drawn by the loss's ``sample`` with ``key`` (``E[L L^T] = H_z``; kronfluence's c
 
 Cost (``prepare``, once): one pass over the data for ``A``, ``S`` and the diagonal (a
 forward pass and ``K`` vector-Jacobian products per example), ``O(d_in^3 + d_out^3)``
-eigendecompositions per layer, and for EK-FAC a second pass for ``Lambda``.
+eigendecompositions per layer, and for EK-FAC a second pass for ``Lambda``. Both passes
+call one compiled model program per chunk (the forward pass and the products: block inputs
+and output gradients) and a small program for their own sums, so the model is compiled
+once for the fit.
 
 Memory: each pass runs host-driven over chunks of its own size (the *fit* chunk, separate
 from the operator's scoring/product ``chunk_size``): ``chunk_size=`` of the solver, or by
