@@ -21,6 +21,12 @@ chunks from a **memory budget** (``memory_budget=`` in bytes on the public funct
   equations, sub-programs (``scan``/``map`` bodies, ``jit``, ``custom_vjp``) counted at their
   own peak. It ignores XLA's fusion (which only removes buffers), so it is an upper bound
   up to XLA's scheduling;
+* :func:`sized` ``(fn, make_args)``: the same for every chunk size ``c`` from one trace at
+  a symbolic ``c`` (``jax.export.symbolic_shape``; sizes are polynomials in ``c``,
+  :class:`Bytes`), or a trace per size asked where the program compares its size with a
+  constant (``lax.map`` batches). Traced once: the EK-FAC model program, the test
+  gradients, the curvature products, EK-FAC self-influence; per size: the query solves and
+  the scoring of models without convolutions (both in ``lax.map`` batches);
 * :func:`chunk_size_for` ``(bytes_at, budget=, limit=, what=)``: the largest chunk ``c <=
   limit`` with ``bytes_at(c) <= budget``, from the per-example slope of ``bytes_at``; a
   budget below one example raises :class:`~influx.errors.ResourceError` with both sizes.
@@ -46,7 +52,8 @@ import numpy as np
 from influx.errors import InputError, ResourceError
 
 __all__ = ["available_bytes", "check_fits", "format_bytes", "default_budget", "resolve_budget",
-           "peak_bytes", "chunk_size_for", "shape_key", "release_free_memory", "DEFAULT_FRACTION",
+           "peak_bytes", "sized", "chunk_size_for", "Bytes", "NotPolynomial", "as_poly",
+           "shape_key", "release_free_memory", "DEFAULT_FRACTION",
            "HOST_CAP", "HOST_FLOOR", "GRADIENT_ROWS", "param_bytes"]
 
 _SAFETY = 0.9
@@ -153,16 +160,76 @@ def shape_key(tree) -> tuple:
     return (treedef, tuple((tuple(np.shape(l)), str(getattr(l, "dtype", type(l).__name__))) for l in leaves))
 
 
-def _nbytes(v) -> int:
-    aval = getattr(v, "aval", None)
-    shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
-    if shape is None or dtype is None:
-        return 0
+# ------------------------------------------------------------------ program peaks
+# Sizes are polynomials in a chunk size ``c`` of degree <= 2, as int64 coefficient vectors
+# ``(c^0, c^1, c^2)``: a program traced on concrete shapes has constant sizes, one traced
+# at a symbolic ``c`` (``jax.export.symbolic_shape``) sizes that hold for every ``c``.
+_VAR = "c"  # the name of the symbolic chunk size
+_ZERO = np.zeros(3, np.int64)
+
+
+class NotPolynomial(ValueError):
+    """A symbolic size that is not a polynomial of degree <= 2 in ``c`` (e.g. ``c // 8``)."""
+
+
+def _dim_poly(d) -> np.ndarray:
+    """Coefficients of one dimension: an int, or a symbolic expression in ``c``."""
+    if isinstance(d, (int, np.integer)):
+        return np.array([int(d), 0, 0], np.int64)
+    out = np.zeros(3, np.int64)
     try:
-        itemsize = np.dtype(dtype).itemsize
+        terms = d._sorted_terms  # jax's symbolic dimension: ((term, coefficient), ...)
+        for term, coeff in terms:
+            deg = 0
+            for factor, power in term._factors:
+                if factor.operation is not None or factor.var != _VAR:
+                    raise NotPolynomial(f"dimension {d} is not a polynomial in {_VAR}")
+                deg += power
+            if deg > 2:
+                raise NotPolynomial(f"dimension {d} has degree {deg} in {_VAR}")
+            out[deg] += int(coeff)
+    except AttributeError as e:  # jax's private structure changed: no symbolic sizes
+        raise NotPolynomial(f"cannot read the dimension {d!r}") from e
+    return out
+
+
+def as_poly(size) -> np.ndarray:
+    """Coefficients ``(c^0, c^1, c^2)`` of a size: an int or a symbolic expression in ``c``."""
+    return _dim_poly(size)
+
+
+def _shape_poly(shape, itemsize: int) -> np.ndarray:
+    out = np.array([itemsize, 0, 0], np.int64)
+    for d in shape:
+        q = np.convolve(out, _dim_poly(d))
+        if q[3:].any():
+            raise NotPolynomial(f"shape {shape} has degree > 2 in {_VAR}")
+        out = q[:3]
+    return out
+
+
+def _itemsize(dtype) -> int:
+    try:
+        return np.dtype(dtype).itemsize
     except TypeError:  # extended dtypes (PRNG keys)
-        itemsize = 8
-    return int(np.prod(shape, dtype=np.int64)) * itemsize
+        return 8
+
+
+def _sizer():
+    """``size(var) -> coefficients`` of a jaxpr variable's bytes (cached per shape/dtype)."""
+    cache = {}
+
+    def size(v):
+        aval = getattr(v, "aval", None)
+        shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
+        if shape is None or dtype is None:
+            return _ZERO
+        key = (shape, dtype)
+        if key not in cache:
+            cache[key] = _shape_poly(shape, _itemsize(dtype))
+        return cache[key]
+
+    return size
 
 
 def _subjaxprs(eqn):
@@ -178,8 +245,11 @@ def _is_var(v) -> bool:
     return isinstance(v, jax.extend.core.Var) and not isinstance(v, jax.extend.core.DropVar)
 
 
-def _jaxpr_peak(jaxpr) -> int:
-    """Peak bytes of live values of ``jaxpr`` (inputs included), equations in order."""
+def _jaxpr_points(jaxpr, size) -> list:
+    """The bytes live at every point of ``jaxpr`` (inputs included, equations in order): a
+    list of coefficient vectors whose largest value at ``c`` is the peak. An equation's
+    point holds what is live plus its outputs; one with sub-programs (``scan``/``map``
+    bodies, ``jit``, ``custom_vjp``) adds, for each, each of their points beyond their inputs."""
     eqns = jaxpr.eqns
     last = {}
     for i, e in enumerate(eqns):
@@ -190,34 +260,96 @@ def _jaxpr_peak(jaxpr) -> int:
         if _is_var(v):
             last[v] = len(eqns)
     inputs = set(jaxpr.invars) | set(jaxpr.constvars)
-    live = sum(_nbytes(v) for v in inputs)
-    peak = live
+    live = sum((size(v) for v in inputs), _ZERO)
+    points = [live]
     for i, e in enumerate(eqns):
-        inner = 0
+        live = live + sum((size(v) for v in e.outvars if _is_var(v)), _ZERO)
+        points.append(live)
         for sub in _subjaxprs(e):
-            sub_in = sum(_nbytes(v) for v in list(sub.invars) + list(sub.constvars))
-            inner = max(inner, _jaxpr_peak(sub) - sub_in)
-        out = sum(_nbytes(v) for v in e.outvars if _is_var(v))
-        peak = max(peak, live + out + inner)
-        live += out
+            sub_in = sum((size(v) for v in list(sub.invars) + list(sub.constvars)), _ZERO)
+            points.extend(live + p - sub_in for p in _jaxpr_points(sub, size))
         for v in {v for v in e.invars if _is_var(v)}:
             if last.get(v) == i and v not in inputs:
-                live -= _nbytes(v)
+                live = live - size(v)
         for v in e.outvars:
             if _is_var(v) and v not in last:
-                live -= _nbytes(v)
-    return peak
+                live = live - size(v)
+    return points
+
+
+class Bytes:
+    """Peak bytes of a pass as a function of its chunk size: ``bytes(c) = max_i p_i(c)``
+    over the program points ``i`` of one trace at a symbolic ``c``, each ``p_i`` a
+    polynomial of degree <= 2 (what :func:`peak_bytes` returns for symbolic shapes).
+
+    ``bytes + size`` (an int or a symbolic size) adds to every point."""
+
+    __slots__ = ("coef",)
+
+    def __init__(self, coef):
+        coef = np.asarray(coef, np.int64).reshape(-1, 3)
+        self.coef = np.unique(coef, axis=0)
+
+    def __call__(self, c) -> int:
+        c = int(c)
+        return int((self.coef @ np.array([1, c, c * c], np.int64)).max())
+
+    def __add__(self, other):
+        if isinstance(other, Bytes):
+            return NotImplemented
+        return Bytes(self.coef + as_poly(other))
+
+    __radd__ = __add__
+
+    def __repr__(self) -> str:
+        return f"Bytes({len(self.coef)} points; bytes(1) = {self(1)})"
 
 
 def peak_bytes(fn, *args, return_shape: bool = False):
     """Peak bytes of the buffers ``fn(*args)`` allocates beyond its inputs, from its jaxpr
     (``args`` may be ``jax.ShapeDtypeStruct`` s: nothing is computed). ``return_shape``:
-    ``(bytes, shapes of fn's outputs)``, from the same trace."""
+    ``(bytes, shapes of fn's outputs)``, from the same trace.
+
+    With a symbolic chunk size in the shapes (``jax.export.symbolic_shape("c")``, see
+    :func:`chunk_size_for`) the peak is a :class:`Bytes`, a function of ``c`` from one
+    trace; :class:`NotPolynomial` when a size is not a polynomial of degree <= 2 in ``c``."""
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     jaxpr = closed.jaxpr
-    inputs = sum(_nbytes(v) for v in set(jaxpr.invars) | set(jaxpr.constvars))
-    peak = _jaxpr_peak(jaxpr) - inputs
+    size = _sizer()
+    inputs = sum((size(v) for v in set(jaxpr.invars) | set(jaxpr.constvars)), _ZERO)
+    points = np.array(_jaxpr_points(jaxpr, size)) - inputs
+    peak = int(points[:, 0].max()) if not points[:, 1:].any() else Bytes(points)
     return (peak, shape) if return_shape else peak
+
+
+def _at_size(tree, c: int):
+    """``tree``'s ``ShapeDtypeStruct`` s with the symbolic ``c`` set to ``c``."""
+    powers = np.array([1, c, c * c], np.int64)
+
+    def one(s):
+        return jax.ShapeDtypeStruct(tuple(int(_dim_poly(d) @ powers) for d in s.shape), s.dtype)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def sized(fn, make_args):
+    """``at(c) -> (peak bytes, output shapes)`` of ``fn(*make_args(c))`` (``make_args(c)``:
+    the arguments' shapes for a chunk of ``c``), for :func:`chunk_size_for`.
+
+    One trace at a symbolic ``c`` (``jax.export.symbolic_shape``) gives every size at once
+    (:class:`Bytes`; the output shapes with ``c`` set): ``at`` then traces nothing. A program
+    that cannot be traced so (a size compared with a constant, ``c // 8``, a jax without
+    symbolic shapes) is traced at each ``c`` asked, as :func:`peak_bytes`. On the
+    transformer of ``benchmarks/models.py`` a trace of the EK-FAC model program costs about
+    a second, and the search asks three sizes."""
+    try:
+        (sym,) = jax.export.symbolic_shape(_VAR)
+        peak, shape = peak_bytes(fn, *make_args(sym), return_shape=True)
+        peak = peak if isinstance(peak, Bytes) else Bytes(as_poly(peak))
+        _at_size(shape, 1)  # outputs whose shapes are not polynomials in c fail here, not later
+    except Exception:  # noqa: BLE001 -- inconclusive comparisons, c // k, ...: trace per size
+        return lambda c: peak_bytes(fn, *make_args(c), return_shape=True)
+    return lambda c: (peak(c), _at_size(shape, c))
 
 
 # chunk_size_for stops at a size that uses this share of the budget: each further guess
@@ -242,7 +374,8 @@ def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:
     the slope of the two largest sizes that fit, one that does not fit is replaced by the
     interpolation between the largest size that fits and it (the midpoint after three misses
     in a row); once a guess has missed, an extension stays in the middle half of the
-    bracket. At most ``8`` calls in all; the returned chunk always fits.
+    bracket. At most ``8`` calls in all; the returned chunk always fits. (A ``bytes_at``
+    from :func:`sized` traces its pass once for all sizes where it can.)
     Raises :class:`~influx.errors.ResourceError` naming both sizes when one example alone
     needs more than ``budget``.
     """
@@ -258,8 +391,7 @@ def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:
         return limit
     b1 = at(1)
     if b1 > budget:
-        raise ResourceError(f"{what}: one example needs {format_bytes(b1)} but memory_budget is "
-                            f"{format_bytes(budget)}; raise memory_budget to at least {format_bytes(b1)}")
+        raise _too_small(what, b1, budget)
     fits, hi, misses = [1], limit, 0  # sizes known to fit (ascending); the smallest known not to
 
     def towards(c0, c1, target):  # where the line through (c0, at(c0)) and (c1, at(c1)) meets target
@@ -285,6 +417,11 @@ def chunk_size_for(bytes_at, *, budget: int, limit: int, what: str) -> int:
             hi, misses, bracketed = c, misses + 1, True
             c = towards(lo, c, budget) if misses < 3 else (lo + c) // 2
     return fits[-1]
+
+
+def _too_small(what: str, b1: int, budget: int) -> ResourceError:
+    return ResourceError(f"{what}: one example needs {format_bytes(b1)} but memory_budget is "
+                         f"{format_bytes(budget)}; raise memory_budget to at least {format_bytes(b1)}")
 
 
 _trim = None  # glibc's malloc_trim, looked up on first use (False: none)

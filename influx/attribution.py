@@ -244,13 +244,18 @@ def _structs(key, lead=()):
                                                   for s, d in leaves])
 
 
+@functools.lru_cache(maxsize=64)
+def _grad_bytes(f, params_key, example_key):
+    """``c -> (peak bytes, shapes)`` of ``c`` measurement gradients (one trace for every ``c``)."""
+    return _memory.sized(lambda p, t: jax.vmap(lambda ex: jax.grad(f)(p, ex))(t),
+                         lambda c: (_structs(params_key), _structs(example_key, (c,))))
+
+
 @functools.lru_cache(maxsize=256)
 def _grad_batch(f, params_key, example_key, limit, budget) -> int:
     """Test examples per step of the measurement gradients within ``budget`` bytes."""
-    def bytes_at(c):
-        return _memory.peak_bytes(lambda p, t: jax.vmap(lambda ex: jax.grad(f)(p, ex))(t),
-                                  _structs(params_key), _structs(example_key, (c,)))
-    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what="test gradients")
+    at = _grad_bytes(f, params_key, example_key)
+    return _memory.chunk_size_for(lambda c: at(c)[0], budget=budget, limit=limit, what="test gradients")
 
 
 def _test_grads(f, params, test, *, chunk_size, budget):
@@ -273,12 +278,11 @@ def _solve_batch(solver, state, op, row, *, limit, budget) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _solve_batch_for(solver, state_key, op_key, row_key, limit, budget) -> int:
-    def bytes_at(k):
-        return _memory.peak_bytes(lambda st, o, bb: type(solver).apply_many(solver, st, o, bb),
-                                  _structs(state_key), _structs(op_key), _structs(row_key, (k,)))
-
+    at = _memory.sized(lambda st, o, bb: type(solver).apply_many(solver, st, o, bb),
+                       lambda k: (_structs(state_key), _structs(op_key), _structs(row_key, (k,))))
     try:
-        return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what=f"solves ({solver.name})")
+        return _memory.chunk_size_for(lambda k: at(k)[0], budget=budget, limit=limit,
+                                      what=f"solves ({solver.name})")
     except ResourceError:  # one right-hand side is the smallest unit (its vectors exist anyway)
         return 1
 
@@ -302,12 +306,11 @@ def _query_batch_for(f, solver, state_key, op_key, params_key, example_key, limi
         g = _curvature.even_map(lambda ex: jax.grad(f)(p, ex), t, batch_size=min(grad_batch, k))
         return type(solver).apply_many(solver, st, o, g)
 
-    def bytes_at(k):
-        return _memory.peak_bytes(step, _structs(params_key), _structs(state_key), _structs(op_key),
-                                  _structs(example_key, (k,)))
-
+    at = _memory.sized(step, lambda k: (_structs(params_key), _structs(state_key), _structs(op_key),
+                                        _structs(example_key, (k,))))
     try:
-        return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what=f"solves ({solver.name})")
+        return _memory.chunk_size_for(lambda k: at(k)[0], budget=budget, limit=limit,
+                                      what=f"solves ({solver.name})")
     except ResourceError:  # one test example is the smallest unit
         return 1
 
@@ -575,11 +578,11 @@ def _take(tree, a, b):
 @functools.lru_cache(maxsize=256)
 def _score_chunk(obj, method, params_key, vecs_key, example_key, limit, budget, block) -> int:
     """Training examples per scoring step within ``budget`` bytes (shapes only)."""
-    def bytes_at(c):
-        scale = jax.ShapeDtypeStruct((), jnp.dtype(params_key[1][0][1]))
-        return _memory.peak_bytes(functools.partial(_kernel, obj, method, block=block), _structs(params_key),
-                                  _structs(vecs_key), _structs(example_key, (c,)), scale)
-    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit,
+    scale = jax.ShapeDtypeStruct((), jnp.dtype(params_key[1][0][1]))
+    at = _memory.sized(functools.partial(_kernel, obj, method, block=block),
+                       lambda c: (_structs(params_key), _structs(vecs_key), _structs(example_key, (c,)),
+                                  scale))
+    return _memory.chunk_size_for(lambda c: at(c)[0], budget=budget, limit=limit,
                                   what=f"influence scoring ({method})")
 
 
@@ -849,10 +852,9 @@ def _self_chunk(solver, state, op, train, limit, budget) -> int:
     if isinstance(op, _curvature.Operator):  # the data is there already: count one product chunk of it
         op = op.replace(data=_take(op.data, 0, min(op.num_examples, op.chunk_size)))
 
-    def bytes_at(c):
-        return _memory.peak_bytes(lambda st, o, ch: type(solver).inverse_quadratic(solver, st, o, ch),
-                                  state, op, _structs(example, (c,)))
-    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit,
+    at = _memory.sized(lambda st, o, ch: type(solver).inverse_quadratic(solver, st, o, ch),
+                       lambda c: (state, op, _structs(example, (c,))))
+    return _memory.chunk_size_for(lambda c: at(c)[0], budget=budget, limit=limit,
                                   what=f"self_influence ({solver.name})")
 
 

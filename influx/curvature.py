@@ -354,13 +354,12 @@ def _struct(key):
 def _product_chunk(obj, kind, params_key, example_key, limit, n_vectors, budget) -> int:
     params, example = _struct(params_key), _struct(example_key)
 
-    def bytes_at(c):
-        def run(p, vs, chunk):
-            return jax.vmap(lambda v: _chunk_product(obj, kind, p, v)(chunk))(vs)
-        return _memory.peak_bytes(run, params(), params((n_vectors,)), example((c,)))
+    def run(p, vs, chunk):
+        return jax.vmap(lambda v: _chunk_product(obj, kind, p, v)(chunk))(vs)
 
+    at = _memory.sized(run, lambda c: (params(), params((n_vectors,)), example((c,))))
     what = f"curvature.operator ({kind} product with {n_vectors} vector(s))"
-    return _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what=what)
+    return _memory.chunk_size_for(lambda c: at(c)[0], budget=budget, limit=limit, what=what)
 
 
 @jit

@@ -5,6 +5,8 @@ are refused before anything runs, naming the sizes."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
 import sys
 
@@ -322,3 +324,124 @@ def test_default_budget_on_cpu_scales_with_the_gradient(monkeypatch):
     assert _memory.default_budget(cpu, params=params(10_000_000)) == 256 << 20
     assert _memory.resolve_budget(None, params=params(100_000)) == 64 << 20
     assert _memory.resolve_budget(12345, params=params(100_000)) == 12345  # a given budget is kept
+
+
+# ------------------------------------------------------------------ sizes from one symbolic trace
+def _counting(fn):
+    """``fn`` and a list that grows by one per trace of it."""
+    traces = []
+
+    def counted(*a):
+        traces.append(1)
+        return fn(*a)
+
+    return counted, traces
+
+
+def _check_sized(fn, make_args, sizes=(1, 3, 17, 64)):
+    """``_memory.sized`` traced ``fn`` once, and gives what a trace at each size gives."""
+    counted, traces = _counting(fn)
+    at = _memory.sized(counted, make_args)
+    assert len(traces) == 1
+    for c in sizes:
+        got, shapes = at(c)
+        want, want_shapes = _memory.peak_bytes(fn, *make_args(c), return_shape=True)
+        assert got == want, (c, got, want)
+        assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(want_shapes)
+        assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in
+                   zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(want_shapes)))
+    assert len(traces) == 1  # asking sizes traced nothing
+
+
+def test_sized_gives_every_chunk_size_from_one_trace():
+    """Per-example gradients (vmap of grad), a Gram matrix (``c x c``: degree 2), and the EK-FAC
+    model program of a convolutional net and of a sequence model (exact and sampled factor):
+    the symbolic trace's bytes and output shapes equal a trace's at each size."""
+    E = importlib.import_module("influx.solvers.ekfac")
+
+    obj, params, (x, y) = make_problem("tanh_mlp", n=8)
+    p = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+
+    def ex(c):
+        return (jax.ShapeDtypeStruct((c,) + x.shape[1:], x.dtype),
+                jax.ShapeDtypeStruct((c,) + y.shape[1:], y.dtype))
+
+    def grads(q, t):
+        one = jax.grad(lambda r, e: obj.data_loss(r, jax.tree_util.tree_map(lambda a: a[None], e)))
+        return jax.vmap(lambda e: one(q, e))(t)
+
+    _check_sized(grads, lambda c: (p, ex(c)))
+    _check_sized(lambda a: jnp.tanh(a @ a.T).sum(0), lambda c: (jax.ShapeDtypeStruct((c, 5), jnp.float64),))
+
+    def conv_apply(q, xb):
+        h = jax.lax.conv_general_dilated(xb, q["k"], (2, 2), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.tanh(h).reshape(xb.shape[0], -1) @ q["w"]
+
+    for apply_fn, pq, xs in [
+        (conv_apply, {"k": jnp.ones((3, 3, 2, 4)) * 0.1, "w": jnp.ones((4 * 4 * 4, 3)) * 0.01},
+         jnp.ones((1, 8, 8, 2))),
+        (lambda q, xb: jnp.tanh(q["e"][xb] @ q["w"]).mean(-2) @ q["o"],
+         {"e": jnp.ones((11, 6)) * 0.1, "w": jnp.ones((6, 5)) * 0.1, "o": jnp.ones((5, 3)) * 0.1},
+         jnp.zeros((1, 7), jnp.int32)),
+    ]:
+        o = influx.Objective(apply_fn, influx.losses.softmax_cross_entropy)
+        blks = tuple(E.blocks(apply_fn, pq, xs))
+        assert blks
+        ps = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pq)
+        for samples in (0, 2):
+            def make(c):
+                return (ps, (jax.ShapeDtypeStruct((c,) + xs.shape[1:], xs.dtype),
+                             jax.ShapeDtypeStruct((c,), jnp.int32)),
+                        jax.ShapeDtypeStruct((c,), jnp.int32), jax.ShapeDtypeStruct((c,), jnp.bool_),
+                        jax.ShapeDtypeStruct((2,), jnp.uint32))
+            _check_sized(functools.partial(E._per_chunk, o, blks, samples), make)
+
+
+def test_sized_traces_each_size_where_the_program_compares_it():
+    """A program that branches on its chunk size (or forms ``c // k``) cannot be traced at a
+    symbolic size: ``sized`` then traces it at each size asked, with the same answers."""
+    def branchy(a):
+        return jnp.sin(a) if a.shape[0] > 4 else jnp.concatenate([a, a])
+
+    def split(a):
+        return a.reshape(-1, 2, a.shape[1]).sum(1)
+
+    for fn, sizes in ((branchy, (1, 3, 17)), (split, (2, 8, 40))):
+        counted, traces = _counting(fn)
+        at = _memory.sized(counted, lambda c: (jax.ShapeDtypeStruct((c, 3), jnp.float32),))
+        for c in sizes:
+            assert at(c)[0] == _memory.peak_bytes(fn, jax.ShapeDtypeStruct((c, 3), jnp.float32))
+        assert len(traces) == 1 + len(sizes)  # the failed symbolic attempt, then one per size
+
+
+def test_symbolic_sizes_are_polynomials_of_degree_two():
+    (c,) = jax.export.symbolic_shape("c")
+    np.testing.assert_array_equal(_memory.as_poly(3 * c * c + 2 * c + 5), [5, 2, 3])
+    np.testing.assert_array_equal(_memory.as_poly(7), [7, 0, 0])
+    for bad in (c // 8, c * c * c):
+        with pytest.raises(_memory.NotPolynomial):
+            _memory.as_poly(bad)
+    b = _memory.Bytes([[10, 1, 0], [0, 3, 0]]) + 2 * c
+    assert b(1) == 13 and b(10) == 50  # max(10 + 3c, 5c)
+
+
+def test_fit_sizing_traces_the_model_once_for_any_number_of_sizes(monkeypatch):
+    """With a budget that makes the chunk search try several sizes, the EK-FAC model program
+    is still traced once by the sizing (at a symbolic size) and once by its call."""
+    E = importlib.import_module("influx.solvers.ekfac")
+
+    obj, params, (x, y) = make_problem("tanh_mlp", n=40)
+    o1 = influx.Objective(obj.apply_fn, obj.loss_fn, l2=2.345e-3)
+    blks = tuple(E.blocks(o1.apply_fn, params, x[:1]))
+    row_key = E._row_key(_memory.shape_key((x, y)))
+    need = E._model_bytes(o1, blks, 0, _memory.shape_key(params), row_key)(40)[0]
+    calls = []
+    model = E._pseudo_fn
+    monkeypatch.setattr(E, "_pseudo_fn", lambda *a: calls.append(1) or model(*a))
+    o2 = influx.Objective(obj.apply_fn, obj.loss_fn, l2=3.456e-3)  # programs no other test traced
+    op = curvature.operator(o2, params, (x, y), damping=1e-2)
+    solver = solvers.ekfac(memory_budget=need // 3)
+    assert 1 < solver.fit_chunk(op) < 40
+    solver.prepare(op)
+    assert len(calls) == 2, len(calls)

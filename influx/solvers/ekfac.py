@@ -319,12 +319,12 @@ def _chunk_correction_stats(acc, blks, qa, qs, rows, g_out, *, max_bytes):
 def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct):
     """``(c, sums)``: examples per chunk of the factor passes within ``budget`` bytes, and the
     shapes of the passes' sums (the accumulators of :func:`_chunked`, the same for every
-    chunk size), from one trace of the model program per size tried and traces of the sums
-    on its output shapes (shapes only: nothing runs, and no program is traced again for its
-    shapes). A chunk's peak: the model program's, or its outputs plus a pass's sums'."""
-    params, data = _struct_of(params_key)(), _struct_of(data_key)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    leaves = jax.tree_util.tree_leaves(params)
+    chunk size), from one trace of the model program at a symbolic chunk size
+    (:func:`influx._memory.sized`; one per size tried where it cannot be traced so) and
+    traces of the sums on its output shapes at each size tried (shapes only: nothing runs,
+    and no program is traced again for its shapes). A chunk's peak: the model program's,
+    or its outputs plus a pass's sums'."""
+    leaves = jax.tree_util.tree_leaves(_struct_of(params_key)())
 
     def qs_like(b):
         return jax.ShapeDtypeStruct((b.d_out, b.d_out), leaves[b.kernel].dtype)
@@ -335,12 +335,11 @@ def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct)
 
     qa, qs = [qa_like(b) for b in blks], [qs_like(b) for b in blks]
     sums = {}
+    model = _model_bytes(obj, blks, samples, params_key, _row_key(data_key))
 
     def bytes_at(c):
-        chunk, index = data(c), jax.ShapeDtypeStruct((c,), jnp.int32)
+        need, out = model(c)
         mask = jax.ShapeDtypeStruct((c,), jnp.bool_)
-        need, out = _memory.peak_bytes(functools.partial(_per_chunk, obj, blks, samples), params, chunk,
-                                       index, mask, key, return_shape=True)
         held = sum(math.prod(o.shape) * jnp.dtype(o.dtype).itemsize for o in jax.tree_util.tree_leaves(out))
         rows, g_other, g_out = out
         got, sums["factors"] = _memory.peak_bytes(functools.partial(_factor_stats, blks), mask, rows,
@@ -354,6 +353,22 @@ def _fit_chunk(obj, blks, samples, params_key, data_key, limit, budget, correct)
 
     c = _memory.chunk_size_for(bytes_at, budget=budget, limit=limit, what="ekfac.prepare (factor passes)")
     return c, sums
+
+
+@functools.lru_cache(maxsize=64)
+def _model_bytes(obj, blks, samples, params_key, row_key):
+    """``c -> (peak bytes, output shapes)`` of the model program on a chunk of ``c`` (one
+    trace for every ``c``; ``row_key``: the data's shape key without its leading axis)."""
+    params, data = _struct_of(params_key)(), _struct_of(row_key)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return _memory.sized(functools.partial(_per_chunk, obj, blks, samples),
+                         lambda c: (params, data(c), jax.ShapeDtypeStruct((c,), jnp.int32),
+                                    jax.ShapeDtypeStruct((c,), jnp.bool_), key))
+
+
+def _row_key(key):
+    treedef, leaves = key
+    return treedef, tuple(((0,) + s[1:], d) for s, d in leaves)
 
 
 def _struct_of(key):
