@@ -280,9 +280,7 @@ def _jaxpr_points(jaxpr, size) -> list:
 class Bytes:
     """Peak bytes of a pass as a function of its chunk size: ``bytes(c) = max_i p_i(c)``
     over the program points ``i`` of one trace at a symbolic ``c``, each ``p_i`` a
-    polynomial of degree <= 2 (what :func:`peak_bytes` returns for symbolic shapes).
-
-    ``bytes + size`` (an int or a symbolic size) adds to every point."""
+    polynomial of degree <= 2 (what :func:`peak_bytes` returns for symbolic shapes)."""
 
     __slots__ = ("coef",)
 
@@ -293,13 +291,6 @@ class Bytes:
     def __call__(self, c) -> int:
         c = int(c)
         return int((self.coef @ np.array([1, c, c * c], np.int64)).max())
-
-    def __add__(self, other):
-        if isinstance(other, Bytes):
-            return NotImplemented
-        return Bytes(self.coef + as_poly(other))
-
-    __radd__ = __add__
 
     def __repr__(self) -> str:
         return f"Bytes({len(self.coef)} points; bytes(1) = {self(1)})"

@@ -422,7 +422,7 @@ def test_symbolic_sizes_are_polynomials_of_degree_two():
     for bad in (c // 8, c * c * c):
         with pytest.raises(_memory.NotPolynomial):
             _memory.as_poly(bad)
-    b = _memory.Bytes([[10, 1, 0], [0, 3, 0]]) + 2 * c
+    b = _memory.Bytes([[10, 3, 0], [0, 5, 0]])
     assert b(1) == 13 and b(10) == 50  # max(10 + 3c, 5c)
 
 
