@@ -172,8 +172,9 @@ class NotPolynomial(ValueError):
     """A symbolic size that is not a polynomial of degree <= 2 in ``c`` (e.g. ``c // 8``)."""
 
 
-def _dim_poly(d) -> np.ndarray:
-    """Coefficients of one dimension: an int, or a symbolic expression in ``c``."""
+def as_poly(d) -> np.ndarray:
+    """Coefficients ``(c^0, c^1, c^2)`` of a size or dimension: an int, or a symbolic
+    expression in ``c``."""
     if isinstance(d, (int, np.integer)):
         return np.array([int(d), 0, 0], np.int64)
     out = np.zeros(3, np.int64)
@@ -193,15 +194,10 @@ def _dim_poly(d) -> np.ndarray:
     return out
 
 
-def as_poly(size) -> np.ndarray:
-    """Coefficients ``(c^0, c^1, c^2)`` of a size: an int or a symbolic expression in ``c``."""
-    return _dim_poly(size)
-
-
 def _shape_poly(shape, itemsize: int) -> np.ndarray:
     out = np.array([itemsize, 0, 0], np.int64)
     for d in shape:
-        q = np.convolve(out, _dim_poly(d))
+        q = np.convolve(out, as_poly(d))
         if q[3:].any():
             raise NotPolynomial(f"shape {shape} has degree > 2 in {_VAR}")
         out = q[:3]
@@ -318,7 +314,7 @@ def _at_size(tree, c: int):
     powers = np.array([1, c, c * c], np.int64)
 
     def one(s):
-        return jax.ShapeDtypeStruct(tuple(int(_dim_poly(d) @ powers) for d in s.shape), s.dtype)
+        return jax.ShapeDtypeStruct(tuple(int(as_poly(d) @ powers) for d in s.shape), s.dtype)
 
     return jax.tree_util.tree_map(one, tree)
 
